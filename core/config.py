@@ -1,0 +1,84 @@
+"""Typed settings and the one command-line convention of every run script.
+
+Settings are dataclasses with a help text per field and a `__post_init__` range check. `parse` builds the
+command line from them with transformers' HfArgumentParser, so `kd_ratio` is both `--kd-ratio` and
+`--kd_ratio`, and `--help` lists every flag with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from core.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Teacher, student and tokenizer."""
+
+    teacher: str | None = field(default=None, metadata={"help": "a local Hugging Face causal-LM folder; default: the embedded teacher, trained on first use and cached"})
+    teacher_preset: str = field(default="teacher", metadata={"help": "preset of the embedded teacher (see core/models.py)"})
+    teacher_steps: int = field(default=1500, metadata={"help": "training steps of the embedded teacher"})
+    teacher_lr: float = field(default=1e-3, metadata={"help": "learning rate of the embedded teacher"})
+    teacher_batch_size: int = field(default=64, metadata={"help": "batch size of the embedded teacher"})
+    student: str = field(default="student", metadata={"help": "student preset name or a local model folder to start from"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder; default: the teacher's, or a BPE trained on the task"})
+    vocab_size: int = field(default=512, metadata={"help": "vocabulary of the BPE trained on the task when no tokenizer is given"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model folders to run their own code (off: only load what transformers ships)"})
+
+    def __post_init__(self) -> None:
+        if self.teacher_steps < 1 or self.teacher_batch_size < 1:
+            raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
+        if self.vocab_size < 300:
+            raise ConfigError(f"--vocab-size must be at least 300 (256 byte symbols + specials + merges), got {self.vocab_size}")
+
+
+@dataclass
+class RunConfig:
+    """Where results go and how evaluation runs."""
+
+    out: str | None = field(default=None, metadata={"help": "run folder; default runs/<method>/<task>/seed<seed>"})
+    device: str = field(default="auto", metadata={"help": "auto (Accelerate's choice), cpu, cuda or mps"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache of teachers, tokenizers and SFT baselines; default $DISTILLAB_CACHE or ~/.cache/distillab"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder that holds another configuration"})
+    eval_batch_size: int = field(default=100, metadata={"help": "prompts per generation batch at evaluation"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length at evaluation; default: the task's"})
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.eval_batch_size < 1:
+            raise ConfigError("--eval-batch-size must be at least 1")
+
+
+def cache_root(run: RunConfig) -> Path:
+    return Path(run.cache_dir or os.environ.get("DISTILLAB_CACHE") or Path.home() / ".cache" / "distillab")
+
+
+def parse(types: tuple[type, ...], argv: list[str] | None, prog: str | None = None) -> tuple[Any, ...]:
+    """Parse `argv` into one instance of each dataclass in `types`; unknown flags raise ConfigError."""
+    parser = HfArgumentParser(types, prog=prog)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a __post_init__ that raised ValueError, or a type HfArgumentParser rejected
+        raise ConfigError(str(exc)) from exc
+    *instances, remaining = parsed
+    if remaining:
+        raise ConfigError(f"unknown argument(s) {' '.join(remaining)}; run with --help for the flags this script takes")
+    return tuple(instances)
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    """All settings, grouped by dataclass name (for config.json and metrics.json)."""
+    return {type(c).__name__: asdict(c) for c in configs if is_dataclass(c)}
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

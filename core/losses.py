@@ -1,0 +1,177 @@
+"""Token-level divergences between a teacher distribution p and a student distribution q over the vocabulary.
+
+Conventions (every function here):
+- inputs are logits `(..., V)`; log-softmax is taken in float32 after dividing by `temperature`;
+- p is the teacher, q the student; each function returns the per-position divergence `(...)`;
+- `masked_mean` / `masked_sum` reduce by the number of valid tokens, never by the batch;
+- no T^2 factor is applied (the LLM-distillation papers in this project use T = 1; Hinton et al. multiply by
+  T^2 to keep gradient scale when T > 1: do that at the call site if you want it).
+
+Definitions (x is one position, sums run over the vocabulary):
+    FKL(p, q)        = sum p (log p - log q)                                   forward KL, mode-covering
+    RKL(p, q)        = sum q (log q - log p)                                   reverse KL, mode-seeking
+    JSD_beta(p, q)   = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                       (TRL's GKD convention; beta = 0 and beta = 1 are defined as FKL and RKL, the limits of
+                       JSD_beta / beta and JSD_beta / (1 - beta))
+    TVD(p, q)        = 1/2 sum |p - q|
+    SKL_alpha(p, q)  = KL(p || alpha p + (1 - alpha) q)                        DistiLLM, Eq. (3)
+    SRKL_alpha(p, q) = KL(q || (1 - alpha) p + alpha q)                        DistiLLM, Eq. (4)
+The skew orders follow DistiLLM's official losses.py (skewed_forward_kl / skewed_reverse_kl); alpha = 0 gives
+FKL and RKL. Unlike that code, which returns the cross-entropy -sum p log m for SKL and FKL, we return the KL
+itself (the teacher entropy is added back): the gradient is the same and the value is 0 at p = q.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities; terms where p = 0 contribute 0 (xlogy convention)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
+    if weight_p <= 0.0:
+        return logq
+    if weight_p >= 1.0:
+        return logp
+    return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p || q): (..., V) x (..., V) -> (...)."""
+    return _kl(_logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(q || p): (..., V) x (..., V) -> (...)."""
+    return _kl(_logprobs(student_logits, temperature), _logprobs(teacher_logits, temperature))
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; beta = 0 -> FKL, beta = 1 -> RKL."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD needs beta in [0, 1], got {beta}")
+    logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
+    if beta == 0.0:
+        return _kl(logp, logq)
+    if beta == 1.0:
+        return _kl(logq, logp)
+    logm = _log_mix(logp, logq, beta)
+    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+
+
+def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """1/2 sum |p - q|: (..., V) x (..., V) -> (...)."""
+    p = _logprobs(teacher_logits, temperature).exp()
+    q = _logprobs(student_logits, temperature).exp()
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p || alpha p + (1 - alpha) q); alpha = 0 -> FKL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew KL needs alpha in [0, 1), got {alpha}")
+    logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
+    return _kl(logp, _log_mix(logp, logq, alpha))
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(q || (1 - alpha) p + alpha q); alpha = 0 -> RKL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew reverse KL needs alpha in [0, 1), got {alpha}")
+    logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
+    return _kl(logq, _log_mix(logp, logq, 1.0 - alpha))
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "jsd": generalized_jsd,
+    "tvd": total_variation,
+    "skl": skew_kl,
+    "srkl": skew_reverse_kl,
+}
+
+
+def get_divergence(name: str, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1) -> Divergence:
+    """The named divergence with its parameters bound: (student_logits, teacher_logits) -> per-position values."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    fn = DIVERGENCES[name]
+    kwargs: dict[str, float] = {"temperature": temperature}
+    if name == "jsd":
+        kwargs["beta"] = beta
+    if name in ("skl", "srkl"):
+        kwargs["alpha"] = alpha
+    return partial(fn, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reduction and the chunked path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask.to(values.dtype)).sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid positions; an all-masked input gives 0 (not NaN)."""
+    return masked_sum(values, mask) / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def divergence_sum(
+    divergence: Divergence,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sum of the divergence over valid positions. (B, T, V) x (B, T, V) x (B, T) -> scalar.
+
+    With `chunk_size`, the valid positions are processed `chunk_size` at a time and each chunk is recomputed in
+    the backward pass (activation checkpointing), so the float32 probability tensors alive at once are
+    chunk x V rather than tokens x V. The value and gradient equal the plain path.
+    """
+    flat_mask = mask.reshape(-1).bool()
+    student = student_logits.reshape(-1, student_logits.shape[-1])[flat_mask]  # (N, V), valid positions only
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]  # (N, V)
+    if chunk_size is None or student.shape[0] <= chunk_size:
+        return divergence(student, teacher).sum()
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, student.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(lambda s, t: divergence(s, t).sum(), student[chunk], teacher[chunk], use_reentrant=False)
+    return total
+
+
+def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t + 1: logits (B, T, V) -> (B, T-1, V), labels (B, T) -> (B, T-1)."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed token NLL of already-shifted logits (B, T, V) and labels (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")

@@ -1,0 +1,87 @@
+"""Evaluation metrics: ROUGE-L (rouge-score), BLEU and chrF (sacrebleu), exact match, perplexity.
+
+Every text metric takes all references of an example into account: exact match and ROUGE-L take the best
+reference, BLEU and chrF use sacrebleu's multi-reference statistics. Scores are percentages (0-100) except
+perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from core.data import Collator, encode_examples
+from core.losses import cross_entropy_sum, shift_for_causal_lm
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    hits = [any(normalize(p) == normalize(r) for r in refs) for p, refs in zip(predictions, references)]
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score_multi(list(refs), p)["rougeL"].fmeasure for p, refs in zip(predictions, references)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """sacrebleu wants one stream per reference slot; examples with fewer references get None there."""
+    width = max(len(refs) for refs in references)
+    return [[refs[i].strip() if i < len(refs) else None for refs in references] for i in range(width)]
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    return float(sacrebleu.corpus_bleu([p.strip() for p in predictions], _reference_streams(references)).score)
+
+
+def chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    return float(sacrebleu.corpus_chrf([p.strip() for p in predictions], _reference_streams(references)).score)
+
+
+TEXT_METRICS = {"exact_match": exact_match, "rougeL": rouge_l, "bleu": bleu, "chrf": chrf}
+
+
+def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    return {name: TEXT_METRICS[name](predictions, references) for name in names}
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples, max_length: int, batch_size: int = 64) -> float:
+    """exp(mean NLL per target token) of the examples' targets given their prompts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features = encode_examples(tokenizer, examples, max_length)
+    collate = Collator(tokenizer.pad_token_id)
+    nll, count = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = shift_for_causal_lm(logits, batch["labels"])
+        nll += float(cross_entropy_sum(logits, labels))
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return math.exp(nll / max(count, 1))
+
+
+def evaluate_model(model, tokenizer, task, max_length: int, batch_size: int = 100, max_new_tokens: int | None = None):
+    """Greedy generations on the task's eval split, scored by the task's metrics, plus perplexity.
+
+    Returns (scores, predictions)."""
+    from core.generate import generate
+
+    prompts = [ex.prompt for ex in task.eval]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, batch_size=batch_size)
+    predictions = [o.text for o in outputs]
+    scores = score(task.metrics, predictions, [ex.references for ex in task.eval])
+    scores["perplexity"] = perplexity(model, tokenizer, task.eval, max_length, batch_size)
+    return scores, predictions

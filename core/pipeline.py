@@ -1,0 +1,219 @@
+"""One distillation run, composed from core: the path every LLM method's run.py takes.
+
+    parse flags -> task -> tokenizer -> teacher (cached) -> SFT baseline (cached) -> the method's student
+    -> evaluation of teacher, SFT student and student -> run folder -> printed table
+
+A method supplies a `Method`: its name, its settings dataclass, and `make_loss(ctx, settings)` returning the
+training loss (and any state to checkpoint). Everything else is shared, so methods are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from core.config import ModelConfig, RunConfig, cache_root, parse, to_dict
+from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
+from core.errors import DistillError
+from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.metrics import evaluate_model
+from core.models import build_or_load, count_parameters
+from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
+from core.teacher import causal_lm_loss, check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
+from core.train import LossFn, Stateful, Trainer, TrainConfig, TrainResult
+
+
+@dataclass
+class Context:
+    """What a method's make_loss may use."""
+
+    accelerator: Accelerator
+    task: TaskData
+    tokenizer: PreTrainedTokenizerBase
+    teacher: PreTrainedModel
+    student: PreTrainedModel
+    features: list[dict[str, list[int]]]
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    run: RunConfig
+    cache: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodLoss:
+    loss_fn: LossFn
+    state: dict[str, Stateful] = field(default_factory=dict)
+    features: list[dict[str, list[int]]] | None = None  # a method may train on other data (SeqKD)
+
+
+@dataclass
+class Method:
+    name: str  # the method name in metrics.json and the benchmark, e.g. "kd-fkl"
+    settings: type  # dataclass of the method's own flags
+    make_loss: Callable[[Context, Any], MethodLoss | None]  # returning None: the student IS the SFT baseline
+    same_vocabulary: bool = True
+    label: Callable[[Any], str] | None = None  # method name from its settings (e.g. vanilla's --loss)
+
+
+def make_accelerator(run: RunConfig) -> Accelerator:
+    # transformers' own per-file progress bars would interleave with ours on every save and load.
+    hf_logging.disable_progress_bar()
+    return Accelerator(cpu=run.device == "cpu")
+
+
+def evaluate_cached(name: str, model, tokenizer, task, data: DataConfig, run: RunConfig, folder: Path | None) -> tuple[dict, list[str]]:
+    """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
+    settings = {"eval_size": data.eval_size, "max_new_tokens": run.max_new_tokens, "task": task.name, "n": len(task.eval), "max_length": data.max_length}
+    path = folder / f"eval-{stable_hash(settings)}.json" if folder is not None else None
+    if path is not None and path.exists():
+        stored = json.loads(path.read_text())
+        return stored["scores"], stored["predictions"]
+    scores, predictions = evaluate_model(model, tokenizer, task, data.max_length, run.eval_batch_size, run.max_new_tokens)
+    if path is not None:
+        atomic_write_json(path, {"scores": scores, "predictions": predictions})
+    print(f"[{name}] " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)
+    return scores, predictions
+
+
+def get_sft_baseline(ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator):
+    key = {
+        "task": task_key(data, task),
+        "tokenizer": tokenizer_key,
+        "student": model_cfg.student,
+        "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after",)},
+    }
+    features = encode_examples(tokenizer, task.train, data.max_length)
+    return train_cached(
+        f"sft-{Path(model_cfg.student).name}",
+        key,
+        lambda: build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed),
+        features,
+        tokenizer,
+        train_cfg,
+        cache,
+        accelerator,
+    )
+
+
+def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics."""
+    data, model_cfg, train_cfg, run, settings = parse((DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings), argv)
+    name = method.label(settings) if method.label else method.name
+    out = Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
+    config = to_dict(data, model_cfg, train_cfg, run, settings)
+    config["method"] = {"name": name}
+    done = read_metrics(out)
+    if done is not None and done.get("config", {}).get("method") == config["method"] and not run.overwrite:
+        prepare_run_dir(out, config, run.overwrite)  # refuses a different configuration
+        print(f"[{name}] {out} is complete; showing its results (pass --overwrite to run again)", file=sys.stderr)
+        _print_summary(done)
+        return done
+    accelerator = make_accelerator(run)
+    if accelerator.is_main_process:
+        prepare_run_dir(out, config, run.overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(train_cfg.seed)
+    cache = cache_root(run)
+    t_start = time.perf_counter()
+
+    task = load_task(data)
+    tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
+    teacher, teacher_info = get_teacher(model_cfg, data, task, tokenizer, tokenizer_key, cache, accelerator)
+    sft_model, sft_result, sft_folder = get_sft_baseline({}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
+
+    student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
+    if method.same_vocabulary:
+        check_same_vocabulary(teacher, student, name)
+    features = encode_examples(tokenizer, task.train, data.max_length)
+    ctx = Context(accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache)
+    ctx.extra["teacher_source"] = teacher_info["source"]
+    built = method.make_loss(ctx, settings)
+    if built is None:  # the method is SFT itself: the baseline is the student
+        student, result = sft_model, sft_result
+    else:
+        trainer = Trainer(
+            student, built.loss_fn, built.features or features, Collator(tokenizer.pad_token_id), train_cfg, out, accelerator, state=built.state, desc=name
+        )
+        result = trainer.train()
+        if not trainer.finished:
+            print(f"[{name}] stopped at step {trainer.step} of {train_cfg.steps}; rerun the same command to resume", file=sys.stderr)
+            return {}
+        student = accelerator.unwrap_model(trainer.model)
+
+    if not accelerator.is_main_process:
+        return {}
+    device = str(accelerator.device)
+    teacher_scores, teacher_pred = evaluate_cached("teacher", teacher, tokenizer, task, data, run, Path(teacher_info["source"]) if not model_cfg.teacher else None)
+    sft_scores, sft_pred = evaluate_cached("sft", sft_model.to(accelerator.device), tokenizer, task, data, run, sft_folder)
+    if built is None:
+        student_scores, student_pred = sft_scores, sft_pred
+    else:
+        student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, run, None)
+
+    with atomic_dir(out / "student") as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    samples = [
+        {"prompt": ex.prompt, "references": list(ex.references), "teacher": t, "sft_student": s, "student": p}
+        for ex, t, s, p in zip(task.eval, teacher_pred, sft_pred, student_pred)
+    ]
+    (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
+    metrics = {
+        "method": name,
+        "task": task.name,
+        "seed": train_cfg.seed,
+        "eval": {"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores},
+        "train": {
+            **asdict(result),
+            "student_params": count_parameters(student),
+            "teacher_params": count_parameters(teacher),
+            "run_wall_s": time.perf_counter() - t_start,
+        },
+        "teacher": teacher_info,
+        "config": config,
+        "env": env_info(device),
+    }
+    write_metrics(out, metrics)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    _print_summary(metrics)
+    print(f"run folder: {out}", file=sys.stderr)
+    return metrics
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    evals = metrics["eval"]
+    columns = list(evals["student"])
+    rows = [("teacher", evals["teacher"]), ("sft student", evals["sft_student"]), (f"{metrics['method']} student", evals["student"])]
+    train = metrics["train"]
+    print(f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {train['steps']} steps, "
+          f"{train['tokens_per_s']:.0f} tokens/s, peak memory {train['peak_mem_mb']:.0f} MB")
+    print(format_table(rows, columns))
+
+
+def main_entry(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
+    """For run.py's `__main__`: typed errors become one clear line and exit status 2."""
+    try:
+        return run_method(method, argv)
+    except DistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen teacher's logits for a batch (B, T, V), without building a graph."""
+    with torch.no_grad():
+        return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

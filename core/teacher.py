@@ -1,0 +1,153 @@
+"""The teacher zoo: the task's tokenizer, and the embedded teacher trained on first use and cached on disk.
+
+Cache layout (root: --cache-dir, $DISTILLAB_CACHE or ~/.cache/distillab):
+    tokenizers/<key>/   BPE trained on the task text
+    models/<kind>-<key>/ a trained model (save_pretrained + tokenizer + train_result.json)
+    work/<kind>-<key>/   the training run in progress (checkpoints, so an interrupted teacher resumes)
+The key is a hash of everything that determines the result (task, tokenizer, preset, training settings), so a
+changed setting trains a new model and never reuses a stale one. Final folders appear by atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from core.config import ModelConfig
+from core.data import Collator, DataConfig, TaskData, encode_examples
+from core.errors import ModelError, VocabularyMismatchError
+from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.losses import cross_entropy_sum, shift_for_causal_lm
+from core.models import PRESETS, build_or_load, load_model, preset_config
+from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
+from core.train import LossOutput, Trainer, TrainConfig, TrainResult
+
+
+def causal_lm_loss(model, batch) -> LossOutput:
+    """Supervised fine-tuning: summed NLL of the target tokens (prompt and padding are masked)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits, labels = shift_for_causal_lm(logits, batch["labels"])
+    return LossOutput(cross_entropy_sum(logits, labels))
+
+
+def task_key(data: DataConfig, task: TaskData) -> dict[str, Any]:
+    """What identifies a task's data for caching: its settings and source (seeds of students excluded)."""
+    return {"task": task.name, "source": task.source, "data": asdict(data), "n_train": len(task.train)}
+
+
+def get_tokenizer(cfg: ModelConfig, data: DataConfig, task: TaskData, cache: Path) -> tuple[PreTrainedTokenizerBase, str]:
+    """(tokenizer, key): an explicit folder, else the teacher folder's, else a BPE trained on the task and cached."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer), f"path:{Path(cfg.tokenizer).resolve()}"
+    if cfg.teacher:
+        return load_tokenizer(cfg.teacher), f"path:{Path(cfg.teacher).resolve()}"
+    key = stable_hash({"task": task_key(data, task), "vocab_size": cfg.vocab_size})
+    folder = cache / "tokenizers" / key
+    if not (folder / "tokenizer.json").exists():
+        texts = [ex.prompt + ex.target for ex in task.train]
+        tokenizer = train_bpe(texts, cfg.vocab_size)
+        with atomic_dir(folder) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return load_tokenizer(folder), key
+
+
+def train_cached(
+    kind: str,
+    key: dict[str, Any],
+    build: Callable[[], PreTrainedModel],
+    features: list[dict[str, list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    train_cfg: TrainConfig,
+    cache: Path,
+    accelerator: Accelerator,
+    loss_fn=causal_lm_loss,
+) -> tuple[PreTrainedModel, TrainResult, Path]:
+    """Load `kind` from the cache, or train it (resumably) with `loss_fn` and cache it atomically."""
+    name = f"{kind}-{stable_hash(key)}"
+    final, work = cache / "models" / name, cache / "work" / name
+    if not (final / "train_result.json").exists():
+        accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")
+        model = build()
+        trainer = Trainer(model, loss_fn, features, Collator(tokenizer.pad_token_id), train_cfg, work, accelerator, desc=kind)
+        result = trainer.train()
+        if not trainer.finished:  # --stop-after: leave the work folder for the next invocation
+            raise SystemExit(f"[{kind}] stopped at step {trainer.step}; rerun to resume")
+        if accelerator.is_main_process:
+            with atomic_dir(final) as tmp:
+                accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                shutil.copy(work / "log.jsonl", tmp / "log.jsonl")
+                atomic_write_json(tmp / "cache_key.json", key)
+                atomic_write_json(tmp / "train_result.json", asdict(result))
+            shutil.rmtree(work, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    model = load_model(final)
+    result = TrainResult(**json.loads((final / "train_result.json").read_text()))
+    return model, result, final
+
+
+def get_teacher(
+    cfg: ModelConfig,
+    data: DataConfig,
+    task: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_key: str,
+    cache: Path,
+    accelerator: Accelerator,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """(teacher, info): a given folder, or the embedded preset trained on the task (cached). Frozen, eval mode."""
+    if cfg.teacher:
+        teacher = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        info: dict[str, Any] = {"source": str(cfg.teacher)}
+    else:
+        if cfg.teacher_preset not in PRESETS:
+            raise ModelError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(PRESETS)}")
+        train_cfg = TrainConfig(
+            steps=cfg.teacher_steps, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr, warmup_steps=50, seed=0, checkpoint_every=250
+        )
+        key = {
+            "task": task_key(data, task),
+            "tokenizer": tokenizer_key,
+            "model": preset_config(cfg.teacher_preset, tokenizer, 512).to_dict(),
+            "train": asdict(train_cfg),
+        }
+        features = encode_examples(tokenizer, task.train, data.max_length)
+        teacher, result, folder = train_cached(
+            f"teacher-{cfg.teacher_preset}",
+            key,
+            lambda: build_or_load(cfg.teacher_preset, tokenizer, seed=0),
+            features,
+            tokenizer,
+            train_cfg,
+            cache,
+            accelerator,
+        )
+        info = {"source": str(folder), "preset": cfg.teacher_preset, "train": asdict(result)}
+    teacher.eval().requires_grad_(False)
+    return teacher.to(accelerator.device), info
+
+
+def check_same_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, method: str) -> None:
+    """Same-vocabulary methods compare distributions id by id: the heads must cover the same vocabulary."""
+    tv, sv = teacher.config.vocab_size, student.config.vocab_size
+    if tv != sv:
+        raise VocabularyMismatchError(
+            f"{method} needs teacher and student to share a vocabulary, but the teacher has {tv} output rows and the "
+            f"student {sv}. Use a student built with the teacher's tokenizer, or a cross-tokenizer method "
+            "(methods/dskd: dual-space KD with cross-model attention)."
+        )
+
+
+def check_tokenizers_match(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, method: str) -> None:
+    if not same_vocabulary(teacher_tok, student_tok):
+        raise VocabularyMismatchError(
+            f"{method} needs one tokenizer for teacher and student, but they differ ({len(teacher_tok)} vs "
+            f"{len(student_tok)} tokens). Use a cross-tokenizer method (methods/dskd)."
+        )

@@ -1,0 +1,60 @@
+"""Tokenizers: a byte-level BPE trained on a task's text, wrapped as a fast Hugging Face tokenizer, and loading of
+real tokenizer folders (for example ../shared/data/tokenizers/gpt2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from core.errors import ModelError
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (GPT-2 style, so decode(encode(s)) == s for any text) on `texts`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer folder (or a model folder that carries its tokenizer).
+
+    Tokenizers without a pad token (gpt2, Llama) get the EOS token as pad, as TRL does; padding positions are
+    masked everywhere, so the choice never reaches a loss.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"tokenizer folder {path} does not exist; pass a folder made by save_pretrained")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass a folder written by tokenizer.save_pretrained, or omit --tokenizer to train one on the task"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # the library's own message is kept, with the folder named
+        raise ModelError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise ModelError(f"the tokenizer in {path} has no EOS token; generation needs one to stop")
+    return tokenizer
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when two tokenizers map every token string to the same id."""
+    return a.get_vocab() == b.get_vocab()

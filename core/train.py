@@ -1,0 +1,332 @@
+"""The training loop, on Hugging Face Accelerate.
+
+What it guarantees:
+- `batch_size` is the GLOBAL number of examples per optimizer step, split over processes and accumulation
+  micro-batches; the loss of a step is the sum over all its valid tokens divided by their total count, so the
+  result does not depend on how the batch was split (tests/core/test_train.py checks 8 x 1 == 1 x 8);
+- the order of examples is a pure function of (seed, step), so a resumed run sees exactly the batches an
+  uninterrupted run would have seen;
+- checkpoints (model, optimizer, scheduler, RNG, method state) are written to a temporary folder and renamed,
+  so a kill mid-write leaves the previous checkpoint intact; resume restores all of it;
+- a NaN or infinite loss stops the run, names the step and keeps the last good checkpoint.
+
+A method supplies `loss_fn(model, batch) -> LossOutput` returning the SUM of its per-token loss (and any logs);
+the loop owns normalization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from core.data import IGNORE_INDEX
+from core.errors import CheckpointError, ConfigError, NonFiniteLossError
+from core.io import atomic_dir, atomic_write_json
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings shared by every method."""
+
+    steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, over all processes and micro-batches"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (per process)"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
+    seed: int = field(default=0, metadata={"help": "seed of the student's initialisation, data order and sampling"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a checkpoint every this many steps (0: only at the end)"})
+    log_every: int = field(default=1, metadata={"help": "append a line to log.jsonl every this many steps"})
+    stop_after: int | None = field(default=None, metadata={"help": "leave after this many steps of this invocation (a checkpoint is written); rerun to resume"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError(f"--batch-size and --grad-accum must be at least 1, got {self.batch_size} and {self.grad_accum}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("--warmup-steps, --max-grad-norm and --weight-decay must be non-negative")
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # sum of the per-token (or per-unit) loss over this micro-batch
+    logs: dict[str, float] = field(default_factory=dict)  # extra values for log.jsonl (already averaged)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Valid target tokens of a batch after the causal shift (position t predicts t + 1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    peak_mem_mb: float
+    first_loss: float
+    last_loss: float
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory where there is one, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def example_indices(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch of optimizer step `step`: epochs are independent permutations."""
+    out = []
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(g, n_examples)
+        perm = _permutation(n_examples, seed, epoch)
+        out.append(perm[pos])
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        _PERM_CACHE[key] = torch.randperm(n, generator=gen).tolist()
+    return _PERM_CACHE[key]
+
+
+class Trainer:
+    """Trains `model` on `features` with `loss_fn`; writes checkpoints and log.jsonl under `out_dir`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        features: Sequence[Any],
+        collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        accelerator: Accelerator,
+        count_fn: Callable[[dict[str, torch.Tensor]], int] = count_label_tokens,
+        state: dict[str, Stateful] | None = None,
+        desc: str = "train",
+    ) -> None:
+        world = accelerator.num_processes
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world} x {cfg.grad_accum}"
+            )
+        if not features:
+            raise ConfigError("there are no training examples")
+        self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
+        self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
+        self.out_dir = Path(out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.log_path = self.out_dir / "log.jsonl"
+        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+        self.step = 0
+        self.tokens = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.ckpt_root.is_dir():
+            return None
+        done = sorted(p for p in self.ckpt_root.glob("step_*") if (p / "trainer_state.json").is_file())
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            final = self.ckpt_root / f"step_{self.step:07d}"
+            with atomic_dir(final) as tmp:
+                self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+                torch.save({name: obj.state_dict() for name, obj in self.state.items()}, tmp / "method_state.pt")
+                atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "tokens": self.tokens})
+            for old in sorted(p for p in self.ckpt_root.glob("step_*") if p != final)[:-1]:
+                shutil.rmtree(old, ignore_errors=True)  # keep the newest two
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        def load(name: str) -> Any:
+            file = path / name
+            try:
+                return torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}); delete {path} to resume from the one before") from exc
+
+        try:
+            weights = load_file(str(path / "model.safetensors"))
+            missing, unexpected = self.accelerator.unwrap_model(self.model).load_state_dict(weights, strict=False)
+            state = json.loads((path / "trainer_state.json").read_text())
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before") from exc
+        # Tied weights may be absent from the file; anything else missing means a different model.
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise CheckpointError(f"checkpoint {path} was written by a different model (missing {missing}, unexpected {unexpected})")
+        self.optimizer.load_state_dict(load("optimizer.pt"))
+        self.scheduler.load_state_dict(load("scheduler.pt"))
+        rng = load("rng.pt")
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        method_state = load("method_state.pt")
+        for name, obj in self.state.items():
+            if name not in method_state:
+                raise CheckpointError(f"checkpoint {path} has no state for {name!r}; it was written by another method")
+            obj.load_state_dict(method_state[name])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        indices = example_indices(step, len(self.features), self.cfg.batch_size, self.cfg.seed)
+        rank, per_rank = self.accelerator.process_index, self.cfg.batch_size // self.accelerator.num_processes
+        mine = indices[rank * per_rank : (rank + 1) * per_rank]  # a disjoint shard of the global batch
+        return [
+            {k: v.to(self.accelerator.device) for k, v in self.collate([self.features[i] for i in mine[j : j + self.micro]]).items()}
+            for j in range(0, per_rank, self.micro)
+        ]
+
+    def train(self) -> TrainResult:
+        acc, cfg = self.accelerator, self.cfg
+        resume = self.latest_checkpoint()
+        if resume is not None:
+            self.load_checkpoint(resume)
+            acc.print(f"[{self.desc}] resumed from {resume} (step {self.step})")
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_log(self.log_path, self.step)
+        start_step, start_tokens = self.step, self.tokens
+        self.model.train()
+        t0 = time.perf_counter()
+        first_loss = last_loss = float("nan")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, disable=not acc.is_local_main_process, mininterval=1.0, file=sys.stderr)
+        while self.step < cfg.steps:
+            micro_batches = self._micro_batches(self.step)
+            local_count = sum(self.count_fn(b) for b in micro_batches)
+            total = int(acc.reduce(torch.tensor(local_count, device=acc.device), reduction="sum").item())
+            # DDP averages gradients over processes; multiplying by the world size turns that into a sum, so each
+            # process's gradient is its share of (sum of token losses) / (all valid tokens of the step).
+            scale = acc.num_processes / max(total, 1)
+            step_loss, logs = 0.0, {}
+            for i, batch in enumerate(micro_batches):
+                sync = i == len(micro_batches) - 1
+                ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+                with ctx:
+                    out = self.loss_fn(self.model, batch)
+                    loss = out.loss_sum * scale
+                    if not torch.isfinite(loss):
+                        last = self.latest_checkpoint()
+                        raise NonFiniteLossError(
+                            f"[{self.desc}] the loss is {loss.item()} at step {self.step + 1}; training stopped. "
+                            f"Last good checkpoint: {last or 'none yet'}. Lower --lr or check the data of this step."
+                        )
+                    acc.backward(loss)
+                step_loss += out.loss_sum.detach().item() / max(total, 1)
+                for k, v in out.logs.items():
+                    logs[k] = logs.get(k, 0.0) + v / len(micro_batches)
+            step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum").item())
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += total
+            if math.isnan(first_loss):
+                first_loss = step_loss
+            last_loss = step_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+            if acc.is_main_process and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                record = {"step": self.step, "loss": step_loss, "lr": lr, "tokens": self.tokens, "elapsed_s": time.perf_counter() - t0}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                record.update(logs)
+                with self.log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            stopping = cfg.stop_after is not None and self.step - start_step >= cfg.stop_after
+            if self.step == cfg.steps or stopping or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save_checkpoint()
+            if stopping and self.step < cfg.steps:
+                break
+        bar.close()
+        wall = time.perf_counter() - t0
+        tokens = self.tokens - start_tokens
+        return TrainResult(
+            steps=self.step,
+            tokens=self.tokens,
+            wall_s=wall,
+            tokens_per_s=tokens / wall if wall > 0 else 0.0,
+            peak_mem_mb=peak_memory_mb(acc.device),
+            first_loss=first_loss,
+            last_loss=last_loss,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.cfg.steps
+
+
+def _as_tuple(obj: Any) -> Any:
+    """random.setstate needs tuples; a weights_only round trip can hand back lists."""
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, list | tuple) else obj
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint, which the resumed run will write again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def train_config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

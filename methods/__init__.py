@@ -1,0 +1,1 @@
+"""One package per paper (see each package's README.md): vanilla baselines first."""

@@ -1,0 +1,1 @@
+"""Vanilla baselines: SFT, word-level KD with any core divergence, and SeqKD."""

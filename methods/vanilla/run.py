@@ -1,0 +1,94 @@
+"""Vanilla baselines: SFT, word-level KD and SeqKD on the shared pipeline.
+
+    python -m methods.vanilla.run                      # embedded task: teacher, SFT student, forward-KL student
+    python -m methods.vanilla.run --loss rkl           # any core divergence: fkl rkl jsd tvd skl srkl
+    python -m methods.vanilla.run --variant seqkd      # train on the teacher's greedy outputs (Kim & Rush, 2016)
+    python -m methods.vanilla.run --task multi30k --data-dir ../shared/data/multi30k --steps 2000
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.data import Example, encode_examples
+from core.errors import ConfigError
+from core.generate import generate
+from core.io import atomic_write_json, stable_hash
+from core.losses import DIVERGENCES, get_divergence
+from core.pipeline import Context, Method, MethodLoss, main_entry, run_method
+from core.teacher import causal_lm_loss
+from methods.vanilla.loss import make_kd_loss
+
+VARIANTS = ("sft", "kd", "seqkd")
+
+
+@dataclass
+class VanillaConfig:
+    """Which baseline, and its objective."""
+
+    variant: str = field(default="kd", metadata={"help": "sft, kd (word-level KD) or seqkd (sequence-level KD)"})
+    loss: str = field(default="fkl", metadata={"help": "divergence for kd: fkl, rkl, jsd, tvd, skl, srkl"})
+    kd_ratio: float = field(default=1.0, metadata={"help": "weight of the divergence; 1 - kd_ratio weighs the CE (1.0: MiniLLM/DistiLLM KD scripts)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both distributions"})
+    beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight of the teacher (0 -> fkl, 1 -> rkl)"})
+    alpha: float = field(default=0.1, metadata={"help": "skl/srkl: skew weight (DistiLLM default 0.1)"})
+    chunk_size: int | None = field(default=None, metadata={"help": "evaluate the divergence this many tokens at a time"})
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.loss not in DIVERGENCES:
+            raise ConfigError(f"--loss must be one of {', '.join(DIVERGENCES)}, got {self.loss!r}")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ConfigError(f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1), got {self.alpha}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+
+
+def label(cfg: VanillaConfig) -> str:
+    return {"sft": "sft", "seqkd": "seqkd", "kd": f"kd-{cfg.loss}"}[cfg.variant]
+
+
+def teacher_outputs(ctx: Context, n: int) -> list[Example]:
+    """The teacher's greedy completions of the first n training prompts, cached beside the teacher."""
+    prompts = [ex.prompt for ex in ctx.task.train[:n]]
+    key = stable_hash({"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.extra.get("teacher_source")})
+    path = ctx.cache / "seqkd" / f"{key}.json"
+    if path.exists():
+        targets = json.loads(path.read_text())
+    else:
+        outs = generate(ctx.teacher, ctx.tokenizer, prompts, ctx.task.max_new_tokens, batch_size=256, progress=True)
+        targets = [o.text for o in outs]
+        atomic_write_json(path, targets)
+    return [Example(p, t, (t,)) for p, t in zip(prompts, targets)]
+
+
+def make_loss(ctx: Context, cfg: VanillaConfig) -> MethodLoss | None:
+    if cfg.variant == "sft":
+        return None  # the student is the SFT baseline the pipeline trains anyway
+    if cfg.variant == "seqkd":
+        n = min(len(ctx.task.train), ctx.train.steps * ctx.train.batch_size)
+        examples = teacher_outputs(ctx, n)
+        return MethodLoss(causal_lm_loss, features=encode_examples(ctx.tokenizer, examples, ctx.data.max_length))
+    divergence = get_divergence(cfg.loss, cfg.temperature, cfg.beta, cfg.alpha)
+    return MethodLoss(make_kd_loss(ctx.teacher, divergence, cfg.kd_ratio, cfg.chunk_size))
+
+
+METHOD = Method(name="vanilla", settings=VanillaConfig, make_loss=make_loss, label=label)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one vanilla baseline; returns metrics.json's content."""
+    return run_method(METHOD, argv)
+
+
+if __name__ == "__main__":
+    main_entry(METHOD)

@@ -1,0 +1,40 @@
+"""Sessions: `nox -s test` (the CI suite), `nox -s lint`, `nox -s demo` (the embedded default run).
+
+Each session installs what it needs into its own virtualenv. torch is pinned to the CPU build that lies on
+this project's machines; a looser requirement would pull a multi-GB CUDA wheel.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH_CPU = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str = "") -> None:
+    session.install(TORCH_CPU)
+    session.install("-e", f".{extras}")
+
+
+@nox.session
+def test(session: nox.Session) -> None:
+    """The whole suite, as CI runs it (under 20 minutes on 2 CPU cores)."""
+    _install(session, "[dev]")
+    session.env.setdefault("OMP_NUM_THREADS", "2")
+    session.run("pytest", "-q", "--durations=15", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job on the embedded default: trains (or loads) the tiny teacher, then distills."""
+    _install(session)
+    session.run("python", "-m", "methods.vanilla.run", *session.posargs)

@@ -1,0 +1,1 @@
+"""privacy methods (not implemented yet; see the issues)."""

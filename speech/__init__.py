@@ -1,0 +1,1 @@
+"""speech methods (not implemented yet; see the issues)."""

@@ -1,0 +1,1 @@
+"""unlearning methods (not implemented yet; see the issues)."""
