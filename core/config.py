@@ -21,21 +21,39 @@ from core.errors import ConfigError
 class ModelConfig:
     """Teacher, student and tokenizer."""
 
-    teacher: str | None = field(default=None, metadata={"help": "a local Hugging Face causal-LM folder; default: the embedded teacher, trained on first use and cached"})
-    teacher_preset: str = field(default="teacher", metadata={"help": "preset of the embedded teacher (see core/models.py)"})
-    teacher_steps: int = field(default=1500, metadata={"help": "training steps of the embedded teacher"})
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "a local Hugging Face causal-LM folder; default: the embedded teacher, trained on first use and cached"
+        },
+    )
+    teacher_preset: str = field(
+        default="teacher", metadata={"help": "preset of the embedded teacher (see core/models.py)"}
+    )
+    teacher_steps: int = field(default=1000, metadata={"help": "training steps of the embedded teacher"})
     teacher_lr: float = field(default=1e-3, metadata={"help": "learning rate of the embedded teacher"})
     teacher_batch_size: int = field(default=64, metadata={"help": "batch size of the embedded teacher"})
-    student: str = field(default="student", metadata={"help": "student preset name or a local model folder to start from"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder; default: the teacher's, or a BPE trained on the task"})
-    vocab_size: int = field(default=512, metadata={"help": "vocabulary of the BPE trained on the task when no tokenizer is given"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model folders to run their own code (off: only load what transformers ships)"})
+    student: str = field(
+        default="student", metadata={"help": "student preset name or a local model folder to start from"}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer folder; default: the teacher's, or a BPE trained on the task"}
+    )
+    vocab_size: int = field(
+        default=512, metadata={"help": "vocabulary of the BPE trained on the task when no tokenizer is given"}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "allow model folders to run their own code (off: only load what transformers ships)"},
+    )
 
     def __post_init__(self) -> None:
         if self.teacher_steps < 1 or self.teacher_batch_size < 1:
             raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
         if self.vocab_size < 300:
-            raise ConfigError(f"--vocab-size must be at least 300 (256 byte symbols + specials + merges), got {self.vocab_size}")
+            raise ConfigError(
+                f"--vocab-size must be at least 300 (256 byte symbols + specials + merges), got {self.vocab_size}"
+            )
 
 
 @dataclass
@@ -44,10 +62,19 @@ class RunConfig:
 
     out: str | None = field(default=None, metadata={"help": "run folder; default runs/<method>/<task>/seed<seed>"})
     device: str = field(default="auto", metadata={"help": "auto (Accelerate's choice), cpu, cuda or mps"})
-    cache_dir: str | None = field(default=None, metadata={"help": "cache of teachers, tokenizers and SFT baselines; default $DISTILLAB_CACHE or ~/.cache/distillab"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder that holds another configuration"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "cache of teachers, tokenizers and SFT baselines; default $DISTILLAB_CACHE or ~/.cache/distillab"
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing run folder that holds another configuration"}
+    )
     eval_batch_size: int = field(default=100, metadata={"help": "prompts per generation batch at evaluation"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length at evaluation; default: the task's"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "generation length at evaluation; default: the task's"}
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):

@@ -44,8 +44,12 @@ class TaskData:
 class DataConfig:
     """Which task to run and how much of it."""
 
-    task: str = field(default="ops", metadata={"help": "task name: ops (embedded default), multi30k, commongen, instruct, hf"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder or file of the real data (multi30k, commongen, instruct)"})
+    task: str = field(
+        default="ops", metadata={"help": "task name: ops (embedded default), multi30k, commongen, instruct, hf"}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "folder or file of the real data (multi30k, commongen, instruct)"}
+    )
     dataset: str | None = field(default=None, metadata={"help": "task hf: a `datasets` name or local path"})
     prompt_field: str = field(default="prompt", metadata={"help": "task hf: the column holding the prompt"})
     response_field: str = field(default="response", metadata={"help": "task hf: the column holding the answer"})
@@ -103,7 +107,9 @@ def _ops_example(rng: random.Random) -> Example:
         items = rng.sample(LETTERS, rng.randint(4, 6))
         answers = [f"{x} {y}" for x, y in itertools.combinations(items, 2)]
         args = " ".join(items)
-    return Example(prompt=f"{op}: {args} =", target=" " + rng.choice(answers), references=tuple(" " + a for a in answers))
+    return Example(
+        prompt=f"{op}: {args} =", target=" " + rng.choice(answers), references=tuple(" " + a for a in answers)
+    )
 
 
 def load_ops(cfg: DataConfig) -> TaskData:
@@ -185,7 +191,9 @@ def load_multi30k(cfg: DataConfig) -> TaskData:
     root = _require_dir(cfg, "a folder with train.en, train.de, val.en, val.de")
     langs = {cfg.source_lang, cfg.target_lang}
     if langs != {"en", "de"}:
-        raise ConfigError(f"multi30k translates between en and de; got --source-lang {cfg.source_lang} --target-lang {cfg.target_lang}")
+        raise ConfigError(
+            f"multi30k translates between en and de; got --source-lang {cfg.source_lang} --target-lang {cfg.target_lang}"
+        )
     s, t = cfg.source_lang, cfg.target_lang
 
     def split(prefix: str, limit: int | None) -> list[Example]:
@@ -270,7 +278,9 @@ def load_instruct(cfg: DataConfig) -> TaskData:
         train, evals = rows[:-n_eval], rows[-n_eval:]
     else:
         train = examples(path / "train.jsonl")
-        eval_file = next((path / f"{n}.jsonl" for n in ("valid", "dev", "test") if (path / f"{n}.jsonl").exists()), None)
+        eval_file = next(
+            (path / f"{n}.jsonl" for n in ("valid", "dev", "test") if (path / f"{n}.jsonl").exists()), None
+        )
         if eval_file is None:
             raise DataError(f"{path} has train.jsonl but no valid.jsonl, dev.jsonl or test.jsonl to evaluate on")
         evals = examples(eval_file)
@@ -304,7 +314,9 @@ def load_hf(cfg: DataConfig) -> TaskData:
 
     def split(name: str, limit: int | None) -> list[Example]:
         if name not in ds:
-            raise DataError(f"--dataset {cfg.dataset} has no split {name!r} (it has {', '.join(ds)}); set --train-split / --eval-split")
+            raise DataError(
+                f"--dataset {cfg.dataset} has no split {name!r} (it has {', '.join(ds)}); set --train-split / --eval-split"
+            )
         part = ds[name]
         for column in (cfg.prompt_field, cfg.response_field):
             if column not in part.column_names:
@@ -314,11 +326,16 @@ def load_hf(cfg: DataConfig) -> TaskData:
                 )
         if limit is not None:
             part = part.select(range(min(limit, len(part))))
-        return [Example(str(p), " " + str(r).strip(), (" " + str(r).strip(),)) for p, r in zip(part[cfg.prompt_field], part[cfg.response_field])]
+        return [
+            Example(str(p), " " + str(r).strip(), (" " + str(r).strip(),))
+            for p, r in zip(part[cfg.prompt_field], part[cfg.response_field])
+        ]
 
     train = _check_split(split(cfg.train_split, cfg.train_size), cfg.train_split, cfg.dataset)
     evals = _check_split(split(cfg.eval_split, cfg.eval_size), cfg.eval_split, cfg.dataset)
-    return TaskData(f"hf:{Path(cfg.dataset).name}", train, evals, ("rougeL", "exact_match"), max_new_tokens=64, source=cfg.dataset)
+    return TaskData(
+        f"hf:{Path(cfg.dataset).name}", train, evals, ("rougeL", "exact_match"), max_new_tokens=64, source=cfg.dataset
+    )
 
 
 TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
@@ -346,7 +363,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int) -> dict[str, list[int]]:
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
+) -> dict[str, list[int]]:
     """input_ids = prompt + target + EOS; labels copy the target and EOS and are IGNORE_INDEX on the prompt.
 
     Prompt and target are tokenized separately so the boundary never merges into one token. Long prompts are
@@ -361,7 +380,9 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str,
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> list[dict[str, list[int]]]:
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+) -> list[dict[str, list[int]]]:
     return [encode_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples]
 
 

@@ -46,14 +46,21 @@ def generate(
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
         encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         if max_prompt_tokens is not None:
-            encoded = [ids[:1] + ids[len(ids) - max_prompt_tokens + 1 :] if len(ids) > max_prompt_tokens else ids for ids in encoded]
+            encoded = [
+                ids[:1] + ids[len(ids) - max_prompt_tokens + 1 :] if len(ids) > max_prompt_tokens else ids
+                for ids in encoded
+            ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if do_sample
+            else {"do_sample": False}
+        )
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

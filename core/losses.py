@@ -35,7 +35,8 @@ Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """log-softmax in at least float32 (bf16/fp16 logits are upcast; float64 stays float64 for tests)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -78,14 +79,18 @@ def generalized_jsd(
     return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
 
 
-def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def total_variation(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """1/2 sum |p - q|: (..., V) x (..., V) -> (...)."""
     p = _logprobs(teacher_logits, temperature).exp()
     q = _logprobs(student_logits, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
 
 
-def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+def skew_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(p || alpha p + (1 - alpha) q); alpha = 0 -> FKL."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew KL needs alpha in [0, 1), got {alpha}")
@@ -160,10 +165,12 @@ def divergence_sum(
     teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]  # (N, V)
     if chunk_size is None or student.shape[0] <= chunk_size:
         return divergence(student, teacher).sum()
-    total = student.new_zeros((), dtype=torch.float32)
+    total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
     for start in range(0, student.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
-        total = total + checkpoint(lambda s, t: divergence(s, t).sum(), student[chunk], teacher[chunk], use_reentrant=False)
+        total = total + checkpoint(
+            lambda s, t: divergence(s, t).sum(), student[chunk], teacher[chunk], use_reentrant=False
+        )
     return total
 
 
@@ -174,4 +181,6 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Summed token NLL of already-shifted logits (B, T, V) and labels (B, T)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # bf16/fp16 upcast, float64 kept
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")

@@ -63,14 +63,18 @@ def load_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedM
         raise ModelError(f"cannot load a causal LM from {path}: {exc}") from exc
 
 
-def build_or_load(spec: str, tokenizer: PreTrainedTokenizerBase, seed: int, max_positions: int = 512) -> PreTrainedModel:
+def build_or_load(
+    spec: str, tokenizer: PreTrainedTokenizerBase, seed: int, max_positions: int = 512
+) -> PreTrainedModel:
     """`spec` is a preset name or a model folder."""
     if spec in PRESETS:
         return build_model(spec, tokenizer, seed, max_positions)
     if Path(spec).exists():
         model = load_model(spec)
         if model.config.vocab_size < len(tokenizer):
-            raise ModelError(f"model {spec} has {model.config.vocab_size} embeddings but the tokenizer has {len(tokenizer)} tokens")
+            raise ModelError(
+                f"model {spec} has {model.config.vocab_size} embeddings but the tokenizer has {len(tokenizer)} tokens"
+            )
         return model
     raise ModelError(f"--student/--teacher {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
 

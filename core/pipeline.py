@@ -31,8 +31,8 @@ from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
-from core.teacher import causal_lm_loss, check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
-from core.train import LossFn, Stateful, Trainer, TrainConfig, TrainResult
+from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
+from core.train import LossFn, Stateful, TrainConfig, Trainer
 
 
 @dataclass
@@ -75,21 +75,33 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     return Accelerator(cpu=run.device == "cpu")
 
 
-def evaluate_cached(name: str, model, tokenizer, task, data: DataConfig, run: RunConfig, folder: Path | None) -> tuple[dict, list[str]]:
+def evaluate_cached(
+    name: str, model, tokenizer, task, data: DataConfig, run: RunConfig, folder: Path | None
+) -> tuple[dict, list[str]]:
     """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
-    settings = {"eval_size": data.eval_size, "max_new_tokens": run.max_new_tokens, "task": task.name, "n": len(task.eval), "max_length": data.max_length}
+    settings = {
+        "eval_size": data.eval_size,
+        "max_new_tokens": run.max_new_tokens,
+        "task": task.name,
+        "n": len(task.eval),
+        "max_length": data.max_length,
+    }
     path = folder / f"eval-{stable_hash(settings)}.json" if folder is not None else None
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
         return stored["scores"], stored["predictions"]
-    scores, predictions = evaluate_model(model, tokenizer, task, data.max_length, run.eval_batch_size, run.max_new_tokens)
+    scores, predictions = evaluate_model(
+        model, tokenizer, task, data.max_length, run.eval_batch_size, run.max_new_tokens
+    )
     if path is not None:
         atomic_write_json(path, {"scores": scores, "predictions": predictions})
     print(f"[{name}] " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)
     return scores, predictions
 
 
-def get_sft_baseline(ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator):
+def get_sft_baseline(
+    ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
+):
     key = {
         "task": task_key(data, task),
         "tokenizer": tokenizer_key,
@@ -111,7 +123,9 @@ def get_sft_baseline(ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, d
 
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics."""
-    data, model_cfg, train_cfg, run, settings = parse((DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings), argv)
+    data, model_cfg, train_cfg, run, settings = parse(
+        (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings), argv
+    )
     name = method.label(settings) if method.label else method.name
     out = Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
     config = to_dict(data, model_cfg, train_cfg, run, settings)
@@ -133,7 +147,9 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     task = load_task(data)
     tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
     teacher, teacher_info = get_teacher(model_cfg, data, task, tokenizer, tokenizer_key, cache, accelerator)
-    sft_model, sft_result, sft_folder = get_sft_baseline({}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
+    sft_model, sft_result, sft_folder = get_sft_baseline(
+        {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
+    )
 
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
     if method.same_vocabulary:
@@ -146,19 +162,34 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         student, result = sft_model, sft_result
     else:
         trainer = Trainer(
-            student, built.loss_fn, built.features or features, Collator(tokenizer.pad_token_id), train_cfg, out, accelerator, state=built.state, desc=name
+            student,
+            built.loss_fn,
+            built.features or features,
+            Collator(tokenizer.pad_token_id),
+            train_cfg,
+            out,
+            accelerator,
+            state=built.state,
+            desc=name,
         )
         result = trainer.train()
         if not trainer.finished:
-            print(f"[{name}] stopped at step {trainer.step} of {train_cfg.steps}; rerun the same command to resume", file=sys.stderr)
+            print(
+                f"[{name}] stopped at step {trainer.step} of {train_cfg.steps}; rerun the same command to resume",
+                file=sys.stderr,
+            )
             return {}
         student = accelerator.unwrap_model(trainer.model)
 
     if not accelerator.is_main_process:
         return {}
     device = str(accelerator.device)
-    teacher_scores, teacher_pred = evaluate_cached("teacher", teacher, tokenizer, task, data, run, Path(teacher_info["source"]) if not model_cfg.teacher else None)
-    sft_scores, sft_pred = evaluate_cached("sft", sft_model.to(accelerator.device), tokenizer, task, data, run, sft_folder)
+    teacher_scores, teacher_pred = evaluate_cached(
+        "teacher", teacher, tokenizer, task, data, run, Path(teacher_info["source"]) if not model_cfg.teacher else None
+    )
+    sft_scores, sft_pred = evaluate_cached(
+        "sft", sft_model.to(accelerator.device), tokenizer, task, data, run, sft_folder
+    )
     if built is None:
         student_scores, student_pred = sft_scores, sft_pred
     else:
@@ -197,10 +228,16 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
 def _print_summary(metrics: dict[str, Any]) -> None:
     evals = metrics["eval"]
     columns = list(evals["student"])
-    rows = [("teacher", evals["teacher"]), ("sft student", evals["sft_student"]), (f"{metrics['method']} student", evals["student"])]
+    rows = [
+        ("teacher", evals["teacher"]),
+        ("sft student", evals["sft_student"]),
+        (f"{metrics['method']} student", evals["student"]),
+    ]
     train = metrics["train"]
-    print(f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {train['steps']} steps, "
-          f"{train['tokens_per_s']:.0f} tokens/s, peak memory {train['peak_mem_mb']:.0f} MB")
+    print(
+        f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {train['steps']} steps, "
+        f"{train['tokens_per_s']:.0f} tokens/s, peak memory {train['peak_mem_mb']:.0f} MB"
+    )
     print(format_table(rows, columns))
 
 

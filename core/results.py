@@ -1,11 +1,11 @@
 """The run folder and the metrics.json schema shared by every method.
 
-    <out>/config.json    every setting of the run (written first; a rerun with other settings is refused)
-    <out>/log.jsonl      one line per training step (core.train)
-    <out>/checkpoints/   atomic checkpoints for resume (removed when the run completes)
-    <out>/student/       the trained student and its tokenizer, save_pretrained (safetensors)
-    <out>/samples.jsonl  evaluation prompts, references and every model's output
-    <out>/metrics.json   {"method", "task", "seed", "eval": {...}, "train": {...}, "config": {...}, "env": {...}}
+<out>/config.json    every setting of the run (written first; a rerun with other settings is refused)
+<out>/log.jsonl      one line per training step (core.train)
+<out>/checkpoints/   atomic checkpoints for resume (removed when the run completes)
+<out>/student/       the trained student and its tokenizer, save_pretrained (safetensors)
+<out>/samples.jsonl  evaluation prompts, references and every model's output
+<out>/metrics.json   {"method", "task", "seed", "eval": {...}, "train": {...}, "config": {...}, "env": {...}}
 """
 
 from __future__ import annotations
@@ -53,14 +53,18 @@ def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise OutputDirError(f"cannot write to the output folder {out} ({exc.strerror}); choose a writable --out") from exc
+        raise OutputDirError(
+            f"cannot write to the output folder {out} ({exc.strerror}); choose a writable --out"
+        ) from exc
     atomic_write_json(existing, config)
 
 
 def git_revision() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return "unknown"

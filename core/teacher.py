@@ -27,7 +27,7 @@ from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import cross_entropy_sum, shift_for_causal_lm
 from core.models import PRESETS, build_or_load, load_model, preset_config
 from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
-from core.train import LossOutput, Trainer, TrainConfig, TrainResult
+from core.train import LossOutput, TrainConfig, Trainer, TrainResult
 
 
 def causal_lm_loss(model, batch) -> LossOutput:
@@ -42,7 +42,9 @@ def task_key(data: DataConfig, task: TaskData) -> dict[str, Any]:
     return {"task": task.name, "source": task.source, "data": asdict(data), "n_train": len(task.train)}
 
 
-def get_tokenizer(cfg: ModelConfig, data: DataConfig, task: TaskData, cache: Path) -> tuple[PreTrainedTokenizerBase, str]:
+def get_tokenizer(
+    cfg: ModelConfig, data: DataConfig, task: TaskData, cache: Path
+) -> tuple[PreTrainedTokenizerBase, str]:
     """(tokenizer, key): an explicit folder, else the teacher folder's, else a BPE trained on the task and cached."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer), f"path:{Path(cfg.tokenizer).resolve()}"
@@ -75,7 +77,9 @@ def train_cached(
     if not (final / "train_result.json").exists():
         accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")
         model = build()
-        trainer = Trainer(model, loss_fn, features, Collator(tokenizer.pad_token_id), train_cfg, work, accelerator, desc=kind)
+        trainer = Trainer(
+            model, loss_fn, features, Collator(tokenizer.pad_token_id), train_cfg, work, accelerator, desc=kind
+        )
         result = trainer.train()
         if not trainer.finished:  # --stop-after: leave the work folder for the next invocation
             raise SystemExit(f"[{kind}] stopped at step {trainer.step}; rerun to resume")
@@ -110,7 +114,12 @@ def get_teacher(
         if cfg.teacher_preset not in PRESETS:
             raise ModelError(f"unknown --teacher-preset {cfg.teacher_preset!r}; choose one of {', '.join(PRESETS)}")
         train_cfg = TrainConfig(
-            steps=cfg.teacher_steps, batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr, warmup_steps=50, seed=0, checkpoint_every=250
+            steps=cfg.teacher_steps,
+            batch_size=cfg.teacher_batch_size,
+            lr=cfg.teacher_lr,
+            warmup_steps=50,
+            seed=0,
+            checkpoint_every=250,
         )
         key = {
             "task": task_key(data, task),
@@ -145,7 +154,9 @@ def check_same_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, me
         )
 
 
-def check_tokenizers_match(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, method: str) -> None:
+def check_tokenizers_match(
+    teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, method: str
+) -> None:
     if not same_vocabulary(teacher_tok, student_tok):
         raise VocabularyMismatchError(
             f"{method} needs one tokenizer for teacher and student, but they differ ({len(teacher_tok)} vs "

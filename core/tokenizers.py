@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from core.errors import ModelError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -48,6 +49,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # the library's own message is kept, with the folder named
         raise ModelError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    if tokenizer.eos_token is None:
+        # Folders without tokenizer_config.json (gpt2's raw files) do not declare their end-of-text token.
+        vocab = tokenizer.get_vocab()
+        known = next((t for t in KNOWN_EOS if t in vocab), None)
+        if known is not None:
+            tokenizer.eos_token = known
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token is None:

@@ -45,22 +45,31 @@ class TrainConfig:
     """Optimization settings shared by every method."""
 
     steps: int = field(default=400, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step, over all processes and micro-batches"})
+    batch_size: int = field(
+        default=32, metadata={"help": "examples per optimizer step, over all processes and micro-batches"}
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (per process)"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
     seed: int = field(default=0, metadata={"help": "seed of the student's initialisation, data order and sampling"})
-    checkpoint_every: int = field(default=100, metadata={"help": "write a checkpoint every this many steps (0: only at the end)"})
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "write a checkpoint every this many steps (0: only at the end)"}
+    )
     log_every: int = field(default=1, metadata={"help": "append a line to log.jsonl every this many steps"})
-    stop_after: int | None = field(default=None, metadata={"help": "leave after this many steps of this invocation (a checkpoint is written); rerun to resume"})
+    stop_after: int | None = field(
+        default=None,
+        metadata={"help": "leave after this many steps of this invocation (a checkpoint is written); rerun to resume"},
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError(f"--batch-size and --grad-accum must be at least 1, got {self.batch_size} and {self.grad_accum}")
+            raise ConfigError(
+                f"--batch-size and --grad-accum must be at least 1, got {self.batch_size} and {self.grad_accum}"
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -198,7 +207,9 @@ class Trainer:
             try:
                 return torch.load(file, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}); delete {path} to resume from the one before") from exc
+                raise CheckpointError(
+                    f"checkpoint file {file} is unreadable ({exc}); delete {path} to resume from the one before"
+                ) from exc
 
         try:
             weights = load_file(str(path / "model.safetensors"))
@@ -207,10 +218,14 @@ class Trainer:
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before") from exc
+            raise CheckpointError(
+                f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before"
+            ) from exc
         # Tied weights may be absent from the file; anything else missing means a different model.
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise CheckpointError(f"checkpoint {path} was written by a different model (missing {missing}, unexpected {unexpected})")
+            raise CheckpointError(
+                f"checkpoint {path} was written by a different model (missing {missing}, unexpected {unexpected})"
+            )
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
         rng = load("rng.pt")
@@ -230,7 +245,10 @@ class Trainer:
         rank, per_rank = self.accelerator.process_index, self.cfg.batch_size // self.accelerator.num_processes
         mine = indices[rank * per_rank : (rank + 1) * per_rank]  # a disjoint shard of the global batch
         return [
-            {k: v.to(self.accelerator.device) for k, v in self.collate([self.features[i] for i in mine[j : j + self.micro]]).items()}
+            {
+                k: v.to(self.accelerator.device)
+                for k, v in self.collate([self.features[i] for i in mine[j : j + self.micro]]).items()
+            }
             for j in range(0, per_rank, self.micro)
         ]
 
@@ -247,7 +265,14 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         first_loss = last_loss = float("nan")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, disable=not acc.is_local_main_process, mininterval=1.0, file=sys.stderr)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc=self.desc,
+            disable=not acc.is_local_main_process,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
         while self.step < cfg.steps:
             micro_batches = self._micro_batches(self.step)
             local_count = sum(self.count_fn(b) for b in micro_batches)
@@ -273,7 +298,9 @@ class Trainer:
                 for k, v in out.logs.items():
                     logs[k] = logs.get(k, 0.0) + v / len(micro_batches)
             step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum").item())
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = (
+                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            )
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -286,7 +313,13 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             if acc.is_main_process and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                record = {"step": self.step, "loss": step_loss, "lr": lr, "tokens": self.tokens, "elapsed_s": time.perf_counter() - t0}
+                record = {
+                    "step": self.step,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "tokens": self.tokens,
+                    "elapsed_s": time.perf_counter() - t0,
+                }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 record.update(logs)

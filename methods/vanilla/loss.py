@@ -27,7 +27,11 @@ def word_level_kd_sum(
     student_logits, shifted = shift_for_causal_lm(student_logits, labels)  # (B, T-1, V), (B, T-1)
     teacher_logits = teacher_logits[:, :-1, :]
     mask = shifted != -100
-    ce = cross_entropy_sum(student_logits, shifted) if kd_ratio < 1.0 else student_logits.new_zeros((), dtype=torch.float32)
+    ce = (
+        cross_entropy_sum(student_logits, shifted)
+        if kd_ratio < 1.0
+        else student_logits.new_zeros((), dtype=torch.float32)
+    )
     kd = divergence_sum(divergence, student_logits, teacher_logits, mask, chunk_size)
     return (1.0 - kd_ratio) * ce + kd_ratio * kd, ce, kd
 
@@ -39,7 +43,9 @@ def make_kd_loss(teacher: torch.nn.Module, divergence: Divergence, kd_ratio: flo
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total, ce, kd = word_level_kd_sum(student_logits, teacher_logits, batch["labels"], divergence, kd_ratio, chunk_size)
+        total, ce, kd = word_level_kd_sum(
+            student_logits, teacher_logits, batch["labels"], divergence, kd_ratio, chunk_size
+        )
         n = max(int((batch["labels"][:, 1:] != -100).sum()), 1)
         return LossOutput(total, {"ce": ce.item() / n, "kd": kd.item() / n})
 

@@ -1,9 +1,9 @@
 """Vanilla baselines: SFT, word-level KD and SeqKD on the shared pipeline.
 
-    python -m methods.vanilla.run                      # embedded task: teacher, SFT student, forward-KL student
-    python -m methods.vanilla.run --loss rkl           # any core divergence: fkl rkl jsd tvd skl srkl
-    python -m methods.vanilla.run --variant seqkd      # train on the teacher's greedy outputs (Kim & Rush, 2016)
-    python -m methods.vanilla.run --task multi30k --data-dir ../shared/data/multi30k --steps 2000
+python -m methods.vanilla.run                      # embedded task: teacher, SFT student, forward-KL student
+python -m methods.vanilla.run --loss rkl           # any core divergence: fkl rkl jsd tvd skl srkl
+python -m methods.vanilla.run --variant seqkd      # train on the teacher's greedy outputs (Kim & Rush, 2016)
+python -m methods.vanilla.run --task multi30k --data-dir ../shared/data/multi30k --steps 2000
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ class VanillaConfig:
 
     variant: str = field(default="kd", metadata={"help": "sft, kd (word-level KD) or seqkd (sequence-level KD)"})
     loss: str = field(default="fkl", metadata={"help": "divergence for kd: fkl, rkl, jsd, tvd, skl, srkl"})
-    kd_ratio: float = field(default=1.0, metadata={"help": "weight of the divergence; 1 - kd_ratio weighs the CE (1.0: MiniLLM/DistiLLM KD scripts)"})
+    kd_ratio: float = field(
+        default=1.0,
+        metadata={"help": "weight of the divergence; 1 - kd_ratio weighs the CE (1.0: MiniLLM/DistiLLM KD scripts)"},
+    )
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both distributions"})
     beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight of the teacher (0 -> fkl, 1 -> rkl)"})
     alpha: float = field(default=0.1, metadata={"help": "skl/srkl: skew weight (DistiLLM default 0.1)"})
-    chunk_size: int | None = field(default=None, metadata={"help": "evaluate the divergence this many tokens at a time"})
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -60,7 +65,9 @@ def label(cfg: VanillaConfig) -> str:
 def teacher_outputs(ctx: Context, n: int) -> list[Example]:
     """The teacher's greedy completions of the first n training prompts, cached beside the teacher."""
     prompts = [ex.prompt for ex in ctx.task.train[:n]]
-    key = stable_hash({"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.extra.get("teacher_source")})
+    key = stable_hash(
+        {"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.extra.get("teacher_source")}
+    )
     path = ctx.cache / "seqkd" / f"{key}.json"
     if path.exists():
         targets = json.loads(path.read_text())

@@ -1,0 +1,46 @@
+"""Metrics on hand-checked strings, and perplexity of a model whose answer we know."""
+
+import math
+
+import pytest
+import torch
+
+from core.data import DataConfig, Example, load_task
+from core.metrics import bleu, chrf, exact_match, perplexity, rouge_l, score
+from core.models import build_model
+from core.tokenizers import train_bpe
+
+
+def test_exact_match_takes_any_reference_and_normalizes_space():
+    preds = [" a  b", "c d", "x"]
+    refs = [(" a b",), (" e f", "c d"), (" y",)]
+    assert exact_match(preds, refs) == pytest.approx(200 / 3)
+
+
+def test_rouge_l_by_hand():
+    # pred "a b c d" vs ref "a x c d": LCS = a c d (3); P = R = 3/4, F = 3/4. The second reference scores 1/2
+    # (LCS "a b" of 4 and 2 tokens: P = 1/2, R = 1, F = 2/3); the best reference counts.
+    assert rouge_l(["a b c d"], [("a x c d", "a b")]) == pytest.approx(75.0)
+    assert rouge_l(["a b c d"], [("a b",)]) == pytest.approx(100 * 2 / 3)
+
+
+def test_bleu_and_chrf_bounds_and_multi_reference():
+    refs = [("the cat sat on the mat", "a cat was sitting on the mat"), ("it is raining today",)]
+    assert bleu(["the cat sat on the mat", "it is raining today"], refs) == pytest.approx(100.0)
+    assert chrf(["the cat sat on the mat", "it is raining today"], refs) == pytest.approx(100.0)
+    # Matching only the second reference still scores perfectly: references are pooled per sentence.
+    assert bleu(["a cat was sitting on the mat", "it is raining today"], refs) == pytest.approx(100.0)
+    assert bleu(["zzz qqq", "www"], refs) == pytest.approx(0.0)
+    assert score(["exact_match", "rougeL"], ["x"], [("x",)]) == {"exact_match": 100.0, "rougeL": 100.0}
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    # With a zero output head every next-token distribution is uniform over V, so exp(mean NLL) = exp(ln V) = V.
+    task = load_task(DataConfig(train_size=50, eval_size=5))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 300)
+    model = build_model("tiny", tokenizer, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    examples = [Example("sort: 3 1 =", " 1 3", (" 1 3",))]
+    assert perplexity(model, tokenizer, examples, max_length=32) == pytest.approx(len(tokenizer), rel=1e-4)
+    assert math.isfinite(perplexity(model, tokenizer, task.eval, max_length=32))

@@ -1,0 +1,125 @@
+"""The training loop: token normalization under accumulation, exact resume, data order, non-finite loss."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from core.data import Collator, DataConfig, encode_examples, load_ops
+from core.errors import ConfigError, NonFiniteLossError
+from core.models import build_model
+from core.teacher import causal_lm_loss
+from core.tokenizers import train_bpe
+from core.train import LossOutput, TrainConfig, Trainer, example_indices
+
+
+def _setup(n_train=64):
+    task = load_ops(DataConfig(train_size=n_train, eval_size=8))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 320)
+    features = encode_examples(tokenizer, task.train, 64)
+    return tokenizer, features
+
+
+def _train(tmp, tokenizer, features, **cfg):
+    model = build_model("tiny", tokenizer, seed=0)
+    cfg = TrainConfig(**{"warmup_steps": 2, "checkpoint_every": 0, **cfg})
+    trainer = Trainer(
+        model, causal_lm_loss, features, Collator(tokenizer.pad_token_id), cfg, tmp, Accelerator(cpu=True)
+    )
+    trainer.train()
+    return trainer
+
+
+def test_accumulation_equals_full_batch(tmp_path):
+    tokenizer, features = _setup()
+    # The first 8 examples of step 0 must have unequal numbers of target tokens, or the test proves nothing.
+    counts = {sum(label != -100 for label in features[i]["labels"]) for i in example_indices(0, len(features), 8, 0)}
+    assert len(counts) > 1
+    full = _train(tmp_path / "a", tokenizer, features, steps=2, batch_size=8, grad_accum=1)
+    accum = _train(tmp_path / "b", tokenizer, features, steps=2, batch_size=8, grad_accum=8)
+    for (name, a), (_, b) in zip(full.model.named_parameters(), accum.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_step_loss_is_the_token_mean_over_the_batch(tmp_path):
+    tokenizer, features = _setup()
+    model = build_model("tiny", tokenizer, seed=0)
+    batch = Collator(tokenizer.pad_token_id)([features[i] for i in example_indices(0, len(features), 8, 0)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Independent reference: mean NLL over every valid target token of the 8 examples (not a mean of means).
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    _train(tmp_path, tokenizer, features, steps=1, batch_size=8, grad_accum=4)
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_example_order_covers_each_epoch_once():
+    seen = [i for step in range(5) for i in example_indices(step, 20, 4, seed=3)]
+    assert sorted(seen) == list(range(20))
+    assert example_indices(2, 20, 4, seed=3) == example_indices(2, 20, 4, seed=3)
+    assert example_indices(0, 20, 4, seed=3) != example_indices(0, 20, 4, seed=4)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    ckpt = sorted((folder / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_resume_in_a_fresh_process_is_exact(tmp_path):
+    tokenizer, features = _setup()
+    _train(tmp_path / "straight", tokenizer, features, steps=10, batch_size=4)
+    # First half here, second half in a new Python process, from the checkpoint only.
+    _train(tmp_path / "split", tokenizer, features, steps=10, batch_size=4, stop_after=5)
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("step_*")) == ["step_0000005"]
+    subprocess.run([sys.executable, __file__, str(tmp_path / "split")], check=True, cwd=Path(__file__).parents[2])
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path):
+    tokenizer, features = _setup()
+    calls = {"n": 0}
+
+    def exploding(model, batch):
+        calls["n"] += 1
+        out = causal_lm_loss(model, batch)
+        return LossOutput(out.loss_sum * (float("nan") if calls["n"] == 4 else 1.0))
+
+    model = build_model("tiny", tokenizer, seed=0)
+    cfg = TrainConfig(steps=6, batch_size=4, checkpoint_every=2, warmup_steps=0)
+    trainer = Trainer(
+        model, exploding, features, Collator(tokenizer.pad_token_id), cfg, tmp_path, Accelerator(cpu=True)
+    )
+    with pytest.raises(NonFiniteLossError, match="step 4") as info:
+        trainer.train()
+    assert "step_0000002" in str(info.value)
+    assert (tmp_path / "checkpoints" / "step_0000002" / "model.safetensors").exists()
+
+
+def test_bad_train_settings():
+    with pytest.raises(ConfigError, match="divisible"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ConfigError, match="--steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="--lr"):
+        TrainConfig(lr=-1.0)
+
+
+if __name__ == "__main__":  # the second half of test_resume_in_a_fresh_process_is_exact
+    tok, feats = _setup()
+    _train(Path(sys.argv[1]), tok, feats, steps=10, batch_size=4)
