@@ -30,6 +30,10 @@ from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
 from core.train import LossOutput, TrainConfig, Trainer, TrainResult
 
 
+# Bump when what a cached folder holds changes, so old caches are retrained rather than misread.
+CACHE_FORMAT = 2
+
+
 def causal_lm_loss(model, batch) -> LossOutput:
     """Supervised fine-tuning: summed NLL of the target tokens (prompt and padding are masked)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -72,7 +76,7 @@ def train_cached(
     loss_fn=causal_lm_loss,
 ) -> tuple[PreTrainedModel, TrainResult, Path]:
     """Load `kind` from the cache, or train it (resumably) with `loss_fn` and cache it atomically."""
-    name = f"{kind}-{stable_hash(key)}"
+    name = f"{kind}-{stable_hash({'cache_format': CACHE_FORMAT, **key})}"
     final, work = cache / "models" / name, cache / "work" / name
     if not (final / "train_result.json").exists():
         accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")

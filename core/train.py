@@ -100,7 +100,8 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 @dataclass
 class TrainResult:
     steps: int
-    tokens: int
+    tokens: int  # non-padding input tokens processed over the whole run
+    target_tokens: int  # valid target tokens (what the loss is averaged over)
     wall_s: float
     tokens_per_s: float
     peak_mem_mb: float
@@ -176,7 +177,8 @@ class Trainer:
         # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
         self.step = 0
-        self.tokens = 0
+        self.tokens = 0  # non-padding input tokens processed (prompt + completion): the tokens/s numerator
+        self.target_tokens = 0  # valid target tokens: the loss normalizer
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -196,7 +198,9 @@ class Trainer:
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
                 torch.save({name: obj.state_dict() for name, obj in self.state.items()}, tmp / "method_state.pt")
-                atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "tokens": self.tokens})
+                atomic_write_json(
+                    tmp / "trainer_state.json", {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens}
+                )
             for old in sorted(p for p in self.ckpt_root.glob("step_*") if p != final)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)  # keep the newest two
         self.accelerator.wait_for_everyone()
@@ -236,7 +240,7 @@ class Trainer:
             if name not in method_state:
                 raise CheckpointError(f"checkpoint {path} has no state for {name!r}; it was written by another method")
             obj.load_state_dict(method_state[name])
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.step, self.tokens, self.target_tokens = int(state["step"]), int(state["tokens"]), int(state["target_tokens"])
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -275,8 +279,11 @@ class Trainer:
         )
         while self.step < cfg.steps:
             micro_batches = self._micro_batches(self.step)
-            local_count = sum(self.count_fn(b) for b in micro_batches)
-            total = int(acc.reduce(torch.tensor(local_count, device=acc.device), reduction="sum").item())
+            local = torch.tensor(
+                [sum(self.count_fn(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                device=acc.device,
+            )
+            total, input_tokens = (int(x) for x in acc.reduce(local, reduction="sum").tolist())
             # DDP averages gradients over processes; multiplying by the world size turns that into a sum, so each
             # process's gradient is its share of (sum of token losses) / (all valid tokens of the step).
             scale = acc.num_processes / max(total, 1)
@@ -306,7 +313,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.tokens += total
+            self.tokens += input_tokens
+            self.target_tokens += total
             if math.isnan(first_loss):
                 first_loss = step_loss
             last_loss = step_loss
@@ -336,6 +344,7 @@ class Trainer:
         return TrainResult(
             steps=self.step,
             tokens=self.tokens,
+            target_tokens=self.target_tokens,
             wall_s=wall,
             tokens_per_s=tokens / wall if wall > 0 else 0.0,
             peak_mem_mb=peak_memory_mb(acc.device),
