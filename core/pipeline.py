@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,10 +25,12 @@ from transformers.utils import logging as hf_logging
 
 from core.config import ModelConfig, RunConfig, cache_root, parse, to_dict
 from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
-from core.errors import DistillError
+from core.errors import DistillError, NonFiniteLossError
 from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.losses import get_divergence
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
+from core.objectives import make_kd_loss
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.train import LossFn, Stateful, TrainConfig, Trainer
@@ -58,6 +59,8 @@ class MethodLoss:
     loss_fn: LossFn
     state: dict[str, Stateful] = field(default_factory=dict)
     features: list[dict[str, list[int]]] | None = None  # a method may train on other data (SeqKD)
+    # called after every optimizer step with (step, step_loss, logs): schedules that read the loss (TAID)
+    on_step_end: Callable[[int, float, dict[str, float]], None] | None = None
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Method:
     make_loss: Callable[[Context, Any], MethodLoss | None]  # returning None: the student IS the SFT baseline
     same_vocabulary: bool = True
     label: Callable[[Any], str] | None = None  # method name from its settings (e.g. vanilla's --loss)
+    # word-level KD students (divergence names, e.g. ["fkl", "rkl"]) to train on the same budget and report
+    # beside the method's student; cached, so every method compares against the very same baselines
+    baselines: Callable[[Any], list[str]] | None = None
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
@@ -121,13 +127,70 @@ def get_sft_baseline(
     )
 
 
+def get_kd_baseline(
+    divergence: str,
+    teacher,
+    teacher_source: str,
+    tokenizer,
+    tokenizer_key,
+    task,
+    data,
+    model_cfg,
+    train_cfg,
+    cache,
+    accelerator,
+):
+    """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration."""
+    key = {
+        "task": task_key(data, task),
+        "tokenizer": tokenizer_key,
+        "teacher": teacher_source,
+        "student": model_cfg.student,
+        "divergence": divergence,
+        "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after",)},
+    }
+    features = encode_examples(tokenizer, task.train, data.max_length)
+    return train_cached(
+        f"kd-{divergence}-{Path(model_cfg.student).name}",
+        key,
+        lambda: build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed),
+        features,
+        tokenizer,
+        train_cfg,
+        cache,
+        accelerator,
+        loss_fn=make_kd_loss(teacher, get_divergence(divergence)),
+    )
+
+
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics."""
+    """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics.
+
+    A bad input found after the run folder was created removes the folder again (when this call created it),
+    so a failed start leaves nothing half-written behind."""
     data, model_cfg, train_cfg, run, settings = parse(
         (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings), argv
     )
+    out = _run_dir(method, settings, data, train_cfg, run)
+    created = not out.exists()
+    try:
+        return _run_method(method, data, model_cfg, train_cfg, run, settings)
+    except NonFiniteLossError:
+        raise  # keeps its checkpoints: the message names the last good one
+    except DistillError:
+        if created and out.exists() and not (out / "checkpoints").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_dir(method: Method, settings: Any, data: DataConfig, train_cfg: TrainConfig, run: RunConfig) -> Path:
     name = method.label(settings) if method.label else method.name
-    out = Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
+    return Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
+
+
+def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> dict[str, Any]:
+    name = method.label(settings) if method.label else method.name
+    out = _run_dir(method, settings, data, train_cfg, run)
     config = to_dict(data, model_cfg, train_cfg, run, settings)
     config["method"] = {"name": name}
     done = read_metrics(out)
@@ -147,13 +210,29 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     task = load_task(data)
     tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
     teacher, teacher_info = get_teacher(model_cfg, data, task, tokenizer, tokenizer_key, cache, accelerator)
-    sft_model, sft_result, sft_folder = get_sft_baseline(
-        {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
-    )
-
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
     if method.same_vocabulary:
         check_same_vocabulary(teacher, student, name)
+    sft_model, sft_result, sft_folder = get_sft_baseline(
+        {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
+    )
+    baselines = {
+        divergence: get_kd_baseline(
+            divergence,
+            teacher,
+            teacher_info["source"],
+            tokenizer,
+            tokenizer_key,
+            task,
+            data,
+            model_cfg,
+            train_cfg,
+            cache,
+            accelerator,
+        )
+        for divergence in (method.baselines(settings) if method.baselines else [])
+    }
+
     features = encode_examples(tokenizer, task.train, data.max_length)
     ctx = Context(accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache)
     ctx.extra["teacher_source"] = teacher_info["source"]
@@ -171,6 +250,7 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
             accelerator,
             state=built.state,
             desc=name,
+            on_step_end=built.on_step_end,
         )
         result = trainer.train()
         if not trainer.finished:
@@ -194,22 +274,31 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         student_scores, student_pred = sft_scores, sft_pred
     else:
         student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, run, None)
+    baseline_scores, baseline_preds = {}, {}
+    for divergence, (model, _, folder) in baselines.items():
+        key = f"kd_{divergence}_student"
+        baseline_scores[key], baseline_preds[key] = evaluate_cached(
+            f"kd-{divergence}", model.to(accelerator.device), tokenizer, task, data, run, folder
+        )
 
     with atomic_dir(out / "student") as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     samples = [
         {"prompt": ex.prompt, "references": list(ex.references), "teacher": t, "sft_student": s, "student": p}
-        for ex, t, s, p in zip(task.eval, teacher_pred, sft_pred, student_pred)
+        | {key: preds[i] for key, preds in baseline_preds.items()}
+        for i, (ex, t, s, p) in enumerate(zip(task.eval, teacher_pred, sft_pred, student_pred))
     ]
     (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
     metrics = {
         "method": name,
         "task": task.name,
+        "run_dir": str(out),
         "seed": train_cfg.seed,
-        "eval": {"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores},
+        "eval": {"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores, **baseline_scores},
         "train": {
             **asdict(result),
+            "baselines": {f"kd_{d}_student": asdict(r) for d, (_, r, _) in baselines.items()},
             "student_params": count_parameters(student),
             "teacher_params": count_parameters(teacher),
             "run_wall_s": time.perf_counter() - t_start,
@@ -228,11 +317,13 @@ def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
 def _print_summary(metrics: dict[str, Any]) -> None:
     evals = metrics["eval"]
     columns = list(evals["student"])
-    rows = [
-        ("teacher", evals["teacher"]),
-        ("sft student", evals["sft_student"]),
-        (f"{metrics['method']} student", evals["student"]),
+    rows = [("teacher", evals["teacher"]), ("sft student", evals["sft_student"])]
+    rows += [
+        (key.removesuffix("_student").replace("_", "-") + " student", v)
+        for key, v in evals.items()
+        if key.startswith("kd_")
     ]
+    rows.append((f"{metrics['method']} student", evals["student"]))
     train = metrics["train"]
     print(
         f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {train['steps']} steps, "
@@ -241,16 +332,10 @@ def _print_summary(metrics: dict[str, Any]) -> None:
     print(format_table(rows, columns))
 
 
-def main_entry(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
-    """For run.py's `__main__`: typed errors become one clear line and exit status 2."""
+def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """For run.py's `__main__`: typed errors become one clear line on stderr and exit status 2."""
     try:
-        return run_method(method, argv)
+        main(argv)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The frozen teacher's logits for a batch (B, T, V), without building a graph."""
-    with torch.no_grad():
-        return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -24,21 +24,13 @@ from core.config import ModelConfig
 from core.data import Collator, DataConfig, TaskData, encode_examples
 from core.errors import ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
-from core.losses import cross_entropy_sum, shift_for_causal_lm
 from core.models import PRESETS, build_or_load, load_model, preset_config
+from core.objectives import causal_lm_loss
 from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
-from core.train import LossOutput, TrainConfig, Trainer, TrainResult
-
+from core.train import TrainConfig, Trainer, TrainResult
 
 # Bump when what a cached folder holds changes, so old caches are retrained rather than misread.
 CACHE_FORMAT = 2
-
-
-def causal_lm_loss(model, batch) -> LossOutput:
-    """Supervised fine-tuning: summed NLL of the target tokens (prompt and padding are masked)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    logits, labels = shift_for_causal_lm(logits, batch["labels"])
-    return LossOutput(cross_entropy_sum(logits, labels))
 
 
 def task_key(data: DataConfig, task: TaskData) -> dict[str, Any]:

@@ -154,6 +154,7 @@ class Trainer:
         count_fn: Callable[[dict[str, torch.Tensor]], int] = count_label_tokens,
         state: dict[str, Stateful] | None = None,
         desc: str = "train",
+        on_step_end: Callable[[int, float, dict[str, float]], None] | None = None,
     ) -> None:
         world = accelerator.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
@@ -164,6 +165,7 @@ class Trainer:
             raise ConfigError("there are no training examples")
         self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
         self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
+        self.on_step_end = on_step_end  # called as (step, step_loss, logs) after each optimizer step
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
@@ -199,7 +201,8 @@ class Trainer:
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
                 torch.save({name: obj.state_dict() for name, obj in self.state.items()}, tmp / "method_state.pt")
                 atomic_write_json(
-                    tmp / "trainer_state.json", {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens}
+                    tmp / "trainer_state.json",
+                    {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens},
                 )
             for old in sorted(p for p in self.ckpt_root.glob("step_*") if p != final)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)  # keep the newest two
@@ -240,7 +243,11 @@ class Trainer:
             if name not in method_state:
                 raise CheckpointError(f"checkpoint {path} has no state for {name!r}; it was written by another method")
             obj.load_state_dict(method_state[name])
-        self.step, self.tokens, self.target_tokens = int(state["step"]), int(state["tokens"]), int(state["target_tokens"])
+        self.step, self.tokens, self.target_tokens = (
+            int(state["step"]),
+            int(state["tokens"]),
+            int(state["target_tokens"]),
+        )
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
@@ -280,7 +287,10 @@ class Trainer:
         while self.step < cfg.steps:
             micro_batches = self._micro_batches(self.step)
             local = torch.tensor(
-                [sum(self.count_fn(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                [
+                    sum(self.count_fn(b) for b in micro_batches),
+                    sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                ],
                 device=acc.device,
             )
             total, input_tokens = (int(x) for x in acc.reduce(local, reduction="sum").tolist())
@@ -313,6 +323,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if self.on_step_end is not None:
+                self.on_step_end(self.step, step_loss, logs)
             self.tokens += input_tokens
             self.target_tokens += total
             if math.isnan(first_loss):

@@ -17,9 +17,8 @@ from core.errors import ConfigError
 from core.generate import generate
 from core.io import atomic_write_json, stable_hash
 from core.losses import DIVERGENCES, get_divergence
-from core.pipeline import Context, Method, MethodLoss, main_entry, run_method
-from core.teacher import causal_lm_loss
-from methods.vanilla.loss import make_kd_loss
+from core.objectives import causal_lm_loss, make_kd_loss
+from core.pipeline import Context, Method, MethodLoss, cli, run_method
 
 VARIANTS = ("sft", "kd", "seqkd")
 
@@ -98,4 +97,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main_entry(METHOD)
+    cli(main)

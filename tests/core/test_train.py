@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from core.data import Collator, DataConfig, encode_examples, load_ops
 from core.errors import ConfigError, NonFiniteLossError
 from core.models import build_model
-from core.teacher import causal_lm_loss
+from core.objectives import causal_lm_loss
 from core.tokenizers import train_bpe
 from core.train import LossOutput, TrainConfig, Trainer, example_indices
 

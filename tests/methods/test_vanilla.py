@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ConfigError, VocabularyMismatchError
 from core.losses import get_divergence
+from core.objectives import word_level_kd_sum
 from core.pipeline import run_method
-from methods.vanilla.loss import word_level_kd_sum
 from methods.vanilla.run import METHOD, VanillaConfig, main
 
 TINY = ["--teacher-preset", "tiny", "--student", "tiny", "--teacher-steps", "40", "--steps", "30", "--eval-size", "16",
@@ -96,6 +96,7 @@ def test_student_with_another_vocabulary_points_to_dskd(tmp_path):
     build_model("tiny", other, seed=0).save_pretrained(tmp_path / "other")
     with pytest.raises(VocabularyMismatchError, match="methods/dskd"):
         run_method(METHOD, [*TINY, "--student", str(tmp_path / "other"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):

@@ -1,0 +1,1 @@
+"""TAID: Temporally Adaptive Interpolated Distillation (Shing et al., ICLR 2025)."""
