@@ -28,6 +28,7 @@ class Example:
     prompt: str
     target: str
     references: tuple[str, ...]
+    group: str = ""  # a sub-task name (the embedded task's operation), for per-group exact match
 
 
 @dataclass
@@ -107,9 +108,7 @@ def _ops_example(rng: random.Random) -> Example:
         items = rng.sample(LETTERS, rng.randint(4, 6))
         answers = [f"{x} {y}" for x, y in itertools.combinations(items, 2)]
         args = " ".join(items)
-    return Example(
-        prompt=f"{op}: {args} =", target=" " + rng.choice(answers), references=tuple(" " + a for a in answers)
-    )
+    return Example(f"{op}: {args} =", " " + rng.choice(answers), tuple(" " + a for a in answers), group=op)
 
 
 def load_ops(cfg: DataConfig) -> TaskData:

@@ -19,6 +19,14 @@ Definitions (x is one position, sums run over the vocabulary):
 The skew orders follow DistiLLM's official losses.py (skewed_forward_kl / skewed_reverse_kl); alpha = 0 gives
 FKL and RKL. Unlike that code, which returns the cross-entropy -sum p log m for SKL and FKL, we return the KL
 itself (the teacher entropy is added back): the gradient is the same and the value is 0 at p = q.
+
+A sparse teacher (its top-k log-probabilities and the log of the mass left over, as core.logit_cache stores them)
+is compared with the student on k + 1 buckets: the k teacher tokens one by one, and everything else as ONE tail
+bucket, whose student mass is the student's probability outside the teacher's top-k (`sparse_divergence`). We
+do not renormalize the teacher on its top-k while the student keeps the full vocabulary: that would compare
+distributions on different supports and pull the student's tail mass to zero. Bucketing is a coarse-graining, so
+every divergence here on the buckets is at most its value on the full vocabulary, equal to it when k = V, and 0
+when the student matches the teacher on the top-k tokens and on the tail mass.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -156,22 +163,72 @@ def divergence_sum(
 ) -> torch.Tensor:
     """Sum of the divergence over valid positions. (B, T, V) x (B, T, V) x (B, T) -> scalar.
 
-    With `chunk_size`, the valid positions are processed `chunk_size` at a time and each chunk is recomputed in
-    the backward pass (activation checkpointing), so the float32 probability tensors alive at once are
-    chunk x V rather than tokens x V. The value and gradient equal the plain path.
+    With `chunk_size`, the valid positions are processed `chunk_size` at a time by core.fused: each chunk's
+    gradient is computed in the forward pass and only the gradient is kept, so the float32 probability tensors
+    alive at once are chunk x V rather than tokens x V, valid rows are never gathered into a copy, and nothing is
+    recomputed in the backward pass. The value and gradient equal the plain path.
     """
+    if chunk_size is not None:
+        from core.fused import chunked_divergence_sum  # core.fused builds on this module
+
+        return chunked_divergence_sum(divergence, student_logits, teacher_logits, mask, chunk_size)
     flat_mask = mask.reshape(-1).bool()
     student = student_logits.reshape(-1, student_logits.shape[-1])[flat_mask]  # (N, V), valid positions only
     teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]  # (N, V)
-    if chunk_size is None or student.shape[0] <= chunk_size:
-        return divergence(student, teacher).sum()
-    total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
-    for start in range(0, student.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        total = total + checkpoint(
-            lambda s, t: divergence(s, t).sum(), student[chunk], teacher[chunk], use_reentrant=False
-        )
-    return total
+    return divergence(student, teacher).sum()
+
+
+def divergence_temperature(divergence: Divergence) -> float:
+    """The temperature bound into a divergence by `get_divergence` (1.0 for a bare function)."""
+    keywords = getattr(divergence, "keywords", None) or {}
+    return float(keywords.get("temperature", 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse teacher: top-k log-probabilities plus one tail bucket
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def student_bucket_logprobs(
+    student_logits: torch.Tensor, topk_indices: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log q on the teacher's k tokens and on the rest as one bucket: (..., V) x (..., k) -> (..., k + 1).
+
+    When k = V there is no rest and the result is (..., k). The tail is a log-sum-exp over the complement (not
+    log(1 - sum of the top-k)), so it keeps full precision when the top-k hold nearly all the mass."""
+    logq = _logprobs(student_logits, temperature)  # (..., V)
+    top = logq.gather(-1, topk_indices)  # (..., k)
+    if topk_indices.shape[-1] >= logq.shape[-1]:
+        return top
+    tail = logq.scatter(-1, topk_indices, float("-inf")).logsumexp(-1, keepdim=True)  # (..., 1)
+    return torch.cat([top, tail], dim=-1)
+
+
+def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p on the k stored tokens and the tail bucket: (..., k) x (...) -> (..., k + 1), or (..., k) when k = V."""
+    if topk_logprobs.shape[-1] >= vocab_size:
+        return topk_logprobs
+    return torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1).to(topk_logprobs.dtype)], dim=-1)
+
+
+def sparse_divergence(
+    divergence: Divergence,
+    student_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    tail_logprob: torch.Tensor,
+) -> torch.Tensor:
+    """The divergence between a top-k teacher and the student on k + 1 buckets (see the module docstring).
+
+    student_logits (..., V); topk_logprobs (..., k) and tail_logprob (...) are the teacher's log-probabilities at
+    the temperature bound into `divergence` (core.logit_cache records the temperature a cache was built at);
+    topk_indices (..., k) -> (...)."""
+    temperature = divergence_temperature(divergence)
+    student = student_bucket_logprobs(student_logits, topk_indices.long(), temperature)
+    teacher = teacher_bucket_logprobs(topk_logprobs.to(student.dtype), tail_logprob, student_logits.shape[-1])
+    # The divergences divide their inputs by the temperature before the log-softmax; multiplying by it here makes
+    # that step return the bucket log-probabilities themselves (already normalized).
+    return divergence(student * temperature, teacher * temperature)
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

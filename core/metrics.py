@@ -82,6 +82,10 @@ def evaluate_model(model, tokenizer, task, max_length: int, batch_size: int = 10
     prompts = [ex.prompt for ex in task.eval]
     outputs = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, batch_size=batch_size)
     predictions = [o.text for o in outputs]
-    scores = score(task.metrics, predictions, [ex.references for ex in task.eval])
+    references = [ex.references for ex in task.eval]
+    scores = score(task.metrics, predictions, references)
+    for group in sorted({ex.group for ex in task.eval if ex.group}):
+        idx = [i for i, ex in enumerate(task.eval) if ex.group == group]
+        scores[f"exact_match/{group}"] = exact_match([predictions[i] for i in idx], [references[i] for i in idx])
     scores["perplexity"] = perplexity(model, tokenizer, task.eval, max_length, batch_size)
     return scores, predictions

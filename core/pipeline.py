@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from core.config import ModelConfig, RunConfig, cache_root, parse, to_dict
+from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_tokenizer_pair
 from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
-from core.errors import DistillError, NonFiniteLossError
+from core.errors import ConfigError, DistillError, NonFiniteLossError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import get_divergence
 from core.metrics import evaluate_model
@@ -52,6 +54,8 @@ class Context:
     run: RunConfig
     cache: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # the teacher's own tokenizer: `tokenizer` itself, except for cross-tokenizer methods (core.crosstok)
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None
 
 
 @dataclass
@@ -61,6 +65,20 @@ class MethodLoss:
     features: list[dict[str, list[int]]] | None = None  # a method may train on other data (SeqKD)
     # called after every optimizer step with (step, step_loss, logs): schedules that read the loss (TAID)
     on_step_end: Callable[[int, float, dict[str, float]], None] | None = None
+    # the method's own trainable modules beside the student (DSKD's projectors), at their own learning rate;
+    # put the module in `state` too, so that checkpoints carry it
+    parameters: list[torch.nn.Parameter] = field(default_factory=list)
+    parameters_lr: float | None = None
+
+
+@dataclass
+class Baseline:
+    """A student trained on the method's budget with another objective built from the same context (for
+    example the cross-tokenizer baselines ULD and MinED), cached and reported as eval[f"{name}_student"]."""
+
+    name: str
+    key: dict[str, Any]  # every setting that determines it (part of its cache key)
+    make_loss: Callable[[Context], MethodLoss]
 
 
 @dataclass
@@ -73,6 +91,10 @@ class Method:
     # word-level KD students (divergence names, e.g. ["fkl", "rkl"]) to train on the same budget and report
     # beside the method's student; cached, so every method compares against the very same baselines
     baselines: Callable[[Any], list[str]] | None = None
+    # teacher and student each with their own tokenizer (flags of core.crosstok.CrossTokenizerConfig); batches
+    # carry both tokenizations (core.crosstok.PairCollator)
+    cross_tokenizer: bool = False
+    extra_baselines: Callable[[Any], list[Baseline]] | None = None
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
@@ -86,6 +108,7 @@ def evaluate_cached(
 ) -> tuple[dict, list[str]]:
     """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
     settings = {
+        "format": 2,
         "eval_size": data.eval_size,
         "max_new_tokens": run.max_new_tokens,
         "task": task.name,
@@ -163,18 +186,58 @@ def get_kd_baseline(
     )
 
 
+def get_extra_baseline(
+    baseline: Baseline, ctx: Context, teacher_source: str, tokenizer_key: str, teacher_tokenizer_key: str, collate
+):
+    """A method-defined baseline (Method.extra_baselines), trained on the same budget and cached."""
+    key = {
+        "task": task_key(ctx.data, ctx.task),
+        "tokenizer": tokenizer_key,
+        "teacher_tokenizer": teacher_tokenizer_key,
+        "teacher": teacher_source,
+        "student": ctx.model.student,
+        "baseline": baseline.name,
+        "settings": baseline.key,
+        "train": {k: v for k, v in asdict(ctx.train).items() if k not in ("stop_after",)},
+    }
+    built = baseline.make_loss(ctx)
+    if built.parameters or built.state or built.on_step_end or built.features:
+        raise ConfigError(f"baseline {baseline.name}: cached baselines take a plain loss (no state or extra modules)")
+    return train_cached(
+        f"{baseline.name}-{Path(ctx.model.student).name}",
+        key,
+        lambda: build_or_load(ctx.model.student, ctx.tokenizer, seed=ctx.train.seed),
+        ctx.features,
+        ctx.tokenizer,
+        ctx.train,
+        ctx.cache,
+        ctx.accelerator,
+        loss_fn=built.loss_fn,
+        collate=collate,
+    )
+
+
+def tokenizer_info(pair) -> dict[str, Any]:
+    """What metrics.json records of a cross-tokenizer run's two tokenizers."""
+    return {
+        "teacher": {"key": pair.teacher_key, "size": len(pair.teacher)},
+        "student": {"key": pair.student_key, "size": len(pair.student)},
+    }
+
+
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics.
 
     A bad input found after the run folder was created removes the folder again (when this call created it),
     so a failed start leaves nothing half-written behind."""
-    data, model_cfg, train_cfg, run, settings = parse(
-        (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings), argv
+    cross_types = (CrossTokenizerConfig,) if method.cross_tokenizer else ()
+    data, model_cfg, train_cfg, run, settings, *cross = parse(
+        (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings, *cross_types), argv
     )
     out = _run_dir(method, settings, data, train_cfg, run)
     created = not out.exists()
     try:
-        return _run_method(method, data, model_cfg, train_cfg, run, settings)
+        return _run_method(method, data, model_cfg, train_cfg, run, settings, *cross)
     except NonFiniteLossError:
         raise  # keeps its checkpoints: the message names the last good one
     except DistillError:
@@ -188,10 +251,10 @@ def _run_dir(method: Method, settings: Any, data: DataConfig, train_cfg: TrainCo
     return Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
 
 
-def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> dict[str, Any]:
+def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross=None) -> dict[str, Any]:
     name = method.label(settings) if method.label else method.name
     out = _run_dir(method, settings, data, train_cfg, run)
-    config = to_dict(data, model_cfg, train_cfg, run, settings)
+    config = to_dict(data, model_cfg, train_cfg, run, settings, *([cross] if cross is not None else []))
     config["method"] = {"name": name}
     done = read_metrics(out)
     if done is not None and done.get("config", {}).get("method") == config["method"] and not run.overwrite:
@@ -208,16 +271,26 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
     t_start = time.perf_counter()
 
     task = load_task(data)
-    tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
-    teacher, teacher_info = get_teacher(model_cfg, data, task, tokenizer, tokenizer_key, cache, accelerator)
+    if cross is not None:  # the student's tokenizer is `tokenizer`; the teacher trains and decodes with its own
+        pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
+        tokenizer, tokenizer_key = pair.student, pair.student_key
+        teacher_tokenizer, teacher_tokenizer_key = pair.teacher, pair.teacher_key
+        if method.baselines and method.baselines(settings):
+            raise ConfigError(f"{name}: word-level KD baselines need one vocabulary; use cross-tokenizer baselines")
+    else:
+        tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
+        teacher_tokenizer, teacher_tokenizer_key = tokenizer, tokenizer_key
+    teacher, teacher_info = get_teacher(
+        model_cfg, data, task, teacher_tokenizer, teacher_tokenizer_key, cache, accelerator
+    )
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
     if method.same_vocabulary:
         check_same_vocabulary(teacher, student, name)
     sft_model, sft_result, sft_folder = get_sft_baseline(
         {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
     )
-    baselines = {
-        divergence: get_kd_baseline(
+    baselines = {  # eval key (without "_student") -> (model, train result, cache folder)
+        f"kd_{divergence}": get_kd_baseline(
             divergence,
             teacher,
             teacher_info["source"],
@@ -233,9 +306,19 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
         for divergence in (method.baselines(settings) if method.baselines else [])
     }
 
-    features = encode_examples(tokenizer, task.train, data.max_length)
+    if cross is not None:
+        features = encode_pairs(tokenizer, teacher_tokenizer, task.train, data.max_length)
+        collate = PairCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+    else:
+        features = encode_examples(tokenizer, task.train, data.max_length)
+        collate = Collator(tokenizer.pad_token_id)
     ctx = Context(accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache)
     ctx.extra["teacher_source"] = teacher_info["source"]
+    ctx.teacher_tokenizer = teacher_tokenizer
+    for baseline in method.extra_baselines(settings) if method.extra_baselines else []:
+        baselines[baseline.name] = get_extra_baseline(
+            baseline, ctx, teacher_info["source"], tokenizer_key, teacher_tokenizer_key, collate
+        )
     built = method.make_loss(ctx, settings)
     if built is None:  # the method is SFT itself: the baseline is the student
         student, result = sft_model, sft_result
@@ -244,13 +327,15 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
             student,
             built.loss_fn,
             built.features or features,
-            Collator(tokenizer.pad_token_id),
+            collate,
             train_cfg,
             out,
             accelerator,
             state=built.state,
             desc=name,
             on_step_end=built.on_step_end,
+            extra_parameters=built.parameters,
+            extra_lr=built.parameters_lr,
         )
         result = trainer.train()
         if not trainer.finished:
@@ -265,7 +350,13 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
         return {}
     device = str(accelerator.device)
     teacher_scores, teacher_pred = evaluate_cached(
-        "teacher", teacher, tokenizer, task, data, run, Path(teacher_info["source"]) if not model_cfg.teacher else None
+        "teacher",
+        teacher,
+        teacher_tokenizer,
+        task,
+        data,
+        run,
+        Path(teacher_info["source"]) if not model_cfg.teacher else None,
     )
     sft_scores, sft_pred = evaluate_cached(
         "sft", sft_model.to(accelerator.device), tokenizer, task, data, run, sft_folder
@@ -275,10 +366,10 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
     else:
         student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, run, None)
     baseline_scores, baseline_preds = {}, {}
-    for divergence, (model, _, folder) in baselines.items():
-        key = f"kd_{divergence}_student"
+    for baseline, (model, _, folder) in baselines.items():
+        key = f"{baseline}_student"
         baseline_scores[key], baseline_preds[key] = evaluate_cached(
-            f"kd-{divergence}", model.to(accelerator.device), tokenizer, task, data, run, folder
+            baseline.replace("_", "-"), model.to(accelerator.device), tokenizer, task, data, run, folder
         )
 
     with atomic_dir(out / "student") as tmp:
@@ -298,12 +389,13 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
         "eval": {"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores, **baseline_scores},
         "train": {
             **asdict(result),
-            "baselines": {f"kd_{d}_student": asdict(r) for d, (_, r, _) in baselines.items()},
+            "baselines": {f"{b}_student": asdict(r) for b, (_, r, _) in baselines.items()},
             "student_params": count_parameters(student),
             "teacher_params": count_parameters(teacher),
             "run_wall_s": time.perf_counter() - t_start,
         },
         "teacher": teacher_info,
+        **({"tokenizers": tokenizer_info(pair)} if cross is not None else {}),
         "config": config,
         "env": env_info(device),
     }
@@ -316,12 +408,12 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings) -> di
 
 def _print_summary(metrics: dict[str, Any]) -> None:
     evals = metrics["eval"]
-    columns = list(evals["student"])
+    columns = [c for c in evals["student"] if "/" not in c]  # per-group scores stay in metrics.json
     rows = [("teacher", evals["teacher"]), ("sft student", evals["sft_student"])]
     rows += [
         (key.removesuffix("_student").replace("_", "-") + " student", v)
         for key, v in evals.items()
-        if key.startswith("kd_")
+        if key.endswith("_student") and key != "sft_student"
     ]
     rows.append((f"{metrics['method']} student", evals["student"]))
     train = metrics["train"]

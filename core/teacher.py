@@ -66,16 +66,18 @@ def train_cached(
     cache: Path,
     accelerator: Accelerator,
     loss_fn=causal_lm_loss,
+    collate=None,
 ) -> tuple[PreTrainedModel, TrainResult, Path]:
-    """Load `kind` from the cache, or train it (resumably) with `loss_fn` and cache it atomically."""
+    """Load `kind` from the cache, or train it (resumably) with `loss_fn` and cache it atomically.
+
+    `collate` batches `features` (default: core.data.Collator with the tokenizer's pad id)."""
     name = f"{kind}-{stable_hash({'cache_format': CACHE_FORMAT, **key})}"
     final, work = cache / "models" / name, cache / "work" / name
     if not (final / "train_result.json").exists():
         accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")
         model = build()
-        trainer = Trainer(
-            model, loss_fn, features, Collator(tokenizer.pad_token_id), train_cfg, work, accelerator, desc=kind
-        )
+        collate = collate or Collator(tokenizer.pad_token_id)
+        trainer = Trainer(model, loss_fn, features, collate, train_cfg, work, accelerator, desc=kind)
         result = trainer.train()
         if not trainer.finished:  # --stop-after: leave the work folder for the next invocation
             raise SystemExit(f"[{kind}] stopped at step {trainer.step}; rerun to resume")

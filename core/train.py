@@ -155,7 +155,12 @@ class Trainer:
         state: dict[str, Stateful] | None = None,
         desc: str = "train",
         on_step_end: Callable[[int, float, dict[str, float]], None] | None = None,
+        extra_parameters: Sequence[torch.nn.Parameter] = (),
+        extra_lr: float | None = None,
     ) -> None:
+        """`extra_parameters`: trained beside the model (a method's own modules, e.g. DSKD's projectors), in their
+        own optimizer group at `extra_lr` (default: cfg.lr) under the same schedule and clipping. Their state is
+        checkpointed by passing the module in `state`."""
         world = accelerator.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ConfigError(
@@ -172,9 +177,11 @@ class Trainer:
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.extra_parameters = list(extra_parameters)
+        if self.extra_parameters:
+            groups.append({"params": self.extra_parameters, "weight_decay": cfg.weight_decay, "lr": extra_lr or cfg.lr})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
@@ -315,9 +322,13 @@ class Trainer:
                 for k, v in out.logs.items():
                     logs[k] = logs.get(k, 0.0) + v / len(micro_batches)
             step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="sum").item())
-            grad_norm = (
-                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            )
+            if self.extra_parameters and acc.num_processes > 1:
+                # Not inside the DDP-wrapped model, so not synchronized by it: average their gradients here.
+                for p in self.extra_parameters:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+            params = [*self.model.parameters(), *self.extra_parameters]
+            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()

@@ -44,3 +44,16 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     examples = [Example("sort: 3 1 =", " 1 3", (" 1 3",))]
     assert perplexity(model, tokenizer, examples, max_length=32) == pytest.approx(len(tokenizer), rel=1e-4)
     assert math.isfinite(perplexity(model, tokenizer, task.eval, max_length=32))
+
+
+def test_per_group_exact_match_averages_to_the_total():
+    from core.metrics import evaluate_model
+
+    task = load_task(DataConfig(train_size=50, eval_size=24))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 300)
+    model = build_model("tiny", tokenizer, seed=0)
+    scores, predictions = evaluate_model(model, tokenizer, task, max_length=32, max_new_tokens=4)
+    groups = {ex.group for ex in task.eval}
+    assert groups == {"add", "pair", "reverse", "sort"} and len(predictions) == 24
+    weighted = sum(scores[f"exact_match/{g}"] * sum(ex.group == g for ex in task.eval) for g in groups) / 24
+    assert weighted == pytest.approx(scores["exact_match"])

@@ -56,7 +56,8 @@ def test_end_to_end_kd_run(tmp_path):
     assert set(saved) >= {"method", "task", "seed", "eval", "train", "config", "env"}
     assert saved["method"] == "kd-rkl" and saved["task"] == "ops" and saved["seed"] == 0
     for who in ("student", "teacher", "sft_student"):
-        assert set(saved["eval"][who]) == {"exact_match", "rougeL", "perplexity"}
+        ops = {f"exact_match/{op}" for op in ("add", "pair", "reverse", "sort")}
+        assert set(saved["eval"][who]) == {"exact_match", "rougeL", "perplexity"} | ops
     assert {"steps", "tokens", "wall_s", "tokens_per_s", "peak_mem_mb"} <= set(saved["train"])
     assert saved["train"]["steps"] == 30 and saved["env"]["torch"] == torch.__version__
     log = _log(out)
