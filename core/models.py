@@ -17,6 +17,7 @@ from core.errors import ModelError
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
     "student": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128),
+    "teacher-small": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=352),
     "teacher": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=704),
     "teacher-large": dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, intermediate_size=1024),
 }
