@@ -35,7 +35,7 @@ from core.models import build_or_load, count_parameters
 from core.objectives import make_kd_loss
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
-from core.train import LossFn, Stateful, TrainConfig, Trainer
+from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, Trainer, count_label_tokens
 
 
 @dataclass
@@ -69,6 +69,10 @@ class MethodLoss:
     # put the module in `state` too, so that checkpoints carry it
     parameters: list[torch.nn.Parameter] = field(default_factory=list)
     parameters_lr: float | None = None
+    # on-policy methods: replaces each micro-batch (e.g. by the student's samples) before the loop counts its tokens
+    prepare_batch: PrepareBatch | None = None
+    # the loss's unit count of a batch, its normalizer (default: valid target tokens; a per-sequence loss: rows)
+    count_fn: Callable[[dict[str, Any]], int] = count_label_tokens
 
 
 @dataclass
@@ -336,6 +340,8 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
             on_step_end=built.on_step_end,
             extra_parameters=built.parameters,
             extra_lr=built.parameters_lr,
+            count_fn=built.count_fn,
+            prepare_batch=built.prepare_batch,
         )
         result = trainer.train()
         if not trainer.finished:

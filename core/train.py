@@ -90,6 +90,8 @@ class Stateful(Protocol):
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
+# (model, micro-batch, 0-based optimizer step, micro-batch index within the step) -> the batch to train on
+PrepareBatch = Callable[[torch.nn.Module, dict[str, torch.Tensor], int, int], dict[str, torch.Tensor]]
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -157,6 +159,7 @@ class Trainer:
         on_step_end: Callable[[int, float, dict[str, float]], None] | None = None,
         extra_parameters: Sequence[torch.nn.Parameter] = (),
         extra_lr: float | None = None,
+        prepare_batch: PrepareBatch | None = None,
     ) -> None:
         """`extra_parameters`: trained beside the model (a method's own modules, e.g. DSKD's projectors), in their
         own optimizer group at `extra_lr` (default: cfg.lr) under the same schedule and clipping. Their state is
@@ -171,6 +174,8 @@ class Trainer:
         self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
         self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
         self.on_step_end = on_step_end  # called as (step, step_loss, logs) after each optimizer step
+        # (it may add entries to `logs`: they are written to the step's line of log.jsonl)
+        self.prepare_batch = prepare_batch  # replaces a micro-batch before its tokens are counted (on-policy)
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
@@ -293,6 +298,12 @@ class Trainer:
         )
         while self.step < cfg.steps:
             micro_batches = self._micro_batches(self.step)
+            if self.prepare_batch is not None:
+                # On-policy methods train on the model's own samples instead of the data: the batch is replaced
+                # here, before counting, so the loss is normalized by the tokens it is actually computed on.
+                micro_batches = [
+                    self.prepare_batch(self.model, batch, self.step, i) for i, batch in enumerate(micro_batches)
+                ]
             local = torch.tensor(
                 [
                     sum(self.count_fn(b) for b in micro_batches),
