@@ -34,8 +34,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success rename it to `final` (replacing an old one).
+
+    With `keep_existing`, a `final` that appeared meanwhile (another process wrote the same deterministic
+    content, e.g. every rank of a multi-process run training the same tokenizer) wins and ours is dropped.
 
     On an exception (or a kill) the temporary folder is removed or left under a dot-name that loaders ignore,
     so `final` is either absent, the previous complete version, or the new complete version.
@@ -45,7 +48,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
+        if keep_existing:
+            try:
+                os.rename(tmp, final)  # fails if final exists and is not empty: then the other writer won
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -51,7 +51,7 @@ def get_tokenizer(
     if not (folder / "tokenizer.json").exists():
         texts = [ex.prompt + ex.target for ex in task.train]
         tokenizer = train_bpe(texts, cfg.vocab_size)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, keep_existing=True) as tmp:  # every process of a multi-process run gets here
             tokenizer.save_pretrained(tmp)
     return load_tokenizer(folder), key
 

@@ -226,8 +226,9 @@ class Trainer:
             try:
                 return torch.load(file, map_location="cpu", weights_only=True)
             except Exception as exc:
+                reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
                 raise CheckpointError(
-                    f"checkpoint file {file} is unreadable ({exc}); delete {path} to resume from the one before"
+                    f"checkpoint file {file} is unreadable ({reason}); delete {path} to resume from the one before"
                 ) from exc
 
         try:
@@ -284,6 +285,8 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(self.log_path, self.step)
+            for stale in self.ckpt_root.glob(".step_*") if self.ckpt_root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)  # a checkpoint whose writer was killed mid-write
         start_step, start_tokens = self.step, self.tokens
         self.model.train()
         t0 = time.perf_counter()

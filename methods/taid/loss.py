@@ -3,11 +3,11 @@
 The student q_theta is trained towards an intermediate distribution that moves from the student itself to
 the teacher p as the interpolation parameter t grows from t_start to t_end:
 
-    p_t(y | s) = softmax((1 - t) * stopgrad(logit_q(y | s)) + t * logit_p(y | s))            Eq. (2)
-    J_TAID(theta) = (1/N) sum_{valid positions} KL(p_t || q_theta)                          Eq. (3)
+    p_t(y | s) = softmax((1 - t) * stopgrad(logit_q(y | s)) + t * logit_p(y | s))      the intermediate target
+    J_TAID(theta) = (1/N) sum_{valid positions} KL(p_t || q_theta)                    the TAID objective
 
-and t follows an adaptive, monotone schedule (Algorithm 1; official code SakanaAI/TAID,
-src/distil_losses/taid.py, `TAID.update_t`):
+(official code SakanaAI/TAID, src/distil_losses/taid.py, `TAID.compute_loss`), and t follows an adaptive,
+monotone schedule (the same file, `TAID.update_t`):
 
     rel   = (L_prev - L) / (L_prev + 1e-15)                 relative change of the loss
     m    <- beta * m + (1 - beta) * rel                      momentum
@@ -31,7 +31,7 @@ from core.errors import ConfigError
 
 
 def interpolated_target_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    """log p_t = log_softmax((1 - t) * stopgrad(student) + t * teacher). (..., V) -> (..., V), float32+."""  # Eq. (2)
+    """log p_t = log_softmax((1 - t) * stopgrad(student) + t * teacher). (..., V) -> (..., V), float32+."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     mixed = (1.0 - t) * student_logits.detach().to(dtype) + t * teacher_logits.to(dtype)
     return F.log_softmax(mixed, dim=-1)
@@ -48,13 +48,13 @@ def taid_terms(
     log_student = F.log_softmax(student_logits.to(log_target.dtype), dim=-1)
     target = log_target.exp()
     cross_entropy = -(target * log_student).sum(-1)
-    kl = (target * (log_target - log_student)).sum(-1)  # Eq. (3), per position
+    kl = (target * (log_target - log_student)).sum(-1)  # the TAID objective, per position
     return kl, cross_entropy
 
 
 @dataclass
 class TAIDSchedule:
-    """The adaptive interpolation parameter t (Algorithm 1). A small stateful object: saved in checkpoints so a
+    """The adaptive interpolation parameter t (official `TAID.update_t`). A small stateful object: saved in checkpoints so a
     resumed run continues with the same t, momentum and previous loss."""
 
     t_start: float = 0.4

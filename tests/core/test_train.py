@@ -10,29 +10,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from core.data import Collator, DataConfig, encode_examples, load_ops
+from core.data import Collator
 from core.errors import ConfigError, NonFiniteLossError
 from core.models import build_model
 from core.objectives import causal_lm_loss
-from core.tokenizers import train_bpe
 from core.train import LossOutput, TrainConfig, Trainer, example_indices
-
-
-def _setup(n_train=64):
-    task = load_ops(DataConfig(train_size=n_train, eval_size=8))
-    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 320)
-    features = encode_examples(tokenizer, task.train, 64)
-    return tokenizer, features
-
-
-def _train(tmp, tokenizer, features, **cfg):
-    model = build_model("tiny", tokenizer, seed=0)
-    cfg = TrainConfig(**{"warmup_steps": 2, "checkpoint_every": 0, **cfg})
-    trainer = Trainer(
-        model, causal_lm_loss, features, Collator(tokenizer.pad_token_id), cfg, tmp, Accelerator(cpu=True)
-    )
-    trainer.train()
-    return trainer
+from tests.core.train_job import setup as _setup
+from tests.core.train_job import train as _train
 
 
 def test_accumulation_equals_full_batch(tmp_path):
@@ -81,7 +65,8 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path):
     # First half here, second half in a new Python process, from the checkpoint only.
     _train(tmp_path / "split", tokenizer, features, steps=10, batch_size=4, stop_after=5)
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("step_*")) == ["step_0000005"]
-    subprocess.run([sys.executable, __file__, str(tmp_path / "split")], check=True, cwd=Path(__file__).parents[2])
+    job = Path(__file__).with_name("train_job.py")
+    subprocess.run([sys.executable, str(job), str(tmp_path / "split"), "10"], check=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
@@ -118,8 +103,3 @@ def test_bad_train_settings():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="--lr"):
         TrainConfig(lr=-1.0)
-
-
-if __name__ == "__main__":  # the second half of test_resume_in_a_fresh_process_is_exact
-    tok, feats = _setup()
-    _train(Path(sys.argv[1]), tok, feats, steps=10, batch_size=4)
