@@ -128,6 +128,13 @@ def example_indices(step: int, n_examples: int, batch_size: int, seed: int) -> l
     return out
 
 
+def process_shard(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This process's micro-batches of a global batch: a contiguous, disjoint 1/world slice, cut into micro-batches."""
+    per_rank = len(indices) // world
+    mine = indices[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[j : j + micro] for j in range(0, per_rank, micro)]
+
+
 _PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
 
 
@@ -266,14 +273,10 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         indices = example_indices(step, len(self.features), self.cfg.batch_size, self.cfg.seed)
-        rank, per_rank = self.accelerator.process_index, self.cfg.batch_size // self.accelerator.num_processes
-        mine = indices[rank * per_rank : (rank + 1) * per_rank]  # a disjoint shard of the global batch
+        shards = process_shard(indices, self.accelerator.process_index, self.accelerator.num_processes, self.micro)
         return [
-            {
-                k: v.to(self.accelerator.device)
-                for k, v in self.collate([self.features[i] for i in mine[j : j + self.micro]]).items()
-            }
-            for j in range(0, per_rank, self.micro)
+            {k: v.to(self.accelerator.device) for k, v in self.collate([self.features[i] for i in shard]).items()}
+            for shard in shards
         ]
 
     def train(self) -> TrainResult:
