@@ -137,8 +137,19 @@ def get_teacher(
             accelerator,
         )
         info = {"source": str(folder), "preset": cfg.teacher_preset, "train": asdict(result)}
+    return prepare_teacher(teacher, accelerator), info
+
+
+def prepare_teacher(teacher: PreTrainedModel, accelerator: Accelerator) -> PreTrainedModel:
+    """Frozen teacher placement: eval mode, no gradients; under FSDP it is sharded like the student (Accelerate's
+    evaluation-mode preparation, no optimizer), elsewhere it is placed whole on each process's device. Under
+    DeepSpeed the teacher stays replicated (Accelerate prepares one DeepSpeed engine per run: the student's)."""
+    from accelerate.utils import DistributedType
+
     teacher.eval().requires_grad_(False)
-    return teacher.to(accelerator.device), info
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.prepare_model(teacher, evaluation_mode=True)
+    return teacher.to(accelerator.device)
 
 
 def check_same_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, method: str) -> None:

@@ -60,3 +60,16 @@ def test_two_processes_equal_one(tmp_path):
     assert metrics["train"]["steps"] == 12 and len((two / "log.jsonl").read_text().splitlines()) == 12
     # the same global batch: the same number of tokens went through the step
     assert metrics["train"]["tokens"] == json.loads((one / "metrics.json").read_text())["train"]["tokens"]
+
+
+def test_every_shipped_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"cpu_2proc", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    kinds = {f.stem: str(load_config_from_file(str(f)).distributed_type) for f in files}
+    assert (
+        kinds["fsdp"].endswith("FSDP")
+        and kinds["ddp"].endswith("MULTI_GPU")
+        and kinds["cpu_2proc"].endswith("MULTI_CPU")
+    )
