@@ -99,7 +99,7 @@ def chunked_divergence_sum(
 
     Same value and gradient as `core.losses.divergence_sum`. Pass the model's logits as they are (not a shifted
     slice, which would make autograd allocate a second tokens x V gradient); shift the mask instead."""
-    return fused_kd_sums(student_logits, teacher_logits, mask, divergence, chunk_size=chunk_size).kd
+    return fused_kd_sums(student_logits, teacher_logits, mask, divergence, chunk_size=chunk_size).total
 
 
 def fused_divergence_sum(
@@ -112,7 +112,7 @@ def fused_divergence_sum(
     """Sum of the divergence over valid positions, projecting the logits from hidden states chunk by chunk.
 
     Gradients flow to `student.hidden`, `student.weight` and `student.bias`; the teacher gets none."""
-    return fused_kd_sums(student, teacher, mask, divergence, chunk_size=chunk_size).kd
+    return fused_kd_sums(student, teacher, mask, divergence, chunk_size=chunk_size).total
 
 
 def sparse_divergence_sum(
@@ -123,7 +123,7 @@ def sparse_divergence_sum(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum over valid positions of the divergence between the student and a top-k teacher (tail as one bucket)."""
-    return fused_kd_sums(student_logits, teacher, mask, divergence, chunk_size=chunk_size).kd
+    return fused_kd_sums(student_logits, teacher, mask, divergence, chunk_size=chunk_size).total
 
 
 def fused_kd_sums(

@@ -5,12 +5,25 @@ these, so they live here rather than in a method package.
 Word-level KD (Hinton et al., 2015; the KD baseline of MiniLLM, DistiLLM, TAID and DSKD):
 
     L = (1 - kd_ratio) * (1/N) sum_t -log q(y_t | y_<t, x)  +  kd_ratio * (1/N) sum_t D(p_t || q_t)
+
+`make_kd_loss` evaluates it in one of four ways, all with the same value and gradient (tests/core/test_fused.py):
+- plain (default): full logits of both models, the divergence over the valid positions;
+- `chunk_size=C`: full logits, the loss and its gradient C positions at a time (core.fused);
+- `fused=True`: no full logits at all: the final hidden states of both models are projected through their output
+  heads C positions at a time, at valid (completion) positions only (core.fused);
+- `teacher_cache=...`: the teacher is not run; its top-k log-probabilities come from core.logit_cache (the tail
+  as one bucket, see core.losses), with either student path.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
 
+import torch
+import torch.nn.functional as F
+
+from core.errors import ConfigError
+from core.fused import LinearHead, SparseTeacher, fused_kd_sums
 from core.losses import Divergence, cross_entropy_sum, divergence_sum, shift_for_causal_lm
 from core.train import LossOutput
 
@@ -31,6 +44,10 @@ def word_level_kd_sum(
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, V) x (B, T, V) x (B, T) unshifted -> (total sum, CE sum, divergence sum) over valid target tokens."""
+    if chunk_size is not None:  # unshifted logits and a shifted mask: no second tokens x V gradient for a slice
+        mask, targets = shifted_targets(labels)
+        sums = fused_kd_sums(student_logits, teacher_logits, mask, divergence, targets, kd_ratio, chunk_size)
+        return sums.total, sums.ce, sums.kd
     student_logits, shifted = shift_for_causal_lm(student_logits, labels)  # (B, T-1, V), (B, T-1)
     teacher_logits = teacher_logits[:, :-1, :]
     mask = shifted != -100
@@ -48,18 +65,100 @@ def teacher_forward(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unshifted labels (B, T) -> (mask, targets), both (B, T): position t is valid when it predicts a label
+    (labels[t + 1] != -100), and its target is that label. The last position predicts nothing."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    targets = torch.zeros_like(labels)
+    targets[:, :-1] = labels[:, 1:].clamp(min=0)  # ignored positions get a dummy id; only valid ones are read
+    return mask, targets
+
+
+def final_hidden_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LinearHead:
+    """The final hidden states (B, T, H) and output head of a causal LM, without computing the full logits.
+
+    The model is called through its own forward (so DDP and other wrappers see it) with `output_hidden_states`
+    and `logits_to_keep=1`: the head runs on the last position only. That one position checks, on every batch,
+    that the logits are a plain linear function of the last hidden state (no soft-capping or scaling)."""
+    core = _unwrap(model)
+    if "logits_to_keep" not in inspect.signature(core.forward).parameters:
+        raise ConfigError(
+            f"fused KD needs a causal LM whose forward takes logits_to_keep; {type(core).__name__} does not "
+            "(use the unfused path: fused=False, optionally with chunk_size)"
+        )
+    head = core.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"fused KD needs a linear output head; {type(core).__name__} has {type(head).__name__}")
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    with torch.no_grad():
+        recomputed = F.linear(hidden[:, -1:], head.weight, head.bias).to(out.logits.dtype)  # (B, 1, V)
+        if not torch.allclose(recomputed, out.logits, rtol=1e-3, atol=1e-3):
+            raise ConfigError(
+                f"{type(core).__name__}'s logits are not hidden_states[-1] @ lm_head.weight.T (soft-capping, scaling "
+                "or a final norm outside the hidden states); fused KD would be wrong for it: use fused=False"
+            )
+    return LinearHead(hidden, head.weight, head.bias)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and similar wrappers
+        model = model.module
+    return model
+
+
 def make_kd_loss(
-    teacher: torch.nn.Module, divergence: Divergence, kd_ratio: float = 1.0, chunk_size: int | None = None
+    teacher: torch.nn.Module | None,
+    divergence: Divergence,
+    kd_ratio: float = 1.0,
+    chunk_size: int | None = None,
+    fused: bool = False,
+    teacher_cache=None,
 ):
-    """Word-level KD as a loop objective: the frozen teacher and the student see the same batch."""
+    """Word-level KD as a loop objective: the frozen teacher and the student see the same batch.
+
+    chunk_size: evaluate the loss this many valid positions at a time (core.fused; None: all at once, or an automatic
+    size of about 2^24 logits per chunk when `fused`). fused: project both models' logits from their final hidden
+    states chunk by chunk at valid positions only, so no full logits exist. teacher_cache: a
+    core.logit_cache.TeacherLogitCache built for this teacher and data; the teacher is then never run (pass
+    teacher=None) and the divergence sees the cached top-k with the tail as one bucket."""
+    if teacher is None and teacher_cache is None:
+        raise ConfigError("make_kd_loss needs a teacher or a teacher_cache")
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
+    if teacher_cache is not None:
+        teacher_cache.check_divergence(divergence)
+    plain = not fused and chunk_size is None and teacher_cache is None
 
     def loss_fn(model, batch) -> LossOutput:
-        teacher_logits = teacher_forward(teacher, batch)
-        student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total, ce, kd = word_level_kd_sum(
-            student_logits, teacher_logits, batch["labels"], divergence, kd_ratio, chunk_size
-        )
         n = max(int((batch["labels"][:, 1:] != -100).sum()), 1)
-        return LossOutput(total, {"ce": ce.item() / n, "kd": kd.item() / n})
+        if plain:
+            teacher_logits = teacher_forward(teacher, batch)
+            student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total, ce, kd = word_level_kd_sum(
+                student_logits, teacher_logits, batch["labels"], divergence, kd_ratio, chunk_size
+            )
+            return LossOutput(total, {"ce": ce.item() / n, "kd": kd.item() / n})
+        mask, targets = shifted_targets(batch["labels"])
+        target: torch.Tensor | LinearHead | SparseTeacher
+        if teacher_cache is not None:
+            target = teacher_cache.sparse_teacher(batch, mask)
+        elif fused:
+            with torch.no_grad():
+                target = final_hidden_and_head(teacher, batch)
+        else:
+            target = teacher_forward(teacher, batch)
+        if fused:
+            student: torch.Tensor | LinearHead = final_hidden_and_head(model, batch)
+        else:
+            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums = fused_kd_sums(student, target, mask, divergence, targets, kd_ratio, chunk_size)
+        return LossOutput(sums.total, {"ce": sums.ce.item() / n, "kd": sums.kd.item() / n})
 
     return loss_fn

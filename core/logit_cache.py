@@ -1,0 +1,314 @@
+"""The teacher-logit cache: run the teacher once over a dataset, keep its top-k per target token, train from it.
+
+For every position that counts (a completion token: labels[t + 1] != -100), the cache stores the teacher's top-k
+log-probabilities (float16 by default), their token ids (uint16 when the vocabulary fits, else int32) and the log
+of the mass outside the top-k (float32, computed as a log-sum-exp over the complement, so it stays exact when the
+top-k hold nearly everything). Divergences then compare the student with it on k + 1 buckets, the tail as one
+bucket (core.losses.sparse_divergence). At k = 64 and a 151,936-token vocabulary that is 64 x (2 + 4) + 4 = 388
+bytes per token, against 607,744 for the float32 row.
+
+Layout (root: <cache>/logit_cache/<key hash>/, written by core.io.atomic_dir, so a reader sees either no cache or
+a complete one):
+    manifest.json         the key (teacher, tokenizer, data, k, temperature, format), sizes, the shard list
+    shard_00000.safetensors
+        topk_logprobs (N, k)  topk_indices (N, k)  tail_logprob (N,)   N = target tokens of the shard's examples
+        offsets (E + 1,)      example_keys (E, 16)                      E = examples of the shard
+The key hashes the teacher's configuration and weights (or an id the caller vouches for), the tokenizer's key and
+every example's token ids and labels: a changed teacher, tokenizer or data gets another folder, never a stale
+cache. Student seeds, methods and epochs are not in the key, so they all reuse one cache. A batch finds its rows
+by a hash of each example's unpadded tokens and labels, so no collator or data-order change is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from core.data import IGNORE_INDEX, Collator
+from core.errors import ConfigError, DataError
+from core.fused import SparseTeacher, default_chunk_size
+from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.losses import Divergence, divergence_temperature
+from core.objectives import final_hidden_and_head, shifted_targets
+
+CACHE_FORMAT = 1
+LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """A hash of the teacher's configuration and every parameter and buffer, byte for byte."""
+    digest = hashlib.sha256()
+    config = getattr(teacher, "config", None)
+    if config is not None:
+        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in teacher.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def example_key(input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> bytes:
+    """16 bytes that identify an encoded example (its token ids and its labels)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.int64).cpu().numpy().tobytes()
+    lab = torch.as_tensor(labels, dtype=torch.int64).cpu().numpy().tobytes()
+    return hashlib.blake2b(ids + b"|" + lab, digest_size=16).digest()
+
+
+def data_fingerprint(features: Sequence[dict[str, list[int]]]) -> str:
+    digest = hashlib.sha256()
+    for feature in features:
+        digest.update(example_key(feature["input_ids"], feature["labels"]))
+    return digest.hexdigest()[:32]
+
+
+def target_count(labels: Sequence[int]) -> int:
+    """Positions of an example that predict a label (position t predicts labels[t + 1])."""
+    return sum(1 for label in list(labels)[1:] if label != IGNORE_INDEX)
+
+
+class TeacherLogitCache:
+    """A built cache, opened for reading: `sparse_teacher(batch, mask)` gives the SparseTeacher of a batch."""
+
+    def __init__(self, folder: str | Path, expected_key: dict[str, Any] | None = None) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError(f"{self.folder} is not a complete teacher-logit cache (no manifest.json); rebuild it")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise DataError(f"{self.folder} has cache format {self.manifest.get('format')}, expected {CACHE_FORMAT}")
+        if expected_key is not None and self.manifest["key"] != expected_key:
+            changed = sorted(k for k in expected_key if self.manifest["key"].get(k) != expected_key[k])
+            raise DataError(f"the teacher-logit cache {self.folder} was built for another {', '.join(changed)}")
+        self.k: int = self.manifest["k"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.temperature: float = self.manifest["temperature"]
+        self._shards = [safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]]
+        self._offsets = [f.get_tensor("offsets").tolist() for f in self._shards]
+        self._index: dict[bytes, tuple[int, int]] = {}  # example key -> (shard, example within the shard)
+        for shard, handle in enumerate(self._shards):
+            for row, key in enumerate(handle.get_tensor("example_keys").numpy()):
+                self._index.setdefault(key.tobytes(), (shard, row))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.manifest["bytes"] / max(self.manifest["n_tokens"], 1)
+
+    def check_divergence(self, divergence: Divergence) -> None:
+        """The cached log-probabilities are at one temperature; the divergence must use the same."""
+        temperature = divergence_temperature(divergence)
+        if abs(temperature - self.temperature) > 1e-12:
+            raise ConfigError(
+                f"the teacher-logit cache {self.folder} holds log-probabilities at temperature {self.temperature}, "
+                f"but the divergence uses {temperature}; build a cache at that temperature"
+            )
+
+    def example(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top-k log-probs (n, k), token ids (n, k), tail log-prob (n,)) of one example's n target positions."""
+        if key not in self._index:
+            raise DataError(
+                f"an example of this batch is not in the teacher-logit cache {self.folder}: the cache was built "
+                "on other data (or another tokenizer / --max-length); rebuild it for this data"
+            )
+        shard, row = self._index[key]
+        handle, start, end = self._shards[shard], self._offsets[shard][row], self._offsets[shard][row + 1]
+        return (
+            handle.get_slice("topk_logprobs")[start:end],
+            handle.get_slice("topk_indices")[start:end],
+            handle.get_slice("tail_logprob")[start:end],
+        )
+
+    def sparse_teacher(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> SparseTeacher:
+        """The cached teacher at the valid positions of a right-padded batch, in the row-major order of `mask`."""
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        for row, length in enumerate(lengths):
+            ids, labels = batch["input_ids"][row, :length], batch["labels"][row, :length]
+            logprobs, indices, tail = self.example(example_key(ids, labels))
+            if logprobs.shape[0] != int(mask[row].sum()):
+                raise DataError(
+                    f"the teacher-logit cache {self.folder} has {logprobs.shape[0]} target positions for an example "
+                    f"that has {int(mask[row].sum())} in this batch; rebuild the cache"
+                )
+            parts.append((logprobs, indices, tail))
+        device = mask.device
+        return SparseTeacher(
+            torch.cat([p[0] for p in parts]).to(device, torch.float32),
+            torch.cat([p[1] for p in parts]).to(device=device, dtype=torch.int64),
+            torch.cat([p[2] for p in parts]).to(device, torch.float32),
+        )
+
+
+def cache_key(
+    teacher_id: str, tokenizer_key: str, features: Sequence[dict[str, list[int]]], k: int, temperature: float
+) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": teacher_id,
+        "tokenizer": tokenizer_key,
+        "data": data_fingerprint(features),
+        "k": k,
+        "temperature": temperature,
+    }
+
+
+def get_logit_cache(
+    teacher: torch.nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    cache_dir: str | Path,
+    *,
+    tokenizer_key: str,
+    pad_token_id: int,
+    k: int = 64,
+    temperature: float = 1.0,
+    teacher_id: str | None = None,
+    batch_size: int = 16,
+    shard_examples: int = 8192,
+    logprob_dtype: str = "float16",
+    progress: bool = False,
+    after_shard: Callable[[int], None] | None = None,
+) -> TeacherLogitCache:
+    """Open the cache of (teacher, tokenizer, data, k, temperature) under `cache_dir`, building it first if absent.
+
+    teacher_id: what identifies the teacher in the key (default: a hash of its configuration and weights).
+    after_shard: called with the shard number after each shard is written (tests use it to interrupt a build)."""
+    if k < 1:
+        raise ConfigError(f"the teacher-logit cache needs k >= 1, got {k}")
+    if not temperature > 0:
+        raise ConfigError(f"the teacher-logit cache needs a positive temperature, got {temperature}")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ConfigError(f"logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    if not features:
+        raise DataError("cannot build a teacher-logit cache over no examples")
+    key = cache_key(teacher_id or teacher_fingerprint(teacher), tokenizer_key, features, k, temperature)
+    folder = Path(cache_dir) / "logit_cache" / stable_hash(key)
+    if not (folder / "manifest.json").is_file():
+        with atomic_dir(folder) as tmp:
+            _build(
+                teacher,
+                features,
+                tmp,
+                key,
+                pad_token_id,
+                batch_size,
+                shard_examples,
+                logprob_dtype,
+                progress,
+                after_shard,
+            )
+    return TeacherLogitCache(folder, expected_key=key)
+
+
+def teacher_topk(
+    hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities, their ids and the log tail mass of logits = rows @ weight.T + bias at temperature.
+
+    rows (N, H) -> (N, k), (N, k), (N,); projected in chunks, so no N x V tensor is alive at once."""
+    vocab = weight.shape[0]
+    values, indices, tails = [], [], []
+    for start in range(0, hidden_rows.shape[0], default_chunk_size(vocab)):
+        logits = F.linear(hidden_rows[start : start + default_chunk_size(vocab)], weight, bias)  # (c, V)
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)
+        top, idx = logp.topk(min(k, vocab), dim=-1)
+        if k < vocab:
+            tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)  # log of the mass outside the top-k
+        else:
+            tail = torch.full_like(top[:, 0], float("-inf"))
+        values.append(top)
+        indices.append(idx)
+        tails.append(tail)
+    return torch.cat(values), torch.cat(indices), torch.cat(tails)
+
+
+def _build(
+    teacher: torch.nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    out: Path,
+    key: dict[str, Any],
+    pad_token_id: int,
+    batch_size: int,
+    shard_examples: int,
+    logprob_dtype: str,
+    progress: bool,
+    after_shard: Callable[[int], None] | None,
+) -> None:
+    k, temperature = key["k"], key["temperature"]
+    device = next(teacher.parameters()).device
+    head = teacher.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    index_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
+    collate = Collator(pad_token_id)
+    shards: list[dict[str, Any]] = []
+    total_bytes = total_tokens = 0
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for shard_start in tqdm(
+            range(0, len(features), shard_examples), desc="teacher-logit cache", disable=not progress
+        ):
+            shard_features = features[shard_start : shard_start + shard_examples]
+            values, indices, tails, counts = [], [], [], []
+            for start in range(0, len(shard_features), batch_size):
+                batch = {k_: v.to(device) for k_, v in collate(shard_features[start : start + batch_size]).items()}
+                mask, _ = shifted_targets(batch["labels"])
+                with torch.no_grad():
+                    signal = final_hidden_and_head(teacher, batch)
+                    top, idx, tail = teacher_topk(signal.hidden[mask], signal.weight, signal.bias, k, temperature)
+                values.append(top.to("cpu", LOGPROB_DTYPES[logprob_dtype]))
+                indices.append(idx.to("cpu", torch.int32).to(index_dtype))
+                tails.append(tail.to("cpu", torch.float32))
+                counts.extend(mask.sum(-1).tolist())
+            offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+            offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+            keys = torch.tensor(
+                [list(example_key(f["input_ids"], f["labels"])) for f in shard_features], dtype=torch.uint8
+            )
+            name = f"shard_{len(shards):05d}.safetensors"
+            tensors = {
+                "topk_logprobs": torch.cat(values),
+                "topk_indices": torch.cat(indices),
+                "tail_logprob": torch.cat(tails),
+                "offsets": offsets,
+                "example_keys": keys,
+            }
+            save_file(tensors, str(out / name))
+            size = (out / name).stat().st_size
+            shards.append(
+                {"file": name, "n_examples": len(shard_features), "n_tokens": int(offsets[-1]), "bytes": size}
+            )
+            total_bytes += size
+            total_tokens += int(offsets[-1])
+            if after_shard is not None:
+                after_shard(len(shards) - 1)
+    finally:
+        teacher.train(was_training)
+    atomic_write_json(
+        out / "manifest.json",
+        {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "k": k,
+            "temperature": temperature,
+            "vocab_size": vocab,
+            "logprob_dtype": logprob_dtype,
+            "index_dtype": str(index_dtype).removeprefix("torch."),
+            "n_examples": len(features),
+            "n_tokens": total_tokens,
+            "bytes": total_bytes,
+            "shards": shards,
+        },
+    )
