@@ -15,6 +15,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from core.errors import ConfigError
+from core.models import PRESETS
 
 
 @dataclass
@@ -50,6 +51,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.teacher_steps < 1 or self.teacher_batch_size < 1:
             raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
+        if self.teacher is not None and not (Path(self.teacher) / "config.json").is_file():
+            what = "does not exist" if not Path(self.teacher).exists() else "is not a model folder (no config.json)"
+            raise ConfigError(
+                f"--teacher {self.teacher} {what}; pass a folder written by save_pretrained, or omit --teacher"
+            )
+        if self.student not in PRESETS and not Path(self.student).exists():
+            raise ConfigError(
+                f"--student {self.student!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder"
+            )
+        if self.teacher_preset not in PRESETS:
+            raise ConfigError(
+                f"--teacher-preset {self.teacher_preset!r} is unknown; choose one of {', '.join(PRESETS)}"
+            )
         if self.vocab_size < 300:
             raise ConfigError(
                 f"--vocab-size must be at least 300 (256 byte symbols + specials + merges), got {self.vocab_size}"

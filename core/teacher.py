@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,9 @@ def train_cached(
     """Load `kind` from the cache, or train it (resumably) with `loss_fn` and cache it atomically.
 
     `collate` batches `features` (default: core.data.Collator with the tokenizer's pad id)."""
+    # --stop-after is for the run's own student: a cached model always trains to the end (a killed one resumes
+    # from its work folder on the next call).
+    train_cfg = replace(train_cfg, stop_after=None)
     name = f"{kind}-{stable_hash({'cache_format': CACHE_FORMAT, **key})}"
     final, work = cache / "models" / name, cache / "work" / name
     if not (final / "train_result.json").exists():

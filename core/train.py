@@ -329,6 +329,7 @@ class Trainer:
                     out = self.loss_fn(self.model, batch)
                     loss = out.loss_sum * scale
                     if not torch.isfinite(loss):
+                        bar.close()  # so the error starts on a line of its own
                         last = self.latest_checkpoint()
                         raise NonFiniteLossError(
                             f"[{self.desc}] the loss is {loss.item()} at step {self.step + 1}; training stopped. "
