@@ -1,0 +1,321 @@
+"""On-policy batches: what the methods that train on model-generated outputs share (GKD, DistiLLM, DPKD).
+
+    a data batch -> its prompts -> completions sampled from a model (batched, KV cache, HF `generate`)
+    -> encoded examples in the data layout (prompt masked, completion and its EOS as targets) -> a batch
+
+so every loss in core works on generated batches unchanged. A method plugs this into the loop through
+`MethodLoss.prepare_batch`, which replaces a micro-batch before the loop counts its tokens (core/train.py), so a
+loss over generated tokens is normalized by the generated tokens.
+
+Reproducibility: each sampling call runs inside `seeded(seed)`, which forks the torch RNG, seeds it and restores
+it afterwards. Seeds come from `derived_seed(run seed, step, micro-batch, process, purpose)`, so the samples of a
+step are a pure function of those numbers: a run resumed from a checkpoint draws the same samples as an
+uninterrupted one, on any device, and sampling never shifts the random stream of anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.data import IGNORE_INDEX, Collator, encode_prompt
+from core.io import atomic_write_json, stable_hash
+
+Example = dict[str, list[int]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 32-bit seed that depends on every part (strings name a purpose, e.g. "gkd-coin")."""
+    ints = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    if any(i < 0 for i in ints):
+        raise ValueError(f"seed parts must be non-negative, got {parts}")
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with the torch RNG (CPU, and the accelerator's) seeded; restore the previous state after."""
+    device = torch.device(device)
+    accelerators = [device] if device.type in ("cuda", "mps") else []
+    kwargs = {"device_type": device.type} if accelerators else {}
+    with torch.random.fork_rng(devices=accelerators, **kwargs):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches <-> prompts and completions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The prompt token ids of each row of a data batch (everything before the first target token).
+
+    Rows are right-padded (core.data.Collator) and labels are IGNORE_INDEX on the prompt, so a row's prompt is
+    its input_ids up to the first position whose label is a target. A row with no target (cut by max_length)
+    keeps all its tokens."""
+    prompts = []
+    for ids, labels, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()
+    ):
+        length = sum(mask)
+        first = next((t for t, label in enumerate(labels[:length]) if label != IGNORE_INDEX), length)
+        prompts.append(ids[:first])
+    return prompts
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Completions of tokenized prompts in one batch: left-padded, KV cache, HF `generate`.
+
+    Each completion is cut after its first EOS, which is kept (it is a target: the model must learn to stop);
+    a completion that reached max_new_tokens has no EOS. The model is put in eval mode for sampling and back
+    into the mode it was in. With `seed`, sampling is seeded (see `seeded`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if do_sample
+        else {"do_sample": False}
+    )
+    context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
+    try:
+        with context:
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
+    finally:
+        model.train(was_training)
+    completions = []
+    for row in out[:, width:].tolist():
+        if eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        completions.append(row)
+    return completions
+
+
+def fit_prompt(prompt: Sequence[int], limit: int) -> list[int]:
+    """Cut a prompt to at most `limit` tokens from the left, keeping its first (BOS) token, as
+    core.data.encode_example does, so that a completion sampled after it still fits in max_length."""
+    limit = max(1, limit)
+    prompt = list(prompt)
+    return prompt if len(prompt) <= limit else prompt[:1] + prompt[len(prompt) - limit + 1 :]
+
+
+def completion_features(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], max_length: int
+) -> list[Example]:
+    """Encoded examples, as core.data.encode_example lays them out: input_ids = prompt + completion, labels
+    IGNORE_INDEX on the prompt and the completion's tokens after it; cut to max_length (`sample_examples` fits
+    the prompts first, so nothing is cut there)."""
+    features = []
+    for prompt, completion in zip(prompts, completions):
+        input_ids = (list(prompt) + list(completion))[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + list(completion))[:max_length]
+        features.append({"input_ids": input_ids, "labels": labels})
+    return features
+
+
+def sample_examples(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    tokenizer,
+    max_length: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+    seed: int | None = None,
+) -> list[Example]:
+    """Sample a completion of each prompt from `model` and encode prompt + completion as training examples.
+
+    Prompts are first cut to max_length - max_new_tokens (from the left), so the completion is trained on in
+    the very context it was sampled in."""
+    prompts = [fit_prompt(p, max_length - max_new_tokens) for p in prompts]
+    completions = sample_completions(
+        model,
+        prompts,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        do_sample=do_sample,
+        seed=seed,
+    )
+    return completion_features(prompts, completions, max_length)
+
+
+def collate_to(features: Sequence[Example], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into a batch (core.data.Collator) on `device`."""
+    return {k: v.to(device) for k, v in Collator(pad_token_id)(features).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-step accounting: generation time and what each micro-batch trained on
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """Values summed over one optimizer step's micro-batches, written to log.jsonl by `flush` (call it from
+    MethodLoss.on_step_end, whose `logs` become the step's log line). `gen_s` is the generation time."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + value
+
+    @contextlib.contextmanager
+    def timed(self, key: str = "gen_s") -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(key, time.perf_counter() - start)
+
+    def flush(self, logs: dict[str, float], keys: Sequence[str] = ("gen_s",)) -> None:
+        """Add this step's values to `logs` (each of `keys` at least as 0) and start the next step from zero."""
+        logs.update({key: 0.0 for key in keys})
+        logs.update(self.values)
+        self.values = {}
+
+
+def generation_share(log_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Seconds spent generating over the run and their share of the training wall time, from log.jsonl rows
+    (elapsed_s is cumulative; a resumed run's rows restart it, so the shares are summed per segment)."""
+    gen = sum(row.get("gen_s", 0.0) for row in log_rows)
+    wall, previous = 0.0, 0.0
+    for row in log_rows:
+        elapsed = row.get("elapsed_s", 0.0)
+        if elapsed < previous:  # a resumed segment starts its clock again
+            wall += previous
+        previous = elapsed
+    wall += previous
+    return {"gen_s": gen, "train_wall_s": wall, "gen_fraction": gen / wall if wall > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher samples (cached) and the SFT start
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def teacher_examples(
+    ctx,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[Example]:
+    """The teacher's completions of tokenized prompts as training examples, generated once and cached under the
+    run's cache folder (keyed by the teacher, the prompts, max_length and the sampling settings). Sampled with a
+    fixed `seed`, so every student seed trains on the same teacher outputs, like a dataset of teacher
+    generations."""
+    key = stable_hash(
+        {
+            "teacher": ctx.extra.get("teacher_source"),
+            "teacher_config": ctx.teacher.config.to_dict(),
+            "prompts": stable_hash([list(p) for p in prompts], 32),
+            "max_length": ctx.data.max_length,
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "seed": seed,
+        }
+    )
+    path = ctx.cache / "teacher-samples" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    examples: list[Example] = []
+    for start in range(0, len(prompts), batch_size):
+        examples += sample_examples(
+            ctx.teacher,
+            prompts[start : start + batch_size],
+            ctx.tokenizer,
+            ctx.data.max_length,
+            max_new_tokens,
+            temperature=temperature,
+            do_sample=do_sample,
+            seed=derived_seed(seed, start, "teacher-samples"),
+        )
+    if ctx.accelerator.is_main_process:
+        atomic_write_json(path, examples)
+    return examples
+
+
+def prompt_ids(ctx, n: int) -> list[list[int]]:
+    """The tokenized prompts of the first n training examples (as training encodes them)."""
+    return [encode_prompt(ctx.tokenizer, ex.prompt) for ex in ctx.task.train[:n]]
+
+
+def start_from_sft(ctx) -> None:
+    """Load the cached SFT baseline's weights into the student (the papers' recipe: distillation starts from a
+    fine-tuned student). The pipeline has trained that baseline already, so this only reads the cache."""
+    from core.pipeline import get_sft_baseline  # core.pipeline composes the methods; import at use
+    from core.teacher import get_tokenizer
+
+    _, tokenizer_key = get_tokenizer(ctx.model, ctx.data, ctx.task, ctx.cache)
+    sft, _, _ = get_sft_baseline(
+        {}, ctx.tokenizer, tokenizer_key, ctx.task, ctx.data, ctx.model, ctx.train, ctx.cache, ctx.accelerator
+    )
+    ctx.student.load_state_dict(sft.state_dict())
+
+
+def record_generation_share(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Add the run's generation seconds and their share of the training wall time (`generation_share` over
+    log.jsonl) to metrics.json's "train" section, beside everything the pipeline wrote."""
+    from pathlib import Path
+
+    from core.results import write_metrics
+
+    if not metrics or "gen_fraction" in metrics.get("train", {}):
+        return metrics
+    out = Path(metrics["run_dir"])
+    log = out / "log.jsonl"
+    if not log.exists():
+        return metrics
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    metrics["train"].update(generation_share(rows))
+    write_metrics(out, metrics)
+    return metrics

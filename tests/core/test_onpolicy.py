@@ -1,0 +1,178 @@
+"""On-policy batches: prompts out of a data batch, sampled completions back into the data layout, seeded and
+resumable sampling, the loop's prepare_batch hook (normalized by the replaced batch), and the time accounting."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from core.data import IGNORE_INDEX, Collator, DataConfig, encode_example, encode_examples, encode_prompt, load_ops
+from core.generate import generate
+from core.models import build_model
+from core.objectives import causal_lm_loss
+from core.onpolicy import (
+    StepStats,
+    completion_features,
+    derived_seed,
+    fit_prompt,
+    generation_share,
+    prompts_of,
+    sample_completions,
+    sample_examples,
+    seeded,
+)
+from core.tokenizers import train_bpe
+from core.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = load_ops(DataConfig(train_size=64, eval_size=8))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 320)
+    return task, tokenizer
+
+
+def test_derived_seeds_depend_on_every_part():
+    base = derived_seed(0, 5, 1, 0, "gkd")
+    assert base == derived_seed(0, 5, 1, 0, "gkd")
+    others = {derived_seed(1, 5, 1, 0, "gkd"), derived_seed(0, 6, 1, 0, "gkd"), derived_seed(0, 5, 2, 0, "gkd")}
+    others |= {derived_seed(0, 5, 1, 1, "gkd"), derived_seed(0, 5, 1, 0, "distillm")}
+    assert base not in others and len(others) == 5
+    with pytest.raises(ValueError):
+        derived_seed(-1)
+
+
+def test_seeded_block_repeats_and_leaves_the_global_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)  # what the global stream gives without the block
+    torch.manual_seed(123)
+    with seeded(7):
+        inside = torch.rand(3)
+    after = torch.rand(3)
+    assert torch.equal(after, expected)
+    with seeded(7):
+        assert torch.equal(torch.rand(3), inside)
+
+
+def test_prompts_of_a_batch_are_the_encoded_prompts(setup):
+    task, tokenizer = setup
+    examples = task.train[:6]
+    batch = Collator(tokenizer.pad_token_id)(encode_examples(tokenizer, examples, 64))
+    assert prompts_of(batch) == [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+
+
+def test_completion_features_match_the_data_layout(setup):
+    task, tokenizer = setup
+    ex = task.train[0]
+    prompt = encode_prompt(tokenizer, ex.prompt)
+    completion = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # A sampled completion that ended with EOS is laid out exactly as the data example with that target.
+    assert completion_features([prompt], [completion], 64) == [encode_example(tokenizer, ex.prompt, ex.target, 64)]
+    # Labels: IGNORE_INDEX on the prompt, the completion after it; cut to max_length.
+    (cut,) = completion_features([[1, 5, 6]], [[7, 8, 9]], max_length=5)
+    assert cut == {"input_ids": [1, 5, 6, 7, 8], "labels": [IGNORE_INDEX] * 3 + [7, 8]}
+
+
+def test_fit_prompt_keeps_the_first_token_and_cuts_from_the_left():
+    assert fit_prompt([1, 2, 3, 4, 5], 3) == [1, 4, 5]
+    assert fit_prompt([1, 2, 3], 3) == [1, 2, 3]
+    assert fit_prompt([1, 2, 3], 0) == [1]
+
+
+class _ScriptedGenerator(torch.nn.Module):
+    """Returns fixed continuations, to test what happens to generate's output."""
+
+    def __init__(self, continuations):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuations = continuations
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        tail = torch.tensor(self.continuations)[:, :max_new_tokens]
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_completions_end_after_the_first_eos_which_is_kept():
+    eos, pad = 2, 0
+    model = _ScriptedGenerator([[5, 2, 0, 0], [5, 6, 2, 7], [5, 6, 7, 8]])
+    out = sample_completions(model, [[1, 3], [1], [1, 4, 4]], eos, pad, max_new_tokens=4)
+    # row 0 stopped (EOS, then padding), row 1 ignores anything after its EOS, row 2 ran out of tokens (no EOS)
+    assert out == [[5, 2], [5, 6, 2], [5, 6, 7, 8]]
+
+
+def test_sampling_is_batched_seeded_and_restores_the_mode(setup):
+    task, tokenizer = setup
+    model = build_model("tiny", tokenizer, seed=0)
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in task.train[:8]]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.train()
+    first = sample_completions(model, prompts, eos, pad, 6, seed=11)
+    assert model.training  # back in train mode
+    model.eval()
+    assert sample_completions(model, prompts, eos, pad, 6, seed=11) == first and not model.training
+    assert sample_completions(model, prompts, eos, pad, 6, seed=12) != first
+    # Greedy, left-padded in one batch == each prompt alone == core.generate (which re-encodes the text).
+    greedy = sample_completions(model, prompts, eos, pad, 6, do_sample=False)
+    alone = [sample_completions(model, [p], eos, pad, 6, do_sample=False)[0] for p in prompts]
+    assert greedy == alone
+    reference = generate(model, tokenizer, [ex.prompt for ex in task.train[:8]], 6)
+    assert [g[:-1] if g and g[-1] == eos else g for g in greedy] == [r.completion_ids for r in reference]
+
+
+def test_sampled_examples_fit_max_length(setup):
+    task, tokenizer = setup
+    model = build_model("tiny", tokenizer, seed=0)
+    long_prompt = encode_prompt(tokenizer, " ".join(ex.prompt for ex in task.train[:5]))
+    assert len(long_prompt) > 20
+    (example,) = sample_examples(model, [long_prompt], tokenizer, max_length=20, max_new_tokens=6, seed=0)
+    prompt_length = sum(label == IGNORE_INDEX for label in example["labels"])
+    assert prompt_length == 14 and example["input_ids"][0] == long_prompt[0]  # 20 - 6 tokens, BOS kept
+    assert len(example["input_ids"]) <= 20 and example["input_ids"][:prompt_length] == fit_prompt(long_prompt, 14)
+
+
+def test_prepare_batch_replaces_the_batch_before_the_loop_counts_tokens(setup, tmp_path):
+    task, tokenizer = setup
+    features = encode_examples(tokenizer, task.train, 64)
+    other = encode_examples(tokenizer, task.train[40:44], 64)  # what every micro-batch is replaced by
+    replacement = Collator(tokenizer.pad_token_id)(other)
+    calls = []
+
+    def prepare(model, batch, step, index):
+        calls.append((step, index, batch["input_ids"].shape[0]))
+        return replacement
+
+    model = build_model("tiny", tokenizer, seed=0)
+    with torch.no_grad():
+        logits = model(input_ids=replacement["input_ids"], attention_mask=replacement["attention_mask"]).logits
+    # Independent reference: the token mean over the REPLACED batches (2 micro-batches, both the replacement).
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), replacement["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    cfg = TrainConfig(steps=1, batch_size=8, grad_accum=2, warmup_steps=0, checkpoint_every=0)
+    trainer = Trainer(
+        model, causal_lm_loss, features, Collator(tokenizer.pad_token_id), cfg, tmp_path, Accelerator(cpu=True),
+        prepare_batch=prepare,
+    )  # fmt: skip
+    trainer.train()
+    assert calls == [(0, 0, 4), (0, 1, 4)]
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.target_tokens == 2 * int((replacement["labels"][:, 1:] != -100).sum())
+
+
+def test_step_stats_and_generation_share():
+    stats = StepStats()
+    stats.add("gen_s", 0.5)
+    stats.add("gen_s", 0.25)
+    stats.add("student_batches", 1)
+    logs = {"loss": 1.0}
+    stats.flush(logs, keys=("gen_s", "student_batches", "replay_batches"))
+    assert logs == {"loss": 1.0, "gen_s": 0.75, "student_batches": 1, "replay_batches": 0.0}
+    empty = {}
+    stats.flush(empty)
+    assert empty == {"gen_s": 0.0}  # the next step starts from zero
+    # elapsed_s is cumulative and restarts in a resumed segment: wall = 4 + 3 seconds, generation 1 + 1.5 + 1.
+    rows = [{"elapsed_s": 2.0, "gen_s": 1.0}, {"elapsed_s": 4.0, "gen_s": 1.5}, {"elapsed_s": 3.0, "gen_s": 1.0}]
+    assert generation_share(rows) == pytest.approx({"gen_s": 3.5, "train_wall_s": 7.0, "gen_fraction": 0.5})
