@@ -1,4 +1,4 @@
-"""Sessions: `nox -s test` (the CI suite), `nox -s lint`, `nox -s demo` (the embedded default run).
+"""Sessions: `nox -s test` (the CI suite), `nox -s lint`, `nox -s demo` (the embedded default run), `nox -s bench`.
 
 Each session installs what it needs into its own virtualenv. torch is pinned to the CPU build that lies on
 this project's machines; a looser requirement would pull a multi-GB CUDA wheel.
@@ -38,3 +38,14 @@ def demo(session: nox.Session) -> None:
     """The main job on the embedded default: trains (or loads) the tiny teacher, then distills."""
     _install(session)
     session.run("python", "-m", "methods.vanilla.run", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The cross-method benchmark (core/bench): every method on the same task, budget and seeds.
+
+    With no arguments, the default suite, rendered into ./BENCHMARKS.md (+ .csv, .json, benchmarks-figures/);
+    with arguments, exactly those (`nox -s bench -- --suite real`, `nox -s bench -- --methods sft kd-fkl`)."""
+    _install(session)
+    session.env.setdefault("OMP_NUM_THREADS", "2")
+    session.run("python", "-m", "core.bench", *(session.posargs or ["--suite", "default", "--report", "BENCHMARKS.md"]))

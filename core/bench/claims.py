@@ -1,0 +1,183 @@
+"""Each method's paper, its own qualitative claim, and a rule deciding from our numbers whether we reproduce it.
+
+The rule compares means and spreads over seeds (mean ± sample standard deviation) of the task's first metric,
+never anything tuned to look better:
+
+    "yes"     better on average, and the mean ± std intervals do not overlap
+    "partly"  better on average, but the intervals overlap (or a single seed: no spread to judge)
+    "no"      not better on average
+
+A claim that names several rivals is "yes" only if every comparison is, "no" if every one is, else "partly";
+a rival or the method itself without a completed run makes it "not measured".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.bench.collect import Stat, Summary
+from core.bench.registry import BenchTask
+
+YES, PARTLY, NO, NOT_MEASURED = "yes", "partly", "no", "not measured"
+
+Decide = Callable[[dict[str, Summary], BenchTask], tuple[str, str]]  # -> (verdict, evidence)
+
+
+def compare(ours: Stat, rival: Stat, lower_is_better: bool = False) -> str:
+    gap = (rival.mean - ours.mean) if lower_is_better else (ours.mean - rival.mean)
+    if gap <= 0:
+        return NO
+    if ours.std is None or rival.std is None:
+        return PARTLY
+    return YES if gap > ours.std + rival.std else PARTLY
+
+
+def combine(verdicts: list[str]) -> str:
+    if not verdicts or NOT_MEASURED in verdicts:
+        return NOT_MEASURED
+    if all(v == YES for v in verdicts):
+        return YES
+    if all(v == NO for v in verdicts):
+        return NO
+    return PARTLY
+
+
+def beats(method: str, rivals: list[str], key: str | None = None, lower_is_better: bool = False) -> Decide:
+    """`method` is better than each rival on `key` (default: the task's first metric)."""
+
+    def decide(summaries: dict[str, Summary], task: BenchTask) -> tuple[str, str]:
+        metric = key or task.metrics[0]
+        missing = [
+            f"{name}: {summaries[name].status if name in summaries else 'not in this benchmark'}"
+            for name in (method, *rivals)
+            if name not in summaries or summaries[name].stat(metric) is None
+        ]
+        if missing:
+            return NOT_MEASURED, "; ".join(missing)
+        ours = summaries[method].stat(metric)
+        verdicts, parts = [], []
+        for rival in rivals:
+            theirs = summaries[rival].stat(metric)
+            verdict = compare(ours, theirs, lower_is_better)
+            verdicts.append(verdict)
+            parts.append(f"{rival} {theirs.text()} ({verdict})")
+        return combine(verdicts), f"{metric}: {method} {ours.text()} vs " + ", ".join(parts)
+
+    return decide
+
+
+def all_of(*decides: Decide) -> Decide:
+    def decide(summaries: dict[str, Summary], task: BenchTask) -> tuple[str, str]:
+        results = [d(summaries, task) for d in decides]
+        return combine([v for v, _ in results]), "; ".join(e for _, e in results)
+
+    return decide
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str
+    claim: str
+    decide: Decide | None  # None: nothing to check (the baseline), or the method does not run yet
+
+
+CLAIMS: dict[str, Claim] = {
+    "sft": Claim("none (supervised baseline)", "no claim: the student every distillation method should beat", None),
+    "kd-fkl": Claim(
+        "Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network",
+        "training on the teacher's soft targets gives a better student than training on the data alone",
+        beats("kd-fkl", ["sft"]),
+    ),
+    "kd-rkl": Claim(
+        "Gu et al. 2024, MiniLLM (ICLR), its motivation",
+        "reverse KL is mode-seeking, so it suits a small generative student better than forward KL",
+        beats("kd-rkl", ["kd-fkl"]),
+    ),
+    "seqkd": Claim(
+        "Kim & Rush 2016, Sequence-Level Knowledge Distillation (EMNLP)",
+        "training on the teacher's own outputs beats word-level KD and training on the data",
+        beats("seqkd", ["kd-fkl", "sft"]),
+    ),
+    "taid": Claim(
+        "Shing et al. 2025, TAID (ICLR)",
+        "the adaptively interpolated target beats forward-KL and reverse-KL distillation",
+        beats("taid", ["kd-fkl", "kd-rkl"]),
+    ),
+    "distillm": Claim(
+        "Ko et al. 2024, DistiLLM (ICML)",
+        "skew KL with adaptive off-policy samples beats KD with forward or reverse KL and GKD, and trains faster "
+        "than on-policy GKD",
+        all_of(beats("distillm", ["kd-fkl", "kd-rkl", "gkd"]), beats("distillm", ["gkd"], "train_s", True)),
+    ),
+    "gkd": Claim(
+        "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD, ICLR)",
+        "training on the student's own samples beats supervised KD and SeqKD",
+        beats("gkd", ["kd-fkl", "seqkd"]),
+    ),
+    "dpkd": Claim(
+        "Li et al. 2024, Direct Preference Knowledge Distillation for Large Language Models",
+        "preference-style distillation beats KD and SeqKD",
+        beats("dpkd", ["kd-fkl", "seqkd"]),
+    ),
+    "dskd": Claim(
+        "Zhang et al. 2024, Dual-Space Knowledge Distillation for Large Language Models (EMNLP)",
+        "distilling in both models' spaces beats the usual student-space KD with the same divergence (forward KL)",
+        beats("dskd", ["kd-fkl"]),
+    ),
+    "minillm": Claim(
+        "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (ICLR)",
+        "reverse-KL distillation by policy optimisation beats KD and SeqKD",
+        None,
+    ),
+    "fdistill": Claim(
+        "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation (ACL)",
+        "symmetric divergences (JS, TVD) beat KL and reverse KL for sequence-level KD",
+        None,
+    ),
+    "sinkhorn": Claim(
+        "Cui et al. 2024, SinKD: Sinkhorn Distance Minimization for Knowledge Distillation",
+        "the Sinkhorn distance beats KL, reverse KL and JS as the distillation objective",
+        None,
+    ),
+    "delta_kd": Claim("see DESIGN.md", "recorded when the package lands", None),
+    "phis": Claim(
+        "Ranzinger et al. 2024, PHI-S: Distribution Balancing for Label-Free Multi-Teacher Distillation",
+        "PHI-S standardisation of the teachers' features beats the other normalisations",
+        None,
+    ),
+    "scaling_laws": Claim(
+        "Busbridge et al. 2025, Distillation Scaling Laws (ICML)",
+        "given an existing teacher, distillation beats supervised training of the same student up to a compute "
+        "budget, beyond which supervised training catches up",
+        None,
+    ),
+    "disco": Claim("see DESIGN.md", "recorded when the package lands", None),
+    "speech/dnkd": Claim(
+        "kNN-teacher decoupled KD for end-to-end speech translation (see DESIGN.md)",
+        "recorded when the package lands",
+        None,
+    ),
+    "unlearning/whp": Claim(
+        "Eldan & Russinovich 2023, Who's Harry Potter? Approximate Unlearning in LLMs",
+        "fine-tuning on generic targets from a reinforced model erases the target knowledge while general "
+        "ability stays nearly intact",
+        None,
+    ),
+    "privacy/hot_pate": Claim(
+        "Cohen et al. 2023, Hot PATE: Private Aggregation of Distributions for Diverse Tasks",
+        "hot PATE keeps the diversity of the teachers' answers at a privacy cost at which cold PATE loses it",
+        None,
+    ),
+}
+
+
+def judge(method: str, summaries: dict[str, Summary], task: BenchTask) -> tuple[str, str]:
+    """The verdict and its evidence for one method's claim on one task."""
+    claim = CLAIMS.get(method)
+    summary = summaries.get(method)
+    if summary is not None and summary.status in ("not implemented", "n/a", "no data"):
+        return summary.status, ""
+    if claim is None or claim.decide is None:
+        return "n/a", ""
+    return claim.decide(summaries, task)

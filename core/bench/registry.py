@@ -1,0 +1,170 @@
+"""What the benchmark runs: every method package of DESIGN.md, the tasks, and the suites (a budget each).
+
+Explicit dictionaries, read top to bottom. A method is run as `python -m <module> <args> <task args> <suite
+args> --seed S --out FOLDER`; the module is looked up with importlib, so a package that does not exist yet is
+a row marked "not implemented" rather than a missing row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_ROOT = REPO_ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    name: str  # row name, and the folder name under the suite's --out
+    module: str  # run module, `python -m <module>`; its `main(argv) -> metrics` writes the run folder
+    args: tuple[str, ...] = ()  # flags selecting this method in its run script; "{vocab_size}" is the task's
+    kind: str = "lm"  # the tasks it applies to: lm, speech or unlearning
+
+
+# The comparison baselines a run script trains beside its own student (--compare) are switched off: the
+# benchmark's own kd-fkl / kd-rkl rows are those baselines, trained on the same budget and seeds, and training
+# them again inside every run would triple its cost.
+NO_BASELINES = ("--compare", "")
+
+METHODS: dict[str, BenchMethod] = {
+    m.name: m
+    for m in (
+        BenchMethod("sft", "methods.vanilla.run", ("--variant", "sft")),
+        BenchMethod("kd-fkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "fkl")),
+        BenchMethod("kd-rkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "rkl")),
+        BenchMethod("seqkd", "methods.vanilla.run", ("--variant", "seqkd")),
+        BenchMethod("taid", "methods.taid.run", NO_BASELINES),
+        BenchMethod("distillm", "methods.distillm.run", NO_BASELINES),
+        BenchMethod("gkd", "methods.gkd.run", NO_BASELINES),
+        BenchMethod("dpkd", "methods.dpkd.run", NO_BASELINES),
+        # The dual-space variant with the teacher's own vocabulary (no cross-model attention): the same student
+        # and tokenizer as every other row. DSKD's cross-tokenizer setting is methods/dskd's own benchmark.
+        BenchMethod(
+            "dskd", "methods.dskd.run", ("--variant", "dskd", "--student-vocab-size", "{vocab_size}", *NO_BASELINES)
+        ),
+        BenchMethod("minillm", "methods.minillm.run"),
+        BenchMethod("fdistill", "methods.fdistill.run"),
+        BenchMethod("sinkhorn", "methods.sinkhorn.run"),
+        BenchMethod("delta_kd", "methods.delta_kd.run"),
+        BenchMethod("phis", "methods.phis.run"),
+        BenchMethod("scaling_laws", "methods.scaling_laws.run"),
+        BenchMethod("disco", "methods.disco.run"),
+        BenchMethod("speech/dnkd", "speech.dnkd.run", kind="speech"),
+        BenchMethod("unlearning/whp", "unlearning.whp.run", kind="unlearning"),
+        BenchMethod("privacy/hot_pate", "privacy.hot_pate.run"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    name: str  # table and folder name
+    args: tuple[str, ...]  # "{data}" is the data root
+    metrics: tuple[str, ...]  # columns of metrics.json's eval.student; the first is the one claims are judged on
+    kind: str = "lm"
+    data: str | None = None  # folder under the data root that must exist; None: generated in-process
+    vocab_size: int = 512
+
+
+TASKS: dict[str, BenchTask] = {
+    t.name: t
+    for t in (
+        BenchTask("ops", ("--task", "ops"), ("exact_match", "rougeL", "perplexity")),
+        BenchTask(
+            "multi30k-de-en",
+            (
+                "--task",
+                "multi30k",
+                "--data-dir",
+                "{data}/multi30k",
+                "--source-lang",
+                "de",
+                "--target-lang",
+                "en",
+                "--vocab-size",
+                "8000",
+            ),
+            ("bleu", "chrf", "rougeL", "perplexity"),
+            data="multi30k",
+            vocab_size=8000,
+        ),  # fmt: skip
+        BenchTask(
+            "commongen",
+            ("--task", "commongen", "--data-dir", "{data}/commongen", "--vocab-size", "8000"),
+            ("rougeL", "bleu", "perplexity"),
+            data="commongen",
+            vocab_size=8000,
+        ),
+        BenchTask("tofu", (), ("rougeL",), kind="unlearning", data="tofu"),
+        BenchTask("spoken-digits", (), ("bleu",), kind="speech", data="fsdd"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    tasks: tuple[str, ...]
+    args: tuple[str, ...]  # the budget, identical for every method
+    seeds: tuple[int, ...] = (0, 1, 2)
+    timeout_s: int = 1800  # per run
+    about: str = ""
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "default",
+            ("ops",),
+            ("--steps", "400", "--batch-size", "32", "--eval-size", "200"),
+            about="the embedded task; the README's budget (400 steps of 32 examples, 200 held-out prompts)",
+        ),
+        Suite(
+            "real",
+            ("multi30k-de-en", "commongen", "tofu", "spoken-digits"),
+            ("--steps", "2000", "--batch-size", "32", "--eval-size", "500", "--teacher-steps", "4000"),
+            timeout_s=7200,
+            about="real data from ../shared/data; embedded teacher and student presets trained on it",
+        ),
+        Suite(
+            "tiny",
+            ("ops",),
+            (
+                "--teacher-preset",
+                "tiny",
+                "--student",
+                "tiny",
+                "--teacher-steps",
+                "40",
+                "--steps",
+                "20",
+                "--eval-size",
+                "16",
+                "--train-size",
+                "2000",
+                "--batch-size",
+                "16",
+                "--warmup-steps",
+                "3",
+            ),
+            seeds=(0,),
+            timeout_s=600,
+            about="tiny models for the tests: checks the plumbing, measures nothing",
+        ),  # fmt: skip
+    )
+}
+
+
+def is_implemented(method: BenchMethod) -> bool:
+    """Whether the method's run module exists (found, not imported: a broken module is a failed run)."""
+    try:
+        return importlib.util.find_spec(method.module) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or broken on import
+        return False
+
+
+def applies(method: BenchMethod, task: BenchTask) -> bool:
+    return method.kind == task.kind

@@ -1,0 +1,245 @@
+"""The benchmark: rendered rows from hand-made run folders, the claim rule, the runner (crash, typed error, hang,
+skip of complete runs) on a stand-in method module, and a tiny two-method benchmark end to end."""
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from core.bench import main
+from core.bench import report as bench_report
+from core.bench.claims import NO, NOT_MEASURED, PARTLY, YES, combine, compare
+from core.bench.collect import Stat, record_path, run_folder
+from core.bench.registry import METHODS, SUITES, TASKS, BenchMethod, Suite
+from core.bench.runner import error_line, is_complete, plan, run_all
+
+OPS = TASKS["ops"]
+ENV = {"machine": "x86_64 2 cpus, torch threads 1", "device": "cpu", "python": "3.11.9", "torch": "2.13.0",
+       "transformers": "4.46.0", "accelerate": "1.0.0", "git": "abc1234"}  # fmt: skip
+
+
+def write_run(out: Path, method: str, seed: int, em: float, rouge: float, ppl: float, tps: float, train_s: float,
+              run_s: float, peak: float, log_losses=(3.0, 2.0, 1.5)) -> Path:  # fmt: skip
+    """A complete run folder as core.pipeline writes it, with its benchmark record beside it."""
+    folder = run_folder(out, method, "ops", seed)
+    folder.mkdir(parents=True)
+    student = {"exact_match": em, "rougeL": rouge, "perplexity": ppl, "exact_match/add": 0.0}
+    teacher = {"exact_match": 98.0, "rougeL": 99.0, "perplexity": 1.2}
+    metrics = {"method": method, "task": "ops", "seed": seed, "eval": {"student": student, "teacher": teacher},
+               "train": {"steps": 3, "tokens": 900, "wall_s": train_s, "tokens_per_s": tps, "peak_mem_mb": peak,
+                         "run_wall_s": run_s - 5.0},
+               "config": {}, "env": ENV}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    log = [{"step": i + 1, "loss": loss} for i, loss in enumerate(log_losses)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_record(folder, "ok", "", run_s)
+    return folder
+
+
+def write_record(folder: Path, status: str, error: str, wall_s: float = 1.0) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "error": error, "wall_s": wall_s, "reused": False, "argv": [], "module": "x"}
+    record_path(folder).write_text(json.dumps(record))
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    out = tmp_path / "runs"
+    for seed, (em, rouge, ppl, tps, train_s, run_s, peak) in enumerate(
+        [(30, 60, 2.5, 1000, 10, 20, 500), (34, 62, 2.7, 1100, 12, 22, 510), (32, 64, 2.9, 1200, 14, 24, 520)]
+    ):
+        write_run(out, "sft", seed, em, rouge, ppl, tps, train_s, run_s, peak)
+    for seed, em in enumerate([40, 44, 48]):
+        write_run(out, "kd-fkl", seed, em, 70.0, 2.0, 900.0, 20.0, 30.0, 600.0)
+    for seed, em in enumerate([1, 0, 2]):
+        write_run(out, "kd-rkl", seed, em, 20.0, 8.0, 900.0, 20.0, 30.0, 600.0)
+    for seed in range(3):  # every seed raised
+        write_record(run_folder(out, "taid", "ops", seed), "failed", "RuntimeError: boom at step 3")
+    write_run(out, "seqkd", 0, 45.0, 71.0, 2.1, 800.0, 25.0, 40.0, 700.0)
+    write_record(run_folder(out, "seqkd", "ops", 1), "timeout", "timeout after 1800 s")  # seed 2: never ran
+    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid", "minillm")]
+    return out, methods
+
+
+def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
+    out, methods = hand_made
+    (rep,) = bench_report.build(out, methods, [OPS], [0, 1, 2], tmp_path / "no-data")
+    rows = [bench_report.md_row(bench_report.method_row(s, OPS)) for s in rep.summaries]
+    # sft: EM 30, 34, 32 -> mean 32, sample variance (4 + 4 + 0) / 2 = 4 -> std 2; the same pattern for every
+    # column: ROUGE-L 62 ± 2, perplexity 2.70 ± 0.20, tokens/s 1100 ± 100, train 12 ± 2, run 22 ± 2, peak 510 ± 10.
+    assert rows == [
+        "| sft | 32.0 ± 2.0 | 62.0 ± 2.0 | 2.70 ± 0.20 | 3/3 | 1100 ± 100 | 12.0 ± 2.0 | 22 ± 2 | 510 ± 10 | ok |",
+        "| kd-fkl | 44.0 ± 4.0 | 70.0 ± 0.0 | 2.00 ± 0.00 | 3/3 | 900 ± 0 | 20.0 ± 0.0 | 30 ± 0 | 600 ± 0 | ok |",
+        "| kd-rkl | 1.0 ± 1.0 | 20.0 ± 0.0 | 8.00 ± 0.00 | 3/3 | 900 ± 0 | 20.0 ± 0.0 | 30 ± 0 | 600 ± 0 | ok |",
+        "| seqkd | 45.0 | 71.0 | 2.10 | 1/3 | 800 | 25.0 | 40 | 700 "
+        "| 1/3 seeds; seed 1 failed: timeout after 1800 s; seed 2 not run |",
+        "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
+        "| minillm | - | - | - | 0/3 | - | - | - | - | not implemented |",
+    ]
+    assert bench_report.md_row(bench_report.teacher_row(rep)) == (
+        "| teacher (reference) | 98.0 ± 0.0 | 99.0 ± 0.0 | 1.20 ± 0.00 | - | - | - | - | - | reference |"
+    )
+    claims = {c["method"]: (c["verdict"], c["evidence"]) for c in rep.claims}
+    # kd-fkl vs sft: 44 - 32 = 12 > 4 + 2, the intervals do not overlap.
+    assert claims["kd-fkl"] == (YES, "exact_match: kd-fkl 44.0 ± 4.0 vs sft 32.0 ± 2.0 (yes)")
+    assert claims["kd-rkl"] == (NO, "exact_match: kd-rkl 1.0 ± 1.0 vs kd-fkl 44.0 ± 4.0 (no)")
+    # one seed: better on average than both, but no spread to judge by
+    assert claims["seqkd"] == (
+        PARTLY,
+        "exact_match: seqkd 45.0 vs kd-fkl 44.0 ± 4.0 (partly), sft 32.0 ± 2.0 (partly)",
+    )
+    assert claims["taid"] == (NOT_MEASURED, "taid: failed")
+    assert claims["minillm"] == ("not implemented", "")
+    assert claims["sft"] == ("n/a", "")
+
+
+def test_report_files(hand_made, tmp_path):
+    out, methods = hand_made
+    reports = bench_report.build(out, methods, [OPS], [0, 1, 2], tmp_path / "no-data")
+    path = bench_report.write(reports, tmp_path / "rep" / "BENCHMARKS.md", SUITES["default"], [0, 1, 2], "", "cmd")
+    text = path.read_text()
+    env = "_Measured on x86_64 2 cpus, torch threads 1, device cpu; python 3.11.9, torch 2.13.0, transformers 4.46.0, accelerate 1.0.0; git abc1234._"  # fmt: skip
+    assert text.count(env) == 2  # above the quality table and above the claims table
+    assert "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |" in text
+    # it timed 3 sft + 3 kd-fkl + 3 kd-rkl + 1 seqkd complete runs and 4 failed ones: (66 + 90 + 90 + 40 + 4) / 60
+    assert "The benchmark timed 14 runs: 4.8 minutes in all." in text
+    with path.with_suffix(".csv").open() as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert float(rows["sft"]["exact_match_mean"]) == 32.0 and float(rows["sft"]["exact_match_std"]) == 2.0
+    assert rows["seqkd"]["exact_match_std"] == "" and rows["minillm"]["status"] == "not implemented"
+    data = json.loads(path.with_suffix(".json").read_text())
+    assert data["tasks"]["ops"]["env"]["git"] == ["abc1234"]
+    for name in ("quality-ops", "tradeoff-ops", "curves-ops"):
+        png = path.parent / "benchmarks-figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](benchmarks-figures/{name}.png)" in text
+
+
+def test_claim_rule_by_hand():
+    a, b = Stat(50.0, 2.0, 3), Stat(45.0, 2.0, 3)
+    assert compare(a, b) == YES  # 50 - 2 = 48 > 47 = 45 + 2
+    assert compare(a, Stat(47.0, 2.0, 3)) == PARTLY  # 48 < 49: the intervals overlap
+    assert compare(Stat(45.0, 0.1, 3), a) == NO
+    assert compare(a, Stat(50.0, 0.0, 3)) == NO  # a tie is not a win
+    assert compare(Stat(50.0, None, 1), b) == PARTLY  # one seed: no spread to judge by
+    assert compare(Stat(10.0, 1.0, 3), Stat(20.0, 1.0, 3), lower_is_better=True) == YES  # wall time
+    assert combine([YES, YES]) == YES and combine([NO, NO]) == NO and combine([YES, NO]) == PARTLY
+    assert combine([YES, NOT_MEASURED]) == NOT_MEASURED and combine([]) == NOT_MEASURED
+
+
+def test_error_line():
+    traceback = "step 1\rstep 2\nTraceback (most recent call last):\n  File x\nRuntimeError: boom at step 3\n"
+    assert error_line(traceback, 1) == "RuntimeError: boom at step 3"
+    assert error_line("noise\nerror: --lr must be a positive number, got -1\n", 2).startswith("error: --lr must")
+    assert error_line("training 40%|####\r", -9) == "killed by signal 9"
+    assert error_line("last words\n", 3) == "exit status 3: last words"
+
+
+STAND_IN = '''
+"""Stands in for a method's run module: behaves as --behave says, writes a run folder like core.pipeline."""
+import json, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+flag = lambda name: args[args.index(name) + 1]
+out, seed, behave = Path(flag("--out")), int(flag("--seed")), flag("--behave")
+with (Path(__file__).parent / "calls.txt").open("a") as calls:
+    calls.write(f"{behave} {seed}\\n")
+if behave == "crash":
+    raise RuntimeError("boom at step 3")
+if behave == "typed":
+    print("error: --lr must be a positive number, got -1", file=sys.stderr)
+    sys.exit(2)
+if behave == "hang":
+    time.sleep(120)
+if behave == "quiet" or (out / "metrics.json").exists():  # as the pipeline: a complete folder returns at once
+    sys.exit(0)
+out.mkdir(parents=True, exist_ok=True)
+metrics = {"method": "x", "task": "ops", "seed": seed, "env": {},
+           "eval": {"student": {"exact_match": 30.0 + seed}, "teacher": {"exact_match": 90.0}},
+           "train": {"tokens_per_s": 10.0, "wall_s": 1.0, "peak_mem_mb": 1.0, "run_wall_s": 7.0}}
+(out / "metrics.json").write_text(json.dumps(metrics))
+'''
+
+
+def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "bench_stand_in.py").write_text(textwrap.dedent(STAND_IN))
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mods"))
+    calls = tmp_path / "mods" / "calls.txt"
+    methods = [
+        BenchMethod(name, "bench_stand_in", ("--behave", name)) for name in ("ok", "crash", "typed", "hang", "quiet")
+    ]
+    methods.append(BenchMethod("absent", "methods.no_such_method.run"))
+    suite = Suite("t", ("ops",), (), seeds=(0,))
+    out = tmp_path / "runs"
+
+    runs = plan(suite, methods, [OPS], [0], out, "", tmp_path)
+    assert [r.method.name for r in runs] == ["ok", "crash", "typed", "hang", "quiet"]  # "absent" is not run
+    assert runs[0].argv == ["--behave", "ok", "--task", "ops", "--seed", "0", "--out", str(run_folder(out, "ok", "ops", 0))]  # fmt: skip
+    records = run_all(runs, timeout_s=3, echo=lambda _: None)
+    assert [(r["status"], r["error"]) for r in records] == [
+        ("ok", ""),
+        ("failed", "RuntimeError: boom at step 3"),
+        ("failed", "error: --lr must be a positive number, got -1"),
+        ("timeout", "timeout after 3 s"),
+        ("failed", "exited without writing metrics.json"),
+    ]
+    assert 3 <= records[3]["wall_s"] < 30  # the hang was ended, not waited for
+    assert len(calls.read_text().splitlines()) == 5
+
+    # Rerun: the complete run is skipped (not launched), the others are tried again.
+    again = run_all(plan(suite, methods, [OPS], [0], out, "", tmp_path), timeout_s=3, echo=lambda _: None)
+    assert again[0] is None and [r["status"] for r in again[1:]] == ["failed", "failed", "timeout", "failed"]
+    assert calls.read_text().splitlines()[5:] == ["crash 0", "typed 0", "hang 0", "quiet 0"]
+
+    # Another command for the same folder is not "complete": it is launched, and the pipeline decides (here the
+    # stand-in returns the complete folder at once). Its wall time measured nothing, so the run's own stands in.
+    (changed,) = plan(suite, methods[:1], [OPS], [0], out, "--eval-size 50", tmp_path)
+    assert changed.argv[-6:-4] == ["--eval-size", "50"] and not is_complete(changed)
+    (record,) = run_all([changed], timeout_s=30, echo=lambda _: None)
+    assert record["status"] == "ok" and record["reused"] is True
+    (rep,) = bench_report.build(out, methods, [OPS], [0], tmp_path)
+    by_name = {s.method: s for s in rep.summaries}
+    assert by_name["ok"].values["run_s"] == [7.0] and by_name["ok"].values["exact_match"] == [30.0]
+    assert by_name["hang"].status == "timeout" and by_name["absent"].status == "not implemented"
+    # A record that is lost makes a complete folder run again (and the pipeline returns it as it is).
+    record_path(changed.folder).unlink()
+    assert not is_complete(changed)
+
+
+def test_bad_flags():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown methods"):
+        main(["--methods", "sft,nosuch", "--dry-run"])
+    with pytest.raises(ConfigError, match="--suite must be one of"):
+        main(["--suite", "huge"])
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end(tmp_path, capsys):
+    out, path = tmp_path / "runs", tmp_path / "rep" / "BENCHMARKS.md"
+    argv = ["--suite", "tiny", "--methods", "sft", "kd-fkl", "minillm", "--out", str(out), "--report", str(path)]
+    result = main(argv)
+    methods = {m["method"]: m for m in result["tasks"]["ops"]["methods"]}
+    assert methods["sft"]["status"] == "ok" and methods["kd-fkl"]["status"] == "ok"
+    assert methods["minillm"]["status"] == "not implemented"
+    for name in ("sft", "kd-fkl"):  # the numbers are the run folder's
+        saved = json.loads((run_folder(out, name, "ops", 0) / "metrics.json").read_text())
+        assert methods[name]["values"]["exact_match"] == [saved["eval"]["student"]["exact_match"]]
+        assert methods[name]["values"]["tokens_per_s"] == [saved["train"]["tokens_per_s"]]
+        assert saved["config"]["TrainConfig"]["steps"] == 20 and saved["config"]["TrainConfig"]["batch_size"] == 16
+        record = json.loads(record_path(run_folder(out, name, "ops", 0)).read_text())
+        assert record["status"] == "ok" and record["command"].startswith(sys.executable)
+    text = path.read_text()
+    assert "| minillm | - | - | - | 0/1 | - | - | - | - | not implemented |" in text
+    assert (path.parent / "benchmarks-figures" / "curves-ops.png").exists()
+    assert "No training curve for sft" in text  # its student is the cached SFT baseline
+    # Run again: nothing is launched, the report is the same.
+    capsys.readouterr()
+    assert main(argv) == result
+    assert capsys.readouterr().out.count("complete, skipped") == 2
