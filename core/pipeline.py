@@ -319,11 +319,11 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
     ctx = Context(accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache)
     ctx.extra["teacher_source"] = teacher_info["source"]
     ctx.teacher_tokenizer = teacher_tokenizer
+    built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
     for baseline in method.extra_baselines(settings) if method.extra_baselines else []:
         baselines[baseline.name] = get_extra_baseline(
             baseline, ctx, teacher_info["source"], tokenizer_key, teacher_tokenizer_key, collate
         )
-    built = method.make_loss(ctx, settings)
     if built is None:  # the method is SFT itself: the baseline is the student
         student, result = sft_model, sft_result
     else:

@@ -391,3 +391,9 @@ def test_end_to_end_with_real_tokenizers(tmp_path):
     assert saved["tokenizers"]["teacher"]["size"] == 50257 and saved["tokenizers"]["student"]["size"] == 32000
     assert len(_log(out)) == 4 and math.isfinite(_log(out)[-1]["loss"])
     assert saved["train"]["baselines"]["mined_student"]["steps"] == 4
+
+
+def test_dual_space_without_cma_refuses_two_tokenizers_before_training_baselines(tmp_path):
+    with pytest.raises(VocabularyMismatchError, match="dskd-cma"):
+        main([*TINY, "--variant", "dskd", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # nothing half-written
