@@ -1,0 +1,144 @@
+"""GKD against forward KL, reverse KL, supervised JSD and SFT on the embedded task (or any task the common flags name).
+
+    python -m methods.gkd.run                          # lmbda 0.5, beta 0.5, student samples at temperature 0.9
+    python -m methods.gkd.run --lmbda 1.0              # fully on-policy
+    python -m methods.gkd.run --lmbda 0 --seq-kd       # supervised JSD on the teacher's samples
+    python -m methods.gkd.run --init sft               # start from the SFT student, as the paper does
+    python -m methods.gkd.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
+
+Each micro-batch draws its source (student samples with probability lmbda, else teacher samples with --seq-kd,
+else the data), then the student is trained on the generalized JSD to the teacher on it (methods/gkd/loss.py).
+log.jsonl records per step the generation time (gen_s) and how many micro-batches were the student's samples;
+metrics.json's "train" adds the generation seconds and their share of the training time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ConfigError
+from core.losses import DIVERGENCES
+from core.objectives import teacher_forward
+from core.onpolicy import (
+    StepStats,
+    collate_to,
+    derived_seed,
+    prompts_of,
+    record_generation_share,
+    sample_examples,
+    start_from_sft,
+)
+from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.train import LossOutput
+from methods.gkd.loss import gkd_loss_sum
+
+INITS = ("scratch", "sft")
+
+
+@dataclass
+class GKDConfig:
+    """GKD's hyper-parameters; defaults: TRL's GKDConfig (huggingface/trl: trl/experimental/gkd/gkd_config.py)."""
+
+    lmbda: float = field(
+        default=0.5, metadata={"help": "probability that a batch is replaced by the student's own samples (TRL 0.5)"}
+    )
+    beta: float = field(default=0.5, metadata={"help": "generalized JSD weight: 0 forward KL, 1 reverse KL (TRL 0.5)"})
+    temperature: float = field(
+        default=0.9, metadata={"help": "sampling temperature of the on-policy samples (TRL 0.9)"}
+    )
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens sampled per completion (TRL's max_new_tokens, 128); default: --max-new-tokens"},
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "batches that are not on-policy use the teacher's samples, not the data"}
+    )
+    init: str = field(
+        default="scratch",
+        metadata={"help": "student start: scratch (same budget as the baselines) or sft (the cached SFT student)"},
+    )
+    chunk_size: int | None = field(default=None, metadata={"help": "evaluate the JSD this many tokens at a time"})
+    compare: str = field(
+        default="fkl,rkl,jsd",
+        metadata={"help": "word-level KD baselines on the same budget (jsd: beta 0.5, i.e. GKD with lmbda 0)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
+            raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
+        if self.init not in INITS:
+            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        unknown = [d for d in self.divergences() if d not in DIVERGENCES]
+        if unknown:
+            raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+
+    def divergences(self) -> list[str]:
+        return [d.strip() for d in self.compare.split(",") if d.strip()]
+
+
+def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
+    """Where a batch's completions come from, given coin ~ U(0, 1) (TRL's training_step): "student" with
+    probability lmbda, else "teacher" with seq_kd, else "data"."""
+    if coin < lmbda:
+        return "student"
+    return "teacher" if seq_kd else "data"
+
+
+def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
+    if cfg.init == "sft":
+        start_from_sft(ctx)
+    max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
+    seed, rank = ctx.train.seed, ctx.accelerator.process_index
+    stats = StepStats()
+
+    def prepare_batch(model, batch, step: int, index: int):
+        # TRL draws `random.random() <= lmbda` per training_step; here the draw is a pure function of the step.
+        coin = random.Random(derived_seed(seed, step, index, rank, "gkd-source")).random()
+        source = batch_source(coin, cfg.lmbda, cfg.seq_kd)
+        if source == "data":
+            return batch
+        sampler = ctx.accelerator.unwrap_model(model) if source == "student" else ctx.teacher
+        with stats.timed("gen_s"):
+            examples = sample_examples(
+                sampler,
+                prompts_of(batch),
+                ctx.tokenizer,
+                ctx.data.max_length,
+                max_new_tokens,
+                temperature=cfg.temperature,
+                seed=derived_seed(seed, step, index, rank, "gkd-sample"),
+            )
+        stats.add(f"{source}_batches", 1)
+        return collate_to(examples, ctx.tokenizer.pad_token_id, batch["input_ids"].device)
+
+    def loss_fn(model, batch) -> LossOutput:
+        teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        return LossOutput(gkd_loss_sum(logits, teacher_logits, batch["labels"], cfg.beta, cfg.chunk_size))
+
+    def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
+        stats.flush(logs, keys=("gen_s", "student_batches", "teacher_batches"))
+
+    return MethodLoss(loss_fn, prepare_batch=prepare_batch, on_step_end=on_step_end)
+
+
+METHOD = Method(name="gkd", settings=GKDConfig, make_loss=make_loss, baselines=GKDConfig.divergences)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run GKD and its baselines; returns metrics.json's content."""
+    return record_generation_share(run_method(METHOD, argv))
+
+
+if __name__ == "__main__":
+    cli(main)
