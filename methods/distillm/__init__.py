@@ -1,0 +1,1 @@
+"""DistiLLM: skew KL divergences and adaptive off-policy student generations (Ko et al., ICML 2024)."""
