@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_all(runs, cfg.timeout or suite.timeout_s)
     reports = report.build(out, methods, tasks, seeds, data_root)
     path = Path(cfg.report) if cfg.report else out / "BENCHMARKS.md"
-    command = shlex.join(["python", "-m", "core.bench", *argv])
+    # the command that reproduces the numbers (where runs and report go does not change them)
+    command = ["python", "-m", "core.bench", "--suite", suite.name]
+    command += ["--methods", *cfg.methods] if cfg.methods else []
+    command += ["--seeds", *map(str, cfg.seeds)] if cfg.seeds else []
+    command += [f"--extra={cfg.extra}"] if cfg.extra else []
+    command = shlex.join(command)
     report.write(reports, path, suite, seeds, cfg.extra, command)
     print(f"report: {path} (with {path.with_suffix('.csv').name}, {path.with_suffix('.json').name})")
     return report.as_json(reports, suite, seeds, cfg.extra)

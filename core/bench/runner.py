@@ -11,6 +11,8 @@ or refuses a folder of another configuration (which is recorded as a failed run)
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import shlex
@@ -20,10 +22,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.bench.collect import FAILED, NOT_RUN, OK, TIMEOUT, log_path, read_cell, read_json, record_path
 from core.bench.registry import REPO_ROOT, BenchMethod, BenchTask, Suite
 from core.io import atomic_write_json
+from core.results import VOLATILE
 
 
 @dataclass
@@ -56,16 +60,46 @@ def plan(suite: Suite, methods: list[BenchMethod], tasks: list[BenchTask], seeds
     return runs
 
 
-def is_complete(run: PlannedRun) -> bool:
-    """metrics.json is there and the benchmark ran it with this very command."""
-    record = read_json(record_path(run.folder))
-    return (
-        (run.folder / "metrics.json").is_file()
-        and record is not None
-        and record.get("status") == OK
-        and record.get("module") == run.method.module
-        and record.get("argv") == run.argv
+def planned_config(module_name: str, argv: list[str]) -> dict[str, Any] | None:
+    """The configuration a run of `argv` would record (built as core.pipeline.run_method builds it, from the run
+    module's METHOD), so that a changed default in a method's code is not mistaken for a complete run.
+    None for a module that declares no METHOD; an error for flags that do not parse or a module that fails."""
+    from core.config import ModelConfig, RunConfig, parse, to_dict
+    from core.crosstok import CrossTokenizerConfig
+    from core.data import DataConfig
+    from core.train import TrainConfig
+
+    method = getattr(importlib.import_module(module_name), "METHOD", None)
+    if method is None:
+        return None
+    types = (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings)
+    data, model, train, run, settings, *cross = parse(
+        types + ((CrossTokenizerConfig,) if method.cross_tokenizer else ()), argv
     )
+    config = to_dict(data, model, train, run, settings, *cross)
+    config["method"] = {"name": method.label(settings) if method.label else method.name}
+    return json.loads(json.dumps(config))
+
+
+def _stable(config: dict[str, Any]) -> dict[str, Any]:
+    """What determines a run's result (core.results.VOLATILE settings may differ)."""
+    return {g: {k: v for k, v in values.items() if k not in VOLATILE} for g, values in config.items()}
+
+
+def is_complete(run: PlannedRun) -> bool:
+    """metrics.json is there, the benchmark ran it with this very command, and that command still means the same
+    configuration (the method's code defaults may have changed since)."""
+    record = read_json(record_path(run.folder))
+    metrics = read_json(run.folder / "metrics.json")
+    if metrics is None or record is None or record.get("status") != OK:
+        return False
+    if record.get("module") != run.method.module or record.get("argv") != run.argv:
+        return False
+    try:
+        config = planned_config(run.method.module, run.argv)
+    except Exception:  # noqa: BLE001 - flags that no longer parse, a module broken now: let the run say why
+        return False
+    return config is None or _stable(metrics.get("config", {})) == _stable(config)
 
 
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|error)\b:?")

@@ -14,7 +14,7 @@ from core.bench import report as bench_report
 from core.bench.claims import NO, NOT_MEASURED, PARTLY, YES, combine, compare
 from core.bench.collect import Stat, record_path, run_folder
 from core.bench.registry import METHODS, SUITES, TASKS, BenchMethod, Suite
-from core.bench.runner import error_line, is_complete, plan, run_all
+from core.bench.runner import error_line, is_complete, plan, planned_config, run_all
 
 OPS = TASKS["ops"]
 ENV = {"machine": "x86_64 2 cpus, torch threads 1", "device": "cpu", "python": "3.11.9", "torch": "2.13.0",
@@ -117,6 +117,18 @@ def test_report_files(hand_made, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](benchmarks-figures/{name}.png)" in text
 
 
+def test_tasks_without_runs_are_listed(tmp_path):
+    methods = [METHODS[m] for m in ("sft", "kd-fkl", "unlearning/whp")]
+    tasks = [TASKS["multi30k-de-en"], TASKS["tofu"]]
+    reports = bench_report.build(tmp_path / "runs", methods, tasks, [0], tmp_path / "data")
+    path = bench_report.write(reports, tmp_path / "BENCHMARKS.md", SUITES["real"], [0], "", "cmd")
+    assert path.read_text().endswith(
+        "## Tasks not run\n\n"
+        f"- `multi30k-de-en`: no data: {tmp_path / 'data' / 'multi30k'} is absent.\n"
+        "- `tofu`: not applicable to any implemented method; it belongs to unlearning/whp (not implemented).\n"
+    )
+
+
 def test_claim_rule_by_hand():
     a, b = Stat(50.0, 2.0, 3), Stat(45.0, 2.0, 3)
     assert compare(a, b) == YES  # 50 - 2 = 48 > 47 = 45 + 2
@@ -142,25 +154,30 @@ STAND_IN = '''
 import json, sys, time
 from pathlib import Path
 
-args = sys.argv[1:]
-flag = lambda name: args[args.index(name) + 1]
-out, seed, behave = Path(flag("--out")), int(flag("--seed")), flag("--behave")
-with (Path(__file__).parent / "calls.txt").open("a") as calls:
-    calls.write(f"{behave} {seed}\\n")
-if behave == "crash":
-    raise RuntimeError("boom at step 3")
-if behave == "typed":
-    print("error: --lr must be a positive number, got -1", file=sys.stderr)
-    sys.exit(2)
-if behave == "hang":
-    time.sleep(120)
-if behave == "quiet" or (out / "metrics.json").exists():  # as the pipeline: a complete folder returns at once
-    sys.exit(0)
-out.mkdir(parents=True, exist_ok=True)
-metrics = {"method": "x", "task": "ops", "seed": seed, "env": {},
-           "eval": {"student": {"exact_match": 30.0 + seed}, "teacher": {"exact_match": 90.0}},
-           "train": {"tokens_per_s": 10.0, "wall_s": 1.0, "peak_mem_mb": 1.0, "run_wall_s": 7.0}}
-(out / "metrics.json").write_text(json.dumps(metrics))
+
+def main(args):
+    flag = lambda name: args[args.index(name) + 1]
+    out, seed, behave = Path(flag("--out")), int(flag("--seed")), flag("--behave")
+    with (Path(__file__).parent / "calls.txt").open("a") as calls:
+        calls.write(f"{behave} {seed}\\n")
+    if behave == "crash":
+        raise RuntimeError("boom at step 3")
+    if behave == "typed":
+        print("error: --lr must be a positive number, got -1", file=sys.stderr)
+        sys.exit(2)
+    if behave == "hang":
+        time.sleep(120)
+    if behave == "quiet" or (out / "metrics.json").exists():  # as the pipeline: a complete folder returns at once
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"method": "x", "task": "ops", "seed": seed, "env": {},
+               "eval": {"student": {"exact_match": 30.0 + seed}, "teacher": {"exact_match": 90.0}},
+               "train": {"tokens_per_s": 10.0, "wall_s": 1.0, "peak_mem_mb": 1.0, "run_wall_s": 7.0}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+if __name__ == "__main__":  # no METHOD: the benchmark checks its command only
+    main(sys.argv[1:])
 '''
 
 
@@ -209,6 +226,29 @@ def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
     # A record that is lost makes a complete folder run again (and the pipeline returns it as it is).
     record_path(changed.folder).unlink()
     assert not is_complete(changed)
+
+
+def test_complete_means_same_configuration(tmp_path):
+    """A folder counts as complete only if the command, parsed by the method's own METHOD now, gives the
+    configuration its metrics.json holds: a changed default in a method's code makes the run go again."""
+    suite, out = SUITES["tiny"], tmp_path / "runs"
+    (run,) = plan(suite, [METHODS["kd-fkl"]], [OPS], [0], out, "", tmp_path)
+    config = planned_config(run.method.module, run.argv)
+    assert config["method"] == {"name": "kd-fkl"} and config["TrainConfig"]["steps"] == 20
+    assert config["VanillaConfig"]["loss"] == "fkl" and config["RunConfig"]["out"] == str(run.folder)
+    run.folder.mkdir(parents=True)
+    metrics = {"config": config}
+    (run.folder / "metrics.json").write_text(json.dumps(metrics))
+    write_record(run.folder, "ok", "")
+    assert not is_complete(run)  # the record holds another command
+    record_path(run.folder).write_text(json.dumps({"status": "ok", "module": run.method.module, "argv": run.argv}))
+    assert is_complete(run)
+    metrics["config"]["RunConfig"]["out"] = "/elsewhere"  # a volatile setting: still the same run
+    (run.folder / "metrics.json").write_text(json.dumps(metrics))
+    assert is_complete(run)
+    metrics["config"]["VanillaConfig"]["temperature"] = 2.0  # as if the code's default had been 2.0 back then
+    (run.folder / "metrics.json").write_text(json.dumps(metrics))
+    assert not is_complete(run)
 
 
 def test_bad_flags():
