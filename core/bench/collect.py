@@ -15,7 +15,7 @@ from typing import Any
 
 from core.bench.registry import BenchMethod, BenchTask, applies, is_implemented
 
-# Statuses of a cell. A cell with metrics.json is "ok" whatever its record says (the run folder is the truth).
+# Statuses of a cell (one method, task and seed).
 OK, FAILED, TIMEOUT, NOT_RUN = "ok", "failed", "timeout", "not run"
 NOT_IMPLEMENTED, NOT_APPLICABLE, NO_DATA = "not implemented", "n/a", "no data"
 
@@ -87,10 +87,12 @@ def read_cell(out: Path, method: BenchMethod, task: BenchTask, seed: int, data_r
         return Cell(method.name, task.name, seed, NO_DATA, folder, error=f"{data_root / task.data} is absent")
     metrics = read_json(folder / "metrics.json")
     record = read_json(record_path(folder))
-    if metrics is not None:
-        return Cell(method.name, task.name, seed, OK, folder, metrics, record)
+    # The last attempt decides: one that failed is a failure even beside an older metrics.json, which may hold
+    # another configuration (the pipeline refuses to overwrite it) or precede a crash after it was written.
     if record is not None and record.get("status") in (FAILED, TIMEOUT):
         return Cell(method.name, task.name, seed, record["status"], folder, None, record, record.get("error", ""))
+    if metrics is not None:
+        return Cell(method.name, task.name, seed, OK, folder, metrics, record)
     return Cell(method.name, task.name, seed, NOT_RUN, folder, None, record)
 
 

@@ -29,7 +29,7 @@ from core.bench.collect import (
     stat,
     summarize,
 )
-from core.bench.registry import BenchMethod, BenchTask, Suite
+from core.bench.registry import METHODS, BenchMethod, BenchTask, Suite, applies
 from core.results import git_revision
 
 LABELS = {
@@ -214,19 +214,15 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
                 why = "no data: " + next(c.error for s in report.summaries for c in s.cells if c.status == NO_DATA)
             else:
                 owners = [
-                    s.method for s in report.summaries if s.status == NOT_IMPLEMENTED and _applies(s.method, task)
+                    s.method
+                    for s in report.summaries
+                    if s.status == NOT_IMPLEMENTED and s.method in METHODS and applies(METHODS[s.method], report.task)
                 ]
                 why = "not applicable to any implemented method" + (
                     f"; it belongs to {', '.join(owners)} (not implemented)" if owners else ""
                 )
             lines.append(f"- `{report.task.name}`: {why}.")
     return "\n".join(lines) + "\n"
-
-
-def _applies(method: str, task: BenchTask) -> bool:
-    from core.bench.registry import METHODS
-
-    return method in METHODS and METHODS[method].kind == task.kind
 
 
 def rows_for_csv(reports: list[TaskReport]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -226,6 +226,10 @@ def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
     # A record that is lost makes a complete folder run again (and the pipeline returns it as it is).
     record_path(changed.folder).unlink()
     assert not is_complete(changed)
+    # The last attempt decides: refused (or crashed) beside an older metrics.json, the cell is a failure.
+    write_record(changed.folder, "failed", "error: ... holds a run with a different configuration")
+    (rep,) = bench_report.build(out, methods[:1], [OPS], [0], tmp_path)
+    assert bench_report.status_text(rep.summaries[0]) == "failed: error: ... holds a run with a different configuration"
 
 
 def test_complete_means_same_configuration(tmp_path):
