@@ -1,0 +1,1 @@
+"""DPKD: direct preference knowledge distillation (Li et al., 2024)."""
