@@ -235,7 +235,7 @@ def generation_share(log_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Teacher samples (cached) and the SFT start
+# Teacher samples (cached) and the generation share in metrics.json
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -287,19 +287,6 @@ def teacher_examples(
 def prompt_ids(ctx, n: int) -> list[list[int]]:
     """The tokenized prompts of the first n training examples (as training encodes them)."""
     return [encode_prompt(ctx.tokenizer, ex.prompt) for ex in ctx.task.train[:n]]
-
-
-def start_from_sft(ctx) -> None:
-    """Load the cached SFT baseline's weights into the student (the papers' recipe: distillation starts from a
-    fine-tuned student). The pipeline has trained that baseline already, so this only reads the cache."""
-    from core.pipeline import get_sft_baseline  # core.pipeline composes the methods; import at use
-    from core.teacher import get_tokenizer
-
-    _, tokenizer_key = get_tokenizer(ctx.model, ctx.data, ctx.task, ctx.cache)
-    sft, _, _ = get_sft_baseline(
-        {}, ctx.tokenizer, tokenizer_key, ctx.task, ctx.data, ctx.model, ctx.train, ctx.cache, ctx.accelerator
-    )
-    ctx.student.load_state_dict(sft.state_dict())
 
 
 def record_generation_share(metrics: dict[str, Any]) -> dict[str, Any]:

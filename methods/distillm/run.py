@@ -2,7 +2,7 @@
 
     python -m methods.distillm.run                         # skew KL, adaptive off-policy student samples
     python -m methods.distillm.run --loss srkl             # skew reverse KL (the official scripts' other choice)
-    python -m methods.distillm.run --init sft              # start from the SFT student, as the official scripts do
+    python -m methods.distillm.run --student SFT_FOLDER    # start every student from an SFT model (official recipe)
     python -m methods.distillm.run --init-threshold 0.5    # student samples from the start
     python -m methods.distillm.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
@@ -32,15 +32,12 @@ from core.onpolicy import (
     prompts_of,
     record_generation_share,
     sample_examples,
-    start_from_sft,
 )
 from core.pipeline import Context, Method, MethodLoss, cli, run_method
 from core.plots import plot_log
 from core.replay import ReplayBuffer
 from core.train import LossOutput
 from methods.distillm.loss import SKEWED, AdaptiveOffPolicy, distillm_loss_sum
-
-INITS = ("scratch", "sft")
 
 
 @dataclass
@@ -75,10 +72,6 @@ class DistiLLMConfig:
     sample_max_new_tokens: int | None = field(
         default=None, metadata={"help": "tokens sampled per student output; default: --max-new-tokens"}
     )
-    init: str = field(
-        default="scratch",
-        metadata={"help": "student start: scratch (same budget as the baselines) or sft (the cached SFT student)"},
-    )
     chunk_size: int | None = field(
         default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
     )
@@ -105,8 +98,6 @@ class DistiLLMConfig:
             )
         if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         unknown = [d for d in self.divergences() if d not in DIVERGENCES]
@@ -121,8 +112,6 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     if cfg.val_size >= len(ctx.task.train):
         raise ConfigError(f"--val-size {cfg.val_size} leaves no training examples of {len(ctx.task.train)}")
     train_examples, val_examples = ctx.task.train[: -cfg.val_size], ctx.task.train[-cfg.val_size :]
-    if cfg.init == "sft":
-        start_from_sft(ctx)
     policy = AdaptiveOffPolicy(cfg.init_threshold, cfg.loss_eps, replay_ratio=cfg.replay_ratio)
     buffer = ReplayBuffer(cfg.capacity)
     max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens

@@ -2,7 +2,7 @@
 
     python -m methods.dpkd.run                      # sequence level: teacher sample preferred over the student's
     python -m methods.dpkd.run --level token        # the official code: argmax tokens on teacher outputs
-    python -m methods.dpkd.run --init sft           # start from the SFT student, as the official script does
+    python -m methods.dpkd.run --student SFT_FOLDER # start every student from an SFT model (official recipe)
     python -m methods.dpkd.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
 The student trains on teacher outputs (one teacher sample per training prompt, generated once and cached, like
@@ -32,7 +32,6 @@ from core.onpolicy import (
     prompts_of,
     record_generation_share,
     sample_examples,
-    start_from_sft,
     teacher_examples,
 )
 from core.pipeline import Context, Method, MethodLoss, cli, run_method
@@ -46,7 +45,6 @@ from methods.dpkd.loss import (
 )
 
 LEVELS = ("sequence", "token")
-INITS = ("scratch", "sft")
 
 
 @dataclass
@@ -70,10 +68,6 @@ class DPKDConfig:
     sample_max_new_tokens: int | None = field(
         default=None, metadata={"help": "tokens sampled per teacher or student output; default: --max-new-tokens"}
     )
-    init: str = field(
-        default="scratch",
-        metadata={"help": "student start: scratch (same budget as the baselines) or sft (the cached SFT student)"},
-    )
     compare: str = field(default="fkl,rkl", metadata={"help": "word-level KD baselines on the same budget"})
 
     def __post_init__(self) -> None:
@@ -87,8 +81,6 @@ class DPKDConfig:
             raise ConfigError("--teacher-temperature and --temperature must be positive")
         if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         unknown = [d for d in self.divergences() if d not in DIVERGENCES]
         if unknown:
             raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
@@ -110,8 +102,6 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def make_loss(ctx: Context, cfg: DPKDConfig) -> MethodLoss:
-    if cfg.init == "sft":
-        start_from_sft(ctx)
     max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
     seed, rank = ctx.train.seed, ctx.accelerator.process_index
     stats = StepStats()

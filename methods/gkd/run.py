@@ -3,7 +3,7 @@
     python -m methods.gkd.run                          # lmbda 0.5, beta 0.5, student samples at temperature 0.9
     python -m methods.gkd.run --lmbda 1.0              # fully on-policy
     python -m methods.gkd.run --lmbda 0 --seq-kd       # supervised JSD on the teacher's samples
-    python -m methods.gkd.run --init sft               # start from the SFT student, as the paper does
+    python -m methods.gkd.run --student SFT_FOLDER     # every student (and baseline) starts from an SFT model, as in the paper
     python -m methods.gkd.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
 Each micro-batch draws its source (student samples with probability lmbda, else teacher samples with --seq-kd,
@@ -28,13 +28,10 @@ from core.onpolicy import (
     prompts_of,
     record_generation_share,
     sample_examples,
-    start_from_sft,
 )
 from core.pipeline import Context, Method, MethodLoss, cli, run_method
 from core.train import LossOutput
 from methods.gkd.loss import gkd_loss_sum
-
-INITS = ("scratch", "sft")
 
 
 @dataclass
@@ -55,10 +52,6 @@ class GKDConfig:
     seq_kd: bool = field(
         default=False, metadata={"help": "batches that are not on-policy use the teacher's samples, not the data"}
     )
-    init: str = field(
-        default="scratch",
-        metadata={"help": "student start: scratch (same budget as the baselines) or sft (the cached SFT student)"},
-    )
     chunk_size: int | None = field(default=None, metadata={"help": "evaluate the JSD this many tokens at a time"})
     compare: str = field(
         default="fkl,rkl,jsd",
@@ -74,8 +67,6 @@ class GKDConfig:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
         if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        if self.init not in INITS:
-            raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         unknown = [d for d in self.divergences() if d not in DIVERGENCES]
@@ -95,8 +86,6 @@ def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
 
 
 def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
-    if cfg.init == "sft":
-        start_from_sft(ctx)
     max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
     seed, rank = ctx.train.seed, ctx.accelerator.process_index
     stats = StepStats()

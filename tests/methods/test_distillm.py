@@ -151,7 +151,7 @@ def test_schedule_state_round_trip(tmp_path):
     "bad, match",
     [({"loss": "fkl"}, "--loss"), ({"alpha": 1.0}, "--alpha"), ({"init_threshold": 1.5}, "--init-threshold"),
      ({"loss_eps": -0.1}, "--loss-eps"), ({"capacity": 0}, "--capacity"), ({"replay_ratio": "random"}, "--replay-ratio"),
-     ({"val_every": 0}, "--val-every"), ({"top_p": 0.0}, "--top-p"), ({"init": "x"}, "--init"), ({"kd_ratio": 2.0}, "--kd-ratio")],
+     ({"val_every": 0}, "--val-every"), ({"top_p": 0.0}, "--top-p"), ({"kd_ratio": 2.0}, "--kd-ratio")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):

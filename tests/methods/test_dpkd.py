@@ -124,7 +124,7 @@ def test_pairs_and_rows_of_a_batch():
 @pytest.mark.parametrize(
     "bad, match",
     [({"level": "word"}, "--level"), ({"beta": 0.0}, "--beta"), ({"kd_ratio": 1.5}, "--kd-ratio"),
-     ({"temperature": 0.0}, "--temperature"), ({"init": "x"}, "--init"), ({"compare": "kl"}, "unknown")],
+     ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):

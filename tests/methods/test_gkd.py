@@ -113,7 +113,7 @@ def test_batch_source_follows_lmbda_and_seq_kd():
 @pytest.mark.parametrize(
     "bad, match",
     [({"lmbda": 1.5}, "--lmbda"), ({"lmbda": -0.1}, "--lmbda"), ({"beta": 2.0}, "--beta"), ({"temperature": 0.0}, "--temperature"),
-     ({"sample_max_new_tokens": 0}, "--sample-max-new-tokens"), ({"init": "pretrained"}, "--init"), ({"compare": "kl"}, "unknown")],
+     ({"sample_max_new_tokens": 0}, "--sample-max-new-tokens"), ({"compare": "kl"}, "unknown")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
