@@ -126,7 +126,8 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     policy.update(validation_loss())  # the official loop evaluates once before training: the first reference
 
     def prepare_batch(model, batch, step: int, index: int):
-        rng = random.Random(derived_seed(seed, step, index, rank, "distillm-source"))
+        # The coin is the same on every process (process 0's seed), so all processes take the same branch.
+        rng = random.Random(derived_seed(seed, step, index, 0, "distillm-source"))
         source = policy.choose(rng.random(), step + 1, total_steps, buffer.full)  # official global_step is 1-based
         device = batch["input_ids"].device
         if source == "student":

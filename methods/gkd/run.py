@@ -91,8 +91,9 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
     stats = StepStats()
 
     def prepare_batch(model, batch, step: int, index: int):
-        # TRL draws `random.random() <= lmbda` per training_step; here the draw is a pure function of the step.
-        coin = random.Random(derived_seed(seed, step, index, rank, "gkd-source")).random()
+        # TRL draws `random.random() <= lmbda` per training_step; here the draw is a pure function of the step and
+        # micro-batch, the same on every process (process 0's seed), as TRL's identically seeded `random` is.
+        coin = random.Random(derived_seed(seed, step, index, 0, "gkd-source")).random()
         source = batch_source(coin, cfg.lmbda, cfg.seq_kd)
         if source == "data":
             return batch
