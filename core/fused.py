@@ -14,8 +14,9 @@ chunk INSIDE the forward pass (an `autograd.Function` that keeps only the finish
   logits in any of the above.
 
 The value and the gradient equal the plain path (tests/core/test_fused.py checks it in float64 for every divergence
-in core.losses.DIVERGENCES, with masks and temperature). Each chunk is differentiated with autograd on a detached
-copy of its student logits, so any divergence with the core signature works unchanged.
+in core.losses.DIVERGENCES, with masks and temperature). Forward and reverse KL (with the optional cross-entropy)
+use their closed-form gradients, which need fewer passes over a chunk; every other divergence is differentiated
+with autograd on a detached copy of the chunk's student logits, so any divergence with the core signature works.
 
 Limits: the stored gradient is for a scalar loss and a first-order backward (no double backward); the fused path
 assumes a plain linear output head, `logits = hidden @ W.T + b` (make_kd_loss checks it on every batch and refuses
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.losses import Divergence, sparse_divergence
+from core.losses import Divergence, divergence_temperature, forward_kl, reverse_kl, sparse_divergence
 
 # Positions per chunk when none is given: about 2^24 logits per chunk (64 MB in float32), e.g. 110 positions at a
 # vocabulary of 151,936 and 2,048 at 8,192.
@@ -165,22 +166,26 @@ def fused_kd_sums(
                 return F.linear(teacher.hidden[b, t], teacher.weight, teacher.bias)  # (c, V)
         return teacher[b, t].detach()  # (c, V)
 
-    def chunk_loss(
-        student_logits: torch.Tensor, start: int, end: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    analytic = _closed_form(divergence)
+
+    def chunk_loss(student_logits: torch.Tensor, start: int, end: int, need_grad: bool) -> ChunkResult:
+        """(loss, ce, kd, d loss / d student_logits) of one chunk; student_logits (c, V)."""
         target = teacher_chunk(start, end)
-        if isinstance(target, SparseTeacher):
-            kd = sparse_divergence(
-                divergence, student_logits, target.logprobs, target.indices, target.tail_logprob
-            ).sum()
-        else:
-            kd = divergence(student_logits, target).sum()
-        if use_ce:
-            logits32 = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-            ce = F.cross_entropy(logits32, targets[start:end], reduction="sum")
-        else:
-            ce = torch.zeros((), dtype=kd.dtype, device=kd.device)
-        return (1.0 - kd_ratio) * ce + kd_ratio * kd, ce.detach(), kd.detach()
+        if analytic is not None and not isinstance(target, SparseTeacher):
+            return _closed_form_chunk(analytic, student_logits, target, targets, start, end, kd_ratio, need_grad)
+        with torch.enable_grad():  # autograd.Function.forward runs with grad disabled
+            leaf = student_logits.detach().requires_grad_(need_grad)
+            if isinstance(target, SparseTeacher):
+                kd = sparse_divergence(divergence, leaf, target.logprobs, target.indices, target.tail_logprob).sum()
+            else:
+                kd = divergence(leaf, target).sum()
+            if use_ce:
+                ce = F.cross_entropy(leaf.to(_acc_dtype(leaf)), targets[start:end], reduction="sum")
+            else:
+                ce = torch.zeros((), dtype=kd.dtype, device=kd.device)
+            loss = (1.0 - kd_ratio) * ce + kd_ratio * kd
+            grad = torch.autograd.grad(loss, leaf)[0] if need_grad else None
+        return loss.detach(), ce.detach(), kd.detach(), grad
 
     parts: list[torch.Tensor] = []  # [ce, kd], filled by the forward pass
     if isinstance(student, LinearHead):
@@ -196,18 +201,53 @@ def fused_kd_sums(
 # The engine: value and gradient chunk by chunk in the forward pass, only the gradient kept for the backward
 # ----------------------------------------------------------------------------------------------------------------
 
-ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+ChunkResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+ChunkLoss = Callable[[torch.Tensor, int, int, bool], ChunkResult]
 
 
-def _chunk_value_and_grad(
-    chunk_loss: ChunkLoss, logits: torch.Tensor, start: int, end: int, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, ce, kd, d loss / d logits) of one chunk; logits (c, V) are a detached leaf."""
-    with torch.enable_grad():  # autograd.Function.forward runs with grad disabled
-        leaf = logits.detach().requires_grad_(need_grad)
-        loss, ce, kd = chunk_loss(leaf, start, end)
-        grad = torch.autograd.grad(loss, leaf)[0] if need_grad else None
-    return loss.detach(), ce, kd, grad
+def _closed_form(divergence: Divergence) -> tuple[str, float] | None:
+    """("fkl" | "rkl", temperature) when the divergence is forward or reverse KL, whose gradients have a closed form
+    that needs fewer chunk x V passes than autograd; None for every other divergence (autograd on the chunk)."""
+    func = getattr(divergence, "func", divergence)
+    name = {forward_kl: "fkl", reverse_kl: "rkl"}.get(func)
+    return None if name is None else (name, divergence_temperature(divergence))
+
+
+def _closed_form_chunk(analytic, student_logits, teacher_logits, targets, start, end, kd_ratio, need_grad):
+    """Value and gradient of (1 - kd_ratio) CE + kd_ratio D for D = FKL or RKL, z = logits / T, q = softmax(z):
+        FKL = sum p (log p - log q),   dFKL/dz = q - p
+        RKL = sum q (log q - log p),   dRKL/dz_k = q_k (log q_k - log p_k - RKL)
+        CE  = -log q(y) at T = 1,      dCE/dlogits = softmax(logits) - onehot(y)
+    and d/dlogits = d/dz / T. Terms with p = 0 (teacher logit -inf) count 0 in FKL, as in core.losses."""
+    name, temperature = analytic
+    dtype = _acc_dtype(student_logits)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (c, V)
+    log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # (c, V)
+    if name == "fkl":
+        p = log_p.exp()
+        diff = (log_p - log_q).masked_fill_(p == 0, 0.0)
+        kd = (p * diff).sum()
+        grad = log_q.exp().sub_(p).div_(temperature) if need_grad else None
+    else:
+        q = log_q.exp()
+        diff = log_q - log_p
+        per_row = (q * diff).sum(-1, keepdim=True)  # (c, 1)
+        kd = per_row.sum()
+        grad = diff.sub_(per_row).mul_(q).div_(temperature) if need_grad else None
+    if grad is not None:
+        grad.mul_(kd_ratio)
+    ce = torch.zeros((), dtype=dtype, device=student_logits.device)
+    if kd_ratio < 1.0:
+        log_q1 = log_q if temperature == 1.0 else F.log_softmax(student_logits.to(dtype), dim=-1)
+        labels = targets[start:end].unsqueeze(-1)  # (c, 1)
+        ce = -log_q1.gather(-1, labels).sum()
+        if grad is not None:
+            ce_grad = log_q1.exp().scatter_add_(
+                -1, labels, torch.full(labels.shape, -1.0, dtype=dtype, device=labels.device)
+            )
+            grad.add_(ce_grad, alpha=1.0 - kd_ratio)
+    loss = (1.0 - kd_ratio) * ce + kd_ratio * kd
+    return loss, ce, kd, grad
 
 
 def _finish(parts: list[torch.Tensor], totals: list[torch.Tensor]) -> torch.Tensor:
@@ -226,7 +266,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
         for start in range(0, batch_idx.shape[0], chunk):
             end = min(start + chunk, batch_idx.shape[0])
             b, t = batch_idx[start:end], pos_idx[start:end]
-            values = _chunk_value_and_grad(chunk_loss, student_logits[b, t], start, end, need_grad)  # (c, V) copy
+            values = chunk_loss(student_logits[b, t], start, end, need_grad)  # (c, V) copy
             acc = _accumulate(acc, values[:3])
             if need_grad:
                 grad[b, t] = values[3].to(grad.dtype)
@@ -259,7 +299,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             b, t = batch_idx[start:end], pos_idx[start:end]
             rows = hidden[b, t]  # (c, H)
             logits = F.linear(rows, weight, bias)  # (c, V): the only logits that ever exist
-            loss, ce, kd, g = _chunk_value_and_grad(chunk_loss, logits, start, end, need_grad)
+            loss, ce, kd, g = chunk_loss(logits, start, end, need_grad)
             acc = _accumulate(acc, (loss, ce, kd))
             if not need_grad:
                 continue

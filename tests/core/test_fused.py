@@ -89,13 +89,15 @@ def test_fused_equals_plain_value_and_gradients(name, chunk):
         assert torch.allclose(g_out, g_ref, atol=1e-11, rtol=1e-11)
 
 
+@pytest.mark.parametrize("name", ["jsd", "fkl", "rkl"])  # fkl and rkl take the closed-form gradient
 @pytest.mark.parametrize("kd_ratio", [0.0, 0.3, 1.0])
-def test_kd_sums_mix_cross_entropy_like_the_reference(kd_ratio):
+def test_kd_sums_mix_cross_entropy_like_the_reference(name, kd_ratio):
+    # The cross-entropy is at temperature 1 whatever the divergence's temperature (as in word_level_kd_sum).
     torch.manual_seed(3)
     student = torch.randn(B, T, V, dtype=D64, requires_grad=True)
     teacher = torch.randn(B, T, V, dtype=D64)
     labels = torch.randint(0, V, (B, T))
-    mask, fn = _mask(2), _divergence("jsd", temperature=1.0)
+    mask, fn = _mask(2), _divergence(name, temperature=1.7)
     ref_ce = F.cross_entropy(student[mask], labels[mask], reduction="sum")
     ref_kd = _reference_sum(fn, student, teacher, mask)
     ref = (1 - kd_ratio) * ref_ce + kd_ratio * ref_kd
@@ -106,6 +108,21 @@ def test_kd_sums_mix_cross_entropy_like_the_reference(kd_ratio):
     assert torch.allclose(sums.kd, ref_kd.detach(), atol=1e-12)
     if kd_ratio < 1:
         assert torch.allclose(sums.ce, ref_ce.detach(), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fkl", "skl", "jsd"])
+def test_teacher_zeros_count_zero(name):
+    # A teacher logit of -inf (p = 0) contributes nothing to FKL and its relatives, in value and gradient.
+    torch.manual_seed(8)
+    student = torch.randn(B, T, V, dtype=D64, requires_grad=True)
+    teacher = torch.randn(B, T, V, dtype=D64)
+    teacher[..., :3] = -math.inf
+    mask, fn = _mask(5), _divergence(name)
+    ref = _reference_sum(fn, student, teacher, mask)
+    (g_ref,) = torch.autograd.grad(ref, student)
+    out = chunked_divergence_sum(fn, student, teacher, mask, 4)
+    (g_out,) = torch.autograd.grad(out, student)
+    assert torch.isfinite(out) and torch.allclose(out, ref, atol=1e-12) and torch.allclose(g_out, g_ref, atol=1e-12)
 
 
 def test_all_masked_gives_zero_and_zero_gradient():
