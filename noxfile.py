@@ -49,3 +49,12 @@ def bench(session: nox.Session) -> None:
     _install(session)
     session.env.setdefault("OMP_NUM_THREADS", "2")
     session.run("python", "-m", "core.bench", *(session.posargs or ["--suite", "default", "--report", "BENCHMARKS.md"]))
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """The performance benchmark (benchmarks/perf.py): loss memory and time, the KD step against a plain loop and
+    TRL's GKDTrainer, the teacher-logit cache. Prints the tables and writes benchmarks/perf_results.md. Never a test."""
+    _install(session, "[perf]")
+    session.env.setdefault("OMP_NUM_THREADS", "2")
+    session.run("python", "benchmarks/perf.py", *session.posargs)

@@ -1,0 +1,718 @@
+"""Performance benchmark: peak memory and time of the KD losses, the KD training step, and the teacher-logit cache.
+
+    nox -s perf                                   # installs the `perf` extra (TRL) and runs this file
+    python benchmarks/perf.py                     # everything (about 20-30 minutes on 2 CPU cores)
+    python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat (a smoke run)
+
+Writes benchmarks/perf_results.md (or --out) with the machine, versions and git revision, and prints it.
+
+How it measures (CPU; see docs/performance.md):
+- every case runs in a fresh subprocess with 2 threads, so no case inherits another's allocations or caches;
+- peak memory: the process's resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs right
+  before the measured region, minus the resident set at that moment. glibc is told to serve every allocation over
+  64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors go back to the OS at once and the high-water mark is
+  the peak of live tensors, not of the allocator's free lists. (tracemalloc does not see torch's allocations.)
+- time: each case first runs at a tiny size (to page in kernels), then `repeats` times at full size; the median;
+- step level: median time of an optimizer step after `warmup` steps, on the same models and batches for every loop;
+  tokens/s = input tokens of a step / that median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHILD_ENV = {
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    # Idle OpenMP threads sleep instead of spinning, so a case's CPU time counts its work, not its waiting for a
+    # thread that another process has descheduled (the machine is shared; CPU time is the contention-robust number).
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+# Step-level setup (fixed by issue 6): teacher 4 layers x 256, student 2 layers x 128, batch 8 x 128 tokens.
+TEACHER = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=704)
+STUDENT = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=352)
+BATCH, SEQ, PROMPT = 8, 128, 64  # each example: 64 prompt tokens (labels -100), then 64 completion tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement helpers (run in the child)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak resident memory (MB) of a region, above the resident memory at its start."""
+
+    def __enter__(self) -> PeakMemory:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the high-water mark (Linux >= 4.0)
+        self.start_kb = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_kb = _status_kb("VmHWM")
+        self.delta_mb = (self.peak_kb - self.start_kb) / 1024
+        self.peak_mb = self.peak_kb / 1024
+
+
+def _llama(vocab: int, dims: dict, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, **dims
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _features(vocab: int, n: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Fixed-length examples: PROMPT prompt tokens (labels -100) + SEQ - PROMPT completion tokens; no padding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, SEQ), generator=gen).tolist()
+    return [{"input_ids": row, "labels": [-100] * PROMPT + row[PROMPT:]} for row in ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss level
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpointed_divergence_sum(divergence, student_logits, teacher_logits, mask, chunk_size):
+    """The chunked path core.losses.divergence_sum had before issue 6 (commit 3410bda), kept here to compare:
+    valid rows gathered into copies, each chunk recomputed in the backward pass by activation checkpointing."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    flat_mask = mask.reshape(-1).bool()
+    student = student_logits.reshape(-1, student_logits.shape[-1])[flat_mask]
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]
+    total = student.new_zeros((), dtype=torch.promote_types(student.dtype, torch.float32))
+    for start in range(0, student.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(
+            lambda s, t: divergence(s, t).sum(), student[chunk], teacher[chunk], use_reentrant=False
+        )
+    return total
+
+
+def loss_case(path: str, vocab: int, tokens: int, divergence: str, repeats: int) -> dict:
+    """Forward + backward of the KD loss over `tokens` positions, all valid (the worst case for memory)."""
+    import torch
+    import torch.nn.functional as F
+
+    from core.fused import LinearHead, chunked_divergence_sum, default_chunk_size, fused_divergence_sum
+    from core.losses import divergence_sum, get_divergence
+
+    fn = get_divergence(divergence)
+    student_h, teacher_h = STUDENT["hidden_size"], TEACHER["hidden_size"]
+
+    def make(vocab: int, tokens: int):
+        gen = torch.Generator().manual_seed(0)
+        mask = torch.ones(1, tokens + 1, dtype=torch.bool)
+        mask[:, -1] = False  # unshifted layout: the last position predicts nothing
+        if path in ("plain", "checkpointed", "chunked"):  # start from the logits, as the loss sees them
+            student = torch.randn(1, tokens + 1, vocab, generator=gen).requires_grad_()
+            teacher = torch.randn(1, tokens + 1, vocab, generator=gen)
+            return mask, (student,), teacher
+        hidden = torch.randn(1, tokens + 1, student_h, generator=gen).requires_grad_()
+        weight = (0.05 * torch.randn(vocab, student_h, generator=gen)).requires_grad_()
+        teacher = LinearHead(torch.randn(1, tokens + 1, teacher_h, generator=gen), torch.randn(vocab, teacher_h) / 16)
+        return mask, (hidden, weight), teacher
+
+    def run(mask, leaves, teacher) -> None:
+        chunk = default_chunk_size(leaves[-1].shape[0] if path.endswith("hidden") or path == "fused" else vocab)
+        if path == "plain":  # what word_level_kd_sum does without chunking: shift, gather valid rows, one call
+            loss = divergence_sum(fn, leaves[0][:, :-1], teacher[:, :-1], mask[:, :-1])
+        elif path == "checkpointed":
+            loss = checkpointed_divergence_sum(fn, leaves[0][:, :-1], teacher[:, :-1], mask[:, :-1], chunk)
+        elif path == "chunked":
+            loss = chunked_divergence_sum(fn, leaves[0], teacher, mask, chunk)
+        elif path == "plain-hidden":  # project the full logits of both, then the plain loss
+            student_logits = F.linear(leaves[0], leaves[1])
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher.hidden, teacher.weight)
+            loss = divergence_sum(fn, student_logits[:, :-1], teacher_logits[:, :-1], mask[:, :-1])
+        elif path == "fused":
+            loss = fused_divergence_sum(fn, LinearHead(*leaves), teacher, mask, chunk)
+        else:
+            raise ValueError(path)
+        loss.backward()
+
+    run(*make(512, 64))  # page in the kernels at a tiny size
+    mask, leaves, teacher = make(vocab, tokens)
+    times, cpu, peaks = [], [], []
+    for _ in range(repeats):
+        for leaf in leaves:
+            leaf.grad = None
+        with PeakMemory() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(mask, leaves, teacher)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        peaks.append(mem.delta_mb)
+    return {"time_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_mb": max(peaks), "times": times}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step level
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def step_case(loop: str, vocab: int, steps: int, warmup: int, k: int = 64) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    n_steps = warmup + steps
+    features = _features(vocab, BATCH * n_steps)
+    student = _llama(vocab, STUDENT, seed=1)
+    needs_teacher = loop not in ("sft",)
+    teacher = _llama(vocab, TEACHER, seed=0).eval().requires_grad_(False) if needs_teacher else None
+    stamps: list[tuple[float, float]] = []  # (wall, process CPU time) at the end of each optimizer step
+    cache_info = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if loop.startswith("cached"):
+            from core.logit_cache import get_logit_cache
+
+            cache = get_logit_cache(
+                teacher, features, tmp, tokenizer_key="bench", pad_token_id=0, k=k, teacher_id="bench-teacher"
+            )
+            cache_info = {"bytes_per_token": cache.bytes_per_token}
+            teacher = None  # training from the cache never runs the teacher
+            import gc
+
+            gc.collect()
+        if loop == "plain":
+            run = _plain_loop(student, teacher, features, n_steps, stamps)
+        elif loop == "trl":
+            run = _trl_loop(student, teacher, features, n_steps, stamps, tmp)
+        else:
+            run = _our_loop(loop, student, teacher, features, n_steps, stamps, tmp, cache if cache_info else None)
+        with PeakMemory() as mem:
+            run()
+    intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
+    step_s = statistics.median(intervals)
+    return {
+        "step_s": step_s,
+        "cpu_s": statistics.median(cpu),
+        "tokens_per_s": BATCH * SEQ / step_s,
+        "peak_rss_mb": mem.peak_mb,
+        "peak_delta_mb": mem.delta_mb,
+        "steps_timed": len(intervals),
+        **cache_info,
+    }
+
+
+def _plain_loop(student, teacher, features, n_steps, stamps):
+    """The KD loop a PyTorch user writes: full logits of both, forward KL on the completion tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from core.data import Collator
+
+    collate = Collator(pad_token_id=0)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    batches = [collate(features[i * BATCH : (i + 1) * BATCH]) for i in range(n_steps)]
+
+    def run() -> None:
+        student.train()
+        for batch in batches:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            valid = batch["labels"][:, 1:] != -100
+            log_q = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+            log_p = F.log_softmax(teacher_logits[:, :-1][valid].float(), dim=-1)
+            loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / valid.sum()  # KL(p || q)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    return run
+
+
+def _our_loop(loop, student, teacher, features, n_steps, stamps, tmp, cache):
+    from accelerate import Accelerator
+
+    from core.data import Collator
+    from core.losses import get_divergence
+    from core.objectives import causal_lm_loss, make_kd_loss
+    from core.train import TrainConfig, Trainer
+
+    fkl = get_divergence("fkl")
+    loss_fn = {
+        "ours": lambda: make_kd_loss(teacher, fkl),
+        "ours-chunked": lambda: make_kd_loss(teacher, fkl, chunk_size=512),
+        "ours-fused": lambda: make_kd_loss(teacher, fkl, fused=True),
+        "sft": lambda: causal_lm_loss,
+        "cached": lambda: make_kd_loss(None, fkl, fused=True, teacher_cache=cache),
+        "cached-unfused": lambda: make_kd_loss(None, fkl, teacher_cache=cache),
+    }[loop]()
+    cfg = TrainConfig(steps=n_steps, batch_size=BATCH, lr=1e-4, warmup_steps=0, checkpoint_every=0, log_every=1, seed=0)
+    trainer = Trainer(
+        student,
+        loss_fn,
+        features,
+        Collator(pad_token_id=0),
+        cfg,
+        Path(tmp) / "run",
+        Accelerator(cpu=True),
+        on_step_end=lambda step, loss, logs: stamps.append((time.perf_counter(), time.process_time())),
+    )
+    return trainer.train
+
+
+def _trl_loop(student, teacher, features, n_steps, stamps, tmp):
+    """TRL's GKDTrainer off-policy: lmbda = 0 (no student samples), beta = 0 (forward KL), fixed completions."""
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from core.data import Collator
+    from core.tokenizers import train_bpe
+
+    tokenizer: PreTrainedTokenizerFast = train_bpe(["a b c d e f g"], 300)  # only its pad id is read
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    args = GKDConfig(
+        output_dir=str(Path(tmp) / "trl"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=n_steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        seq_kd=False,
+        max_length=SEQ,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_steps=10,
+        seed=0,
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        data_collator=Collator(pad_token_id=0),
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        callbacks=[Stamp()],
+    )
+    return trainer.train
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache quality
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_quality_case(ks: list[int], n_examples: int) -> dict:
+    """Bytes per token and KL(full teacher || cached teacher) on the embedded default teacher (trained on first use
+    and cached under $DISTILLAB_CACHE), over the completion tokens of its training data."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from core.config import ModelConfig
+    from core.data import DataConfig, encode_examples, load_task
+    from core.logit_cache import get_logit_cache
+    from core.objectives import final_hidden_and_head, shifted_targets
+    from core.teacher import get_teacher, get_tokenizer
+
+    torch.set_num_threads(2)
+    cache_dir = Path(os.environ.get("DISTILLAB_CACHE", Path.home() / ".cache" / "distillab"))
+    data, model_cfg = DataConfig(), ModelConfig()
+    task = load_task(data)
+    tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache_dir)
+    teacher, _ = get_teacher(model_cfg, data, task, tokenizer, tokenizer_key, cache_dir, Accelerator(cpu=True))
+    features = encode_examples(tokenizer, task.train[:n_examples], data.max_length)
+    from core.data import Collator
+
+    batch = Collator(tokenizer.pad_token_id)(features)
+    mask, _ = shifted_targets(batch["labels"])
+    with torch.no_grad():
+        head = final_hidden_and_head(teacher, batch)
+        logp = F.log_softmax(F.linear(head.hidden[mask], head.weight, head.bias).float(), -1)  # (N, V)
+    vocab = logp.shape[-1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            cache = get_logit_cache(
+                teacher, features, tmp, tokenizer_key=tokenizer_key, pad_token_id=tokenizer.pad_token_id, k=k
+            )
+            sparse = cache.sparse_teacher(batch, mask)
+            kk = min(k, vocab)
+            # The cached distribution over the vocabulary: the stored top-k, the tail mass spread evenly over the
+            # other V - k tokens (the most a reader of the cache can say about them).
+            approx = torch.full_like(logp, 0.0)
+            if kk < vocab:
+                approx += (sparse.tail_logprob - torch.log(torch.tensor(float(vocab - kk)))).unsqueeze(-1)
+            approx.scatter_(-1, sparse.indices, sparse.logprobs)
+            approx = approx - approx.logsumexp(-1, keepdim=True)  # fp16 rounding leaves it a hair off 1
+            kl = (logp.exp() * (logp - approx)).sum(-1)
+            tail_mass = sparse.tail_logprob.exp() if kk < vocab else torch.zeros(len(sparse))
+            rows.append(
+                {
+                    "k": k,
+                    "bytes_per_token": cache.bytes_per_token,
+                    "kl_mean": kl.mean().item(),
+                    "kl_max": kl.max().item(),
+                    "tail_mass_mean": tail_mass.mean().item(),
+                }
+            )
+    return {"vocab": vocab, "tokens": int(mask.sum()), "rows": rows}
+
+
+def cache_bytes_case(vocab: int, ks: list[int]) -> dict:
+    """Bytes per token on disk at a large vocabulary (independent of the teacher's distribution)."""
+    import torch
+
+    from core.logit_cache import get_logit_cache
+
+    torch.set_num_threads(2)
+    teacher = _llama(vocab, dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64), 0)
+    features = _features(vocab, 64)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            cache = get_logit_cache(teacher, features, tmp, tokenizer_key="bench", pad_token_id=0, k=k, teacher_id="t")
+            out[k] = cache.bytes_per_token
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parent: run every case in its own process, write the tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def child(case: dict) -> dict:
+    env = {**os.environ, **CHILD_ENV}
+    env.setdefault("DISTILLAB_CACHE", str(Path(tempfile.gettempdir()) / "distillab-perf-cache"))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    return {"error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+
+
+def run_case(case: dict) -> dict:
+    kind = case.pop("kind")
+    if kind == "loss":
+        return loss_case(**case)
+    if kind == "step":
+        return step_case(**case)
+    if kind == "cache_quality":
+        return cache_quality_case(**case)
+    if kind == "cache_bytes":
+        return cache_bytes_case(**case)
+    raise ValueError(kind)
+
+
+def _fmt(value, spec=".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def section_loss(quick: bool, repeats: int, log) -> list[str]:
+    vocabs = [8_192, 32_768] if quick else [8_192, 32_768, 151_936]
+    token_counts = [512] if quick else [512, 2_048]
+    paths = ["plain", "checkpointed", "chunked", "plain-hidden", "fused"]
+    lines = [
+        "## Loss level: forward + backward of the forward-KL sum (all positions valid)",
+        "",
+        "Peak = resident memory above the inputs (MB). `plain`, `checkpointed` and `chunked` start from the logits",
+        "(B x T x V, float32) and produce their gradient; `plain-hidden` and `fused` start from the final hidden states",
+        f"(student {STUDENT['hidden_size']}, teacher {TEACHER['hidden_size']} wide) and the heads, and produce the",
+        "gradients of the student's hidden states and head. Chunk: core.fused.default_chunk_size (2^24 logits).",
+        "",
+        "| vocab | tokens | path | wall (s) | CPU (s) | peak (MB) | CPU / plain | wall / plain | peak / plain |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for vocab in vocabs:
+        for tokens in token_counts:
+            results = {}
+            for path in paths:
+                reps = repeats if vocab * tokens <= 32_768 * 2_048 else 2  # the largest: 2 (each ~1-2 min)
+                results[path] = child(
+                    {
+                        "kind": "loss",
+                        "path": path,
+                        "vocab": vocab,
+                        "tokens": tokens,
+                        "divergence": "fkl",
+                        "repeats": reps,
+                    }
+                )
+                log(f"loss {vocab} {tokens} {path}: {results[path]}")
+            for path in paths:
+                r = results[path]
+                base = results["plain-hidden" if path in ("plain-hidden", "fused") else "plain"]
+                if "error" in r:
+                    lines.append(f"| {vocab:,} | {tokens:,} | {path} | error | {r['error']} | | | | |")
+                    continue
+                ok = "error" not in base
+                lines.append(
+                    f"| {vocab:,} | {tokens:,} | {path} | {r['time_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_mb']:.0f} | "
+                    f"{_fmt(r['cpu_s'] / base['cpu_s'] if ok else None, '.2f')} | "
+                    f"{_fmt(r['time_s'] / base['time_s'] if ok else None, '.2f')} | "
+                    f"{_fmt(r['peak_mb'] / base['peak_mb'] if ok else None, '.3f')} |"
+                )
+    return lines
+
+
+def _rounds(cases: dict[str, dict], rounds: int, log) -> dict[str, list[dict]]:
+    """Run every case once per round, round-robin, so that each loop sees the same mix of machine load; a ratio is
+    then taken within a round (cases measured minutes apart, not tens of minutes)."""
+    out: dict[str, list[dict]] = {name: [] for name in cases}
+    for round_ in range(rounds):
+        for name, case in cases.items():
+            result = child(dict(case))
+            log(f"round {round_} {name}: {result}")
+            out[name].append(result)
+    return out
+
+
+def _median_ratio(a: list[dict], b: list[dict], key: str) -> float | None:
+    pairs = [x[key] / y[key] for x, y in zip(a, b) if "error" not in x and "error" not in y]
+    return statistics.median(pairs) if pairs else None
+
+
+def _summary(results: list[dict], key: str, reduce=statistics.median) -> float | None:
+    values = [r[key] for r in results if "error" not in r]
+    return reduce(values) if values else None
+
+
+def section_step(quick: bool, steps: int, warmup: int, rounds: int, log) -> list[str]:
+    vocabs = [8_192] if quick else [8_192, 32_768]
+    loops = ["plain", "trl", "ours", "ours-chunked", "ours-fused"]
+    lines = [
+        "## Step level: one optimizer step of forward-KL distillation",
+        "",
+        f"Teacher {TEACHER['num_hidden_layers']} x {TEACHER['hidden_size']}, student {STUDENT['num_hidden_layers']} x "
+        f"{STUDENT['hidden_size']} (Llama, random init), batch {BATCH} x {SEQ} tokens ({PROMPT} prompt + "
+        f"{SEQ - PROMPT} completion, no padding), AdamW, clipping at 1, 2 threads. Each loop runs {rounds} times "
+        f"(round-robin, a fresh process each); each run times {steps} steps after {warmup} warm-up steps. Step = "
+        "median over runs of the median step; ratios = median over rounds of the ratio within a round, on CPU time "
+        "(process user + system time: robust to other processes on a shared machine) and on wall time. `plain`: the "
+        "loop a PyTorch user writes (full logits, F.kl_div); `trl`: TRL's GKDTrainer with lmbda 0, beta 0 (forward "
+        "KL on fixed completions); `ours*`: core.train.Trainer with core.objectives.make_kd_loss (default, "
+        "chunk_size=512, fused=True). Peak RSS = the training run's resident-set high-water mark (max over runs); "
+        "delta = above the resident set after the models and data were built.",
+        "",
+        "| vocab | loop | wall step (s) | tokens/s | CPU step (s) | x plain (CPU) | x trl (CPU) | x plain (wall) | "
+        "x trl (wall) | peak RSS (MB) | peak delta (MB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for vocab in vocabs:
+        cases = {
+            loop: {"kind": "step", "loop": loop, "vocab": vocab, "steps": steps, "warmup": warmup} for loop in loops
+        }
+        results = _rounds(cases, rounds, log)
+        for loop in loops:
+            runs = results[loop]
+            step_s = _summary(runs, "step_s")
+            if step_s is None:
+                lines.append(f"| {vocab:,} | {loop} | error | {runs[0].get('error', '')} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {vocab:,} | {loop} | {step_s:.3f} | {BATCH * SEQ / step_s:.0f} | {_summary(runs, 'cpu_s'):.3f} | "
+                f"{_fmt(_median_ratio(results['plain'], runs, 'cpu_s'), '.2f')} | "
+                f"{_fmt(_median_ratio(results['trl'], runs, 'cpu_s'), '.2f')} | "
+                f"{_fmt(_median_ratio(runs, results['plain'], 'tokens_per_s'), '.2f')} | "
+                f"{_fmt(_median_ratio(runs, results['trl'], 'tokens_per_s'), '.2f')} | "
+                f"{_summary(runs, 'peak_rss_mb', max):.0f} | {_summary(runs, 'peak_delta_mb', max):.0f} |"
+            )
+    return lines
+
+
+def section_cache(quick: bool, steps: int, warmup: int, rounds: int, log) -> list[str]:
+    vocabs = [8_192] if quick else [8_192, 32_768]
+    loops = ["sft", "cached", "cached-unfused"]
+    lines = [
+        "## Teacher-logit cache",
+        "",
+        "A KD step from the cache (k = 64; student fused, or full logits) against an SFT step of the same student in",
+        "the same loop (core.train), same setup and rounds as the step-level table. The cache is built before the",
+        "timed run (not timed).",
+        "",
+        "| vocab | loop | wall step (s) | CPU step (s) | step / SFT step (CPU) | step / SFT step (wall) | peak RSS (MB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for vocab in vocabs:
+        cases = {
+            loop: {"kind": "step", "loop": loop, "vocab": vocab, "steps": steps, "warmup": warmup} for loop in loops
+        }
+        results = _rounds(cases, rounds, log)
+        for loop in loops:
+            runs = results[loop]
+            step_s = _summary(runs, "step_s")
+            if step_s is None:
+                lines.append(f"| {vocab:,} | {loop} | error | {runs[0].get('error', '')} | | | |")
+                continue
+            rel = _median_ratio(runs, results["sft"], "step_s")
+            rel_cpu = _median_ratio(runs, results["sft"], "cpu_s")
+            lines.append(
+                f"| {vocab:,} | {loop} | {step_s:.3f} | {_summary(runs, 'cpu_s'):.3f} | {_fmt(rel_cpu, '.2f')} | "
+                f"{_fmt(rel, '.2f')} | {_summary(runs, 'peak_rss_mb', max):.0f} |"
+            )
+    ks = [8, 32, 64, 256]
+    size = child({"kind": "cache_bytes", "vocab": 151_936, "ks": ks})
+    log(f"cache bytes: {size}")
+    quality = child({"kind": "cache_quality", "ks": ks, "n_examples": 256 if quick else 2_000})
+    log(f"cache quality: {quality}")
+    lines += [
+        "",
+        "Size and fidelity. Bytes per token: the shard files on disk over the target tokens (float16 log-probs, int32",
+        "ids above 65,536 tokens else uint16, a float32 tail, per-example offsets and keys). KL(full || cached): the",
+        "cached distribution is the stored top-k with the tail mass spread evenly over the other tokens; measured on",
+        "the embedded default teacher (core.teacher, 4 x 256, trained on the `ops` task) over the completion tokens of",
+        "its first training examples.",
+        "",
+    ]
+    if "error" in quality:
+        lines.append(f"cache quality: error {quality['error']}")
+    else:
+        lines += [
+            f"| k | bytes/token at V = 151,936 | bytes/token at V = {quality['vocab']} | mean tail mass | "
+            "mean KL (nats) | max KL (nats) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in quality["rows"]:
+            big = size.get(str(row["k"])) if "error" not in size else None
+            lines.append(
+                f"| {row['k']} | {_fmt(big, '.1f')} | {row['bytes_per_token']:.1f} | {row['tail_mass_mean']:.2e} | "
+                f"{row['kl_mean']:.2e} | {row['kl_max']:.2e} |"
+            )
+        lines.append(f"\n({quality['tokens']:,} completion tokens.)")
+    return lines
+
+
+def header() -> list[str]:
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except Exception as exc:  # an optional extra: report, do not fail
+        trl_version = f"not importable ({type(exc).__name__})"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+        git = rev.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except OSError:
+        git = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return [
+        "# distillab performance benchmark",
+        "",
+        f"`python benchmarks/perf.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; git {git}",
+        f"- machine: {cpu}, {os.cpu_count()} CPUs visible, 2 threads per case, Linux {platform.release()}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl_version}",
+        "- timings on a shared machine are noisy: compare ratios within a table (measured in one run), not across runs",
+        "",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="loss,step,cache", help="comma-separated sections: loss, step, cache")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke run")
+    parser.add_argument("--repeats", type=int, default=3, help="loss level: repeats per case (the median is shown)")
+    parser.add_argument("--steps", type=int, default=None, help="step level: timed steps per run (default 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="step level: untimed steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="step level: runs per loop, round-robin")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "perf_results.md"), help="where to write the table")
+    args = parser.parse_args(argv)
+    if args.case:
+        import torch
+
+        torch.set_num_threads(2)
+        print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
+        return
+    steps = args.steps or (3 if args.quick else 5)
+    repeats = 1 if args.quick else args.repeats
+    rounds = 1 if args.quick else args.rounds
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    lines = header()
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    t0 = time.perf_counter()
+    for section in sections:
+        body = {"loss": lambda: section_loss(args.quick, repeats, log),
+                "step": lambda: section_step(args.quick, steps, args.warmup, rounds, log),
+                "cache": lambda: section_cache(args.quick, steps, args.warmup, rounds, log)}[section]()  # fmt: skip
+        lines += body + [""]
+    lines.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from core.io import atomic_write_text
+
+    atomic_write_text(args.out, text)
+    print(text)
+    print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
