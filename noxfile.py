@@ -37,7 +37,7 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job on the embedded default: trains (or loads) the tiny teacher, then distills."""
     _install(session)
-    session.run("python", "-m", "methods.vanilla.run", *session.posargs)
+    session.run("python", "-m", "methods.taid.run", *session.posargs)
 
 
 @nox.session
