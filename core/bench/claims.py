@@ -70,7 +70,8 @@ def beats(method: str, rivals: list[str], key: str | None = None, lower_is_bette
 def all_of(*decides: Decide) -> Decide:
     def decide(summaries: dict[str, Summary], task: BenchTask) -> tuple[str, str]:
         results = [d(summaries, task) for d in decides]
-        return combine([v for v, _ in results]), "; ".join(e for _, e in results)
+        parts = [part for _, evidence in results for part in evidence.split("; ")]
+        return combine([v for v, _ in results]), "; ".join(dict.fromkeys(parts))  # a missing run named once
 
     return decide
 

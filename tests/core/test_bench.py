@@ -11,8 +11,8 @@ import pytest
 
 from core.bench import main
 from core.bench import report as bench_report
-from core.bench.claims import NO, NOT_MEASURED, PARTLY, YES, combine, compare
-from core.bench.collect import Stat, record_path, run_folder
+from core.bench.claims import CLAIMS, NO, NOT_MEASURED, PARTLY, YES, combine, compare
+from core.bench.collect import Stat, Summary, record_path, run_folder
 from core.bench.registry import METHODS, SUITES, TASKS, BenchMethod, Suite
 from core.bench.runner import error_line, is_complete, plan, planned_config, run_all
 
@@ -139,6 +139,28 @@ def test_claim_rule_by_hand():
     assert compare(Stat(10.0, 1.0, 3), Stat(20.0, 1.0, 3), lower_is_better=True) == YES  # wall time
     assert combine([YES, YES]) == YES and combine([NO, NO]) == NO and combine([YES, NO]) == PARTLY
     assert combine([YES, NOT_MEASURED]) == NOT_MEASURED and combine([]) == NOT_MEASURED
+
+
+def test_claim_with_quality_and_speed_parts():
+    def summary(method, em, train_s):
+        return Summary(method, "ops", "ok", [0, 1, 2], [0, 1, 2], {"exact_match": em, "train_s": train_s})
+
+    summaries = {
+        "distillm": summary("distillm", [50, 52, 54], [10, 10, 10]),
+        "kd-fkl": summary("kd-fkl", [40, 44, 48], [20, 20, 20]),
+        "kd-rkl": summary("kd-rkl", [1, 0, 2], [20, 20, 20]),
+        "gkd": summary("gkd", [49, 50, 51], [30, 31, 32]),
+    }
+    decide = CLAIMS["distillm"].decide
+    # 52 - 2 > 44 + 4 and > 1 + 1: yes, yes; 52 - 2 = 50 < 50 + 1: partly. Train time, lower is better:
+    # 10 + 0 < 31 - 1: yes. Quality partly and speed yes: partly.
+    assert decide(summaries, OPS) == (
+        PARTLY,
+        "exact_match: distillm 52.0 ± 2.0 vs kd-fkl 44.0 ± 4.0 (yes), kd-rkl 1.0 ± 1.0 (yes), gkd 50.0 ± 1.0 "
+        "(partly); train_s: distillm 10.0 ± 0.0 vs gkd 31.0 ± 1.0 (yes)",
+    )
+    del summaries["gkd"]
+    assert decide(summaries, OPS) == (NOT_MEASURED, "gkd: not in this benchmark")
 
 
 def test_error_line():
