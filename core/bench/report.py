@@ -70,10 +70,20 @@ def build(out: Path, methods: list[BenchMethod], tasks: list[BenchTask], seeds: 
         ]
         report = TaskReport(task, summaries)
         done = [c.metrics for s in summaries for c in s.cells if c.status == OK]
+        # One teacher serves every run (cached, evaluated once): count each distinct teacher once, not per run.
+        teachers = {
+            json.dumps(m.get("teacher", {}).get("source") or m["eval"].get("teacher"), sort_keys=True): m
+            for m in done
+            if "teacher" in m.get("eval", {})
+        }
         for metric in task.metrics:
-            values = [float(m["eval"]["teacher"][metric]) for m in done if metric in m["eval"].get("teacher", {})]
+            values = [float(m["eval"]["teacher"][metric]) for m in teachers.values() if metric in m["eval"]["teacher"]]
             if values:
                 report.teacher[metric] = stat(values)
+        trained = [m["teacher"]["train"] for m in teachers.values() if "train" in m.get("teacher", {})]
+        for key, source in (("tokens_per_s", "tokens_per_s"), ("train_s", "wall_s"), ("peak_mem_mb", "peak_mem_mb")):
+            if values := [float(t[source]) for t in trained if source in t]:
+                report.teacher[key] = stat(values)
         for key in ENV_KEYS:
             report.env[key] = sorted({str(m.get("env", {}).get(key, "?")) for m in done})
         by_name = {s.method: s for s in summaries}
@@ -125,8 +135,10 @@ def method_row(summary: Summary, task: BenchTask) -> list[str]:
 
 
 def teacher_row(report: TaskReport) -> list[str]:
+    """The teacher's quality, and the one-off cost of training it (when the cache recorded it)."""
     quality = [cell_text(report.teacher.get(m), m) for m in report.task.metrics]
-    return ["teacher (reference)", *quality, "-", *("-" for _ in COST_KEYS), "reference"]
+    cost = [cell_text(report.teacher.get(k), k) for k in COST_KEYS]  # run s stays "-": no run of its own
+    return ["teacher (reference)", *quality, "-", *cost, "reference"]
 
 
 def md_row(cells: list[str]) -> str:
@@ -143,7 +155,13 @@ def env_line(report: TaskReport) -> str:
     v = {k: " / ".join(report.env.get(k, [])) for k in ENV_KEYS}
     return (
         f"_Measured on {v['machine']}, device {v['device']}; python {v['python']}, torch {v['torch']}, "
-        f"transformers {v['transformers']}, accelerate {v['accelerate']}; git {v['git']}._"
+        f"transformers {v['transformers']}, accelerate {v['accelerate']}; git {v['git']}"
+        + (
+            f" (the runs span {n} revisions: the tree changed while they ran)"
+            if (n := len(report.env["git"])) > 1
+            else ""
+        )
+        + "._"
     )
 
 
@@ -177,7 +195,9 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         "train.tokens_per_s, on-policy sampling included); `train s`: wall time of that loop (for sft, of the "
         "cached SFT baseline); `run s`: the whole process (start-up, loading, training, evaluation), where the first "
         "run that needs a cache fills it (the teacher, each seed's SFT baseline, SeqKD's teacher outputs); "
-        "`peak MB`: peak resident memory of the process (CPU) or peak allocated accelerator memory.",
+        "`peak MB`: peak resident memory of the process (CPU) or peak allocated accelerator memory. The teacher "
+        "row gives the teacher's quality and the one-off cost of training it, paid by the first run that needed it "
+        "or earlier (then it was found in the cache, $DISTILLAB_CACHE, and no run's `run s` includes it).",
         "",
         "Methods run with their own defaults. Comparison baselines that a run script trains beside its student "
         'are switched off (`--compare ""`): the kd-fkl and kd-rkl rows are those baselines, on the same budget. '

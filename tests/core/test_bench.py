@@ -31,6 +31,8 @@ def write_run(out: Path, method: str, seed: int, em: float, rouge: float, ppl: f
     metrics = {"method": method, "task": "ops", "seed": seed, "eval": {"student": student, "teacher": teacher},
                "train": {"steps": 3, "tokens": 900, "wall_s": train_s, "tokens_per_s": tps, "peak_mem_mb": peak,
                          "run_wall_s": run_s - 5.0},
+               "teacher": {"source": "/cache/models/teacher-1", "train": {"wall_s": 777.0, "tokens_per_s": 1082.0,
+                                                                          "peak_mem_mb": 654.0}},
                "config": {}, "env": ENV}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
     log = [{"step": i + 1, "loss": loss} for i, loss in enumerate(log_losses)]
@@ -80,7 +82,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         "| minillm | - | - | - | 0/3 | - | - | - | - | not implemented |",
     ]
     assert bench_report.md_row(bench_report.teacher_row(rep)) == (
-        "| teacher (reference) | 98.0 ± 0.0 | 99.0 ± 0.0 | 1.20 ± 0.00 | - | - | - | - | - | reference |"
+        "| teacher (reference) | 98.0 | 99.0 | 1.20 | - | 1082 | 777.0 | - | 654 | reference |"  # one teacher, once
     )
     claims = {c["method"]: (c["verdict"], c["evidence"]) for c in rep.claims}
     # kd-fkl vs sft: 44 - 32 = 12 > 4 + 2, the intervals do not overlap.
