@@ -32,7 +32,7 @@ from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import get_divergence
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
-from core.objectives import make_kd_loss
+from core.objectives import causal_lm_loss, make_kd_loss
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, Trainer, count_label_tokens
@@ -132,25 +132,46 @@ def evaluate_cached(
     return scores, predictions
 
 
-def get_sft_baseline(
-    ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
+def _cached_student(
+    kind: str,
+    extra_key: dict[str, Any],
+    loss_fn,
+    tokenizer,
+    tokenizer_key,
+    task,
+    data,
+    model_cfg,
+    train_cfg,
+    cache,
+    accelerator,
 ):
+    """A baseline student trained once per configuration (same init, data order and budget as the run's student)."""
     key = {
         "task": task_key(data, task),
         "tokenizer": tokenizer_key,
         "student": model_cfg.student,
         "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after",)},
+        **extra_key,
     }
-    features = encode_examples(tokenizer, task.train, data.max_length)
     return train_cached(
-        f"sft-{Path(model_cfg.student).name}",
+        f"{kind}-{Path(model_cfg.student).name}",
         key,
         lambda: build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed),
-        features,
+        encode_examples(tokenizer, task.train, data.max_length),
         tokenizer,
         train_cfg,
         cache,
         accelerator,
+        loss_fn=loss_fn,
+    )
+
+
+def get_sft_baseline(
+    ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
+):
+    """The SFT student every method is compared against."""
+    return _cached_student(
+        "sft", {}, causal_lm_loss, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
     )
 
 
@@ -168,25 +189,18 @@ def get_kd_baseline(
     accelerator,
 ):
     """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration."""
-    key = {
-        "task": task_key(data, task),
-        "tokenizer": tokenizer_key,
-        "teacher": teacher_source,
-        "student": model_cfg.student,
-        "divergence": divergence,
-        "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after",)},
-    }
-    features = encode_examples(tokenizer, task.train, data.max_length)
-    return train_cached(
-        f"kd-{divergence}-{Path(model_cfg.student).name}",
-        key,
-        lambda: build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed),
-        features,
+    return _cached_student(
+        f"kd-{divergence}",
+        {"teacher": teacher_source, "divergence": divergence},
+        make_kd_loss(teacher, get_divergence(divergence)),
         tokenizer,
+        tokenizer_key,
+        task,
+        data,
+        model_cfg,
         train_cfg,
         cache,
         accelerator,
-        loss_fn=make_kd_loss(teacher, get_divergence(divergence)),
     )
 
 
