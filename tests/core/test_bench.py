@@ -221,19 +221,19 @@ def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
     runs = plan(suite, methods, [OPS], [0], out, "", tmp_path)
     assert [r.method.name for r in runs] == ["ok", "crash", "typed", "hang", "quiet"]  # "absent" is not run
     assert runs[0].argv == ["--behave", "ok", "--task", "ops", "--seed", "0", "--out", str(run_folder(out, "ok", "ops", 0))]  # fmt: skip
-    records = run_all(runs, timeout_s=3, echo=lambda _: None)
+    records = run_all(runs, timeout_s=4, echo=lambda _: None)
     assert [(r["status"], r["error"]) for r in records] == [
         ("ok", ""),
         ("failed", "RuntimeError: boom at step 3"),
         ("failed", "error: --lr must be a positive number, got -1"),
-        ("timeout", "timeout after 3 s"),
+        ("timeout", "timeout after 4 s"),
         ("failed", "exited without writing metrics.json"),
     ]
-    assert 3 <= records[3]["wall_s"] < 30  # the hang was ended, not waited for
+    assert 4 <= records[3]["wall_s"] < 30  # the hang was ended, not waited for
     assert len(calls.read_text().splitlines()) == 5
 
     # Rerun: the complete run is skipped (not launched), the others are tried again.
-    again = run_all(plan(suite, methods, [OPS], [0], out, "", tmp_path), timeout_s=3, echo=lambda _: None)
+    again = run_all(plan(suite, methods, [OPS], [0], out, "", tmp_path), timeout_s=4, echo=lambda _: None)
     assert again[0] is None and [r["status"] for r in again[1:]] == ["failed", "failed", "timeout", "failed"]
     assert calls.read_text().splitlines()[5:] == ["crash 0", "typed 0", "hang 0", "quiet 0"]
 
@@ -241,7 +241,7 @@ def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
     # stand-in returns the complete folder at once). Its wall time measured nothing, so the run's own stands in.
     (changed,) = plan(suite, methods[:1], [OPS], [0], out, "--eval-size 50", tmp_path)
     assert changed.argv[-6:-4] == ["--eval-size", "50"] and not is_complete(changed)
-    (record,) = run_all([changed], timeout_s=30, echo=lambda _: None)
+    (record,) = run_all([changed], timeout_s=40, echo=lambda _: None)
     assert record["status"] == "ok" and record["reused"] is True
     (rep,) = bench_report.build(out, methods, [OPS], [0], tmp_path)
     by_name = {s.method: s for s in rep.summaries}
@@ -309,5 +309,5 @@ def test_tiny_benchmark_end_to_end(tmp_path, capsys):
     assert "No training curve for sft" in text  # its student is the cached SFT baseline
     # Run again: nothing is launched, the report is the same.
     capsys.readouterr()
-    assert main(argv) == result
+    assert main(argv)["tasks"] == result["tasks"]  # (the tree's git state may change meanwhile: others commit)
     assert capsys.readouterr().out.count("complete, skipped") == 2
