@@ -87,6 +87,10 @@ def final_hidden_and_head(model: torch.nn.Module, batch: dict[str, torch.Tensor]
             f"fused KD needs a causal LM whose forward takes logits_to_keep; {type(core).__name__} does not "
             "(use the unfused path: fused=False, optionally with chunk_size)"
         )
+    if getattr(getattr(core, "config", None), "final_logit_softcapping", None):
+        raise ConfigError(
+            f"{type(core).__name__} soft-caps its logits; fused KD would be wrong for it: use fused=False"
+        )
     head = core.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ConfigError(f"fused KD needs a linear output head; {type(core).__name__} has {type(head).__name__}")
