@@ -51,7 +51,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "core.bench", *(session.posargs or ["--suite", "default", "--report", "BENCHMARKS.md"]))
 
 
-@nox.session
+@nox.session(default=False)  # 20-30 minutes: only when named, `nox -s perf`
 def perf(session: nox.Session) -> None:
     """The performance benchmark (benchmarks/perf.py): loss memory and time, the KD step against a plain loop and
     TRL's GKDTrainer, the teacher-logit cache. Prints the tables and writes benchmarks/perf_results.md. Never a test."""
