@@ -275,6 +275,7 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
+        _check_once(ctx, "grad")
         grad = _scaled(ctx.grad, grad_output)
         ctx.grad = None
         return grad, None, None, None, None, None
@@ -318,6 +319,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
+        _check_once(ctx, "grads")
         grads = tuple(_scaled(g, grad_output) for g in ctx.grads)
         ctx.grads = None
         return (*grads, None, None, None, None, None)
@@ -337,10 +339,18 @@ def _accumulate(acc: tuple[torch.Tensor, ...], values) -> tuple[torch.Tensor, ..
 
 
 def _scaled(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
-    """The stored gradient times the incoming scalar; returned as is when that is 1 (the common case), so no second
-    tokens x V tensor is allocated."""
+    """The stored gradient times the incoming scalar (the loop's 1 / token count), in place: the stored tensor is
+    handed over and never used again, so no second tokens x V tensor is allocated."""
     if grad is None:
         return None
     if grad_output.numel() == 1 and bool(grad_output == 1):
         return grad
-    return grad * grad_output.to(grad.dtype)
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+def _check_once(ctx, name: str) -> None:
+    if getattr(ctx, name) is None:
+        raise RuntimeError(
+            "the chunked/fused KD loss keeps its gradient for one backward pass only; recompute the loss instead of "
+            "calling backward through it twice (retain_graph)"
+        )

@@ -148,6 +148,14 @@ def test_scaled_loss_scales_the_gradient():
     assert torch.allclose(g_out, g_ref, atol=1e-12)
 
 
+def test_a_second_backward_is_refused_not_silently_zero():
+    student = torch.randn(B, T, V, dtype=D64, requires_grad=True)
+    out = 3.0 * chunked_divergence_sum(_divergence("fkl"), student, torch.randn(B, T, V, dtype=D64), _mask(), 4)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        out.backward()
+
+
 def test_default_chunk_size_bounds_the_chunk():
     assert default_chunk_size(151_936) == 2**24 // 151_936 == 110
     assert default_chunk_size(8_192) == 2_048
