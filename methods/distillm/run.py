@@ -124,6 +124,7 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
         return math.log(ppl)
 
     policy.update(validation_loss())  # the official loop evaluates once before training: the first reference
+    ctx.accelerator.print(f"[distillm] validation loss before training: {policy.reference_loss:.4f}")
 
     def prepare_batch(model, batch, step: int, index: int):
         # The coin is the same on every process (process 0's seed), so all processes take the same branch.

@@ -7,7 +7,7 @@ p is the teacher, q_theta the student, m the mixture; per position (sums over th
     JSD(beta)(p || q) = beta KL(p || m) + (1 - beta) KL(q || m),   m = beta p + (1 - beta) q        Eq. (1)
                         beta = 0: KL(p || q) (forward),  beta = 1: KL(q || p) (reverse)  (TRL's convention)
 
-The GKD objective mixes where the output sequences y come from (Sec. 3, Algorithm 1):
+The GKD objective mixes where the output sequences y come from (the paper's Algorithm 1):
 
     L_GKD = (1 - lmbda) E_{(x, y) ~ data} [D(y | x)]  +  lmbda E_{x ~ data, y ~ q_theta(. | x)} [D(y | x)]
     D(y | x) = sum over the positions n of y of JSD(beta)(p(. | y_<n, x) || q_theta(. | y_<n, x))
