@@ -123,3 +123,14 @@ def to_dict(*configs: Any) -> dict[str, Any]:
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+def divergence_list(text: str, flag: str = "--compare") -> list[str]:
+    """A comma-separated list of core divergence names (the --compare convention of every method), checked."""
+    from core.losses import DIVERGENCES
+
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DIVERGENCES]
+    if unknown:
+        raise ConfigError(f"{flag} names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+    return names

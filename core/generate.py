@@ -6,7 +6,8 @@ prompt token sits at the same position and positions are taken from the attentio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,71 @@ class Generation:
     text: str
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with the torch RNG (CPU, and the accelerator's) seeded; restore the previous state after."""
+    device = torch.device(device)
+    accelerators = [device] if device.type in ("cuda", "mps") else []
+    kwargs = {"device_type": device.type} if accelerators else {}
+    with torch.random.fork_rng(devices=accelerators, **kwargs):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Completions of tokenized prompts in one batch: left-padded, KV cache, HF `generate`.
+
+    Each completion is cut after its first EOS, which is kept (it is a target: the model must learn to stop);
+    a completion that reached max_new_tokens has no EOS. The model is put in eval mode for sampling and back
+    into the mode it was in. With `seed`, sampling is seeded (see `seeded`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if do_sample
+        else {"do_sample": False}
+    )
+    context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
+    try:
+        with context:
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
+    finally:
+        model.train(was_training)
+    completions = []
+    for row in out[:, width:].tolist():
+        if eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        completions.append(row)
+    return completions
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -36,11 +102,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     progress: bool = False,
 ) -> list[Generation]:
-    """Decode a completion for every prompt, in batches, with the KV cache."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
+    """Decode a completion for every text prompt, in batches, with the KV cache."""
     results: list[Generation] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
@@ -50,30 +112,12 @@ def generate(
                 ids[:1] + ids[len(ids) - max_prompt_tokens + 1 :] if len(ids) > max_prompt_tokens else ids
                 for ids in encoded
             ]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            if do_sample
-            else {"do_sample": False}
-        )
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            use_cache=True,
-            **sampling,
-        )
-        for row, ids in enumerate(encoded):
-            completion = out[row, width:].tolist()
-            if tokenizer.eos_token_id in completion:
-                completion = completion[: completion.index(tokenizer.eos_token_id)]
+        completions = sample_completions(
+            model, encoded, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens,
+            temperature=temperature, top_p=top_p, do_sample=do_sample,
+        )  # fmt: skip
+        for ids, completion in zip(encoded, completions):
+            if completion and completion[-1] == tokenizer.eos_token_id:
+                completion = completion[:-1]  # the text of a completion stops before its EOS
             results.append(Generation(ids, completion, tokenizer.decode(completion, skip_special_tokens=True)))
-    model.train(was_training)
     return results

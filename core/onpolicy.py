@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from core.data import IGNORE_INDEX, Collator, encode_prompt
+from core.generate import sample_completions, seeded  # noqa: F401 (re-exported: the on-policy API)
 from core.io import atomic_write_json, stable_hash
 
 Example = dict[str, list[int]]
@@ -43,17 +44,6 @@ def derived_seed(*parts: int | str) -> int:
     if any(i < 0 for i in ints):
         raise ValueError(f"seed parts must be non-negative, got {parts}")
     return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block with the torch RNG (CPU, and the accelerator's) seeded; restore the previous state after."""
-    device = torch.device(device)
-    accelerators = [device] if device.type in ("cuda", "mps") else []
-    kwargs = {"device_type": device.type} if accelerators else {}
-    with torch.random.fork_rng(devices=accelerators, **kwargs):
-        torch.manual_seed(seed)
-        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,60 +65,6 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
         first = next((t for t, label in enumerate(labels[:length]) if label != IGNORE_INDEX), length)
         prompts.append(ids[:first])
     return prompts
-
-
-@torch.no_grad()
-def sample_completions(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    eos_token_id: int,
-    pad_token_id: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    do_sample: bool = True,
-    seed: int | None = None,
-) -> list[list[int]]:
-    """Completions of tokenized prompts in one batch: left-padded, KV cache, HF `generate`.
-
-    Each completion is cut after its first EOS, which is kept (it is a target: the model must learn to stop);
-    a completion that reached max_new_tokens has no EOS. The model is put in eval mode for sampling and back
-    into the mode it was in. With `seed`, sampling is seeded (see `seeded`)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if do_sample
-        else {"do_sample": False}
-    )
-    context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
-    try:
-        with context:
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                **sampling,
-            )
-    finally:
-        model.train(was_training)
-    completions = []
-    for row in out[:, width:].tolist():
-        if eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        completions.append(row)
-    return completions
 
 
 def fit_prompt(prompt: Sequence[int], limit: int) -> list[int]:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import divergence_list
 from core.data import encode_examples
 from core.errors import ConfigError
-from core.losses import DIVERGENCES
 from core.metrics import perplexity
 from core.objectives import teacher_forward
 from core.onpolicy import (
@@ -100,12 +100,10 @@ class DistiLLMConfig:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        unknown = [d for d in self.divergences() if d not in DIVERGENCES]
-        if unknown:
-            raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+        self.divergences()  # checks the names
 
     def divergences(self) -> list[str]:
-        return [d.strip() for d in self.compare.split(",") if d.strip()]
+        return divergence_list(self.compare)
 
 
 def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:

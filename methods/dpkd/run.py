@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from core.config import divergence_list
 from core.errors import ConfigError
-from core.losses import DIVERGENCES
 from core.objectives import teacher_forward
 from core.onpolicy import (
     StepStats,
@@ -81,12 +81,10 @@ class DPKDConfig:
             raise ConfigError("--teacher-temperature and --temperature must be positive")
         if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        unknown = [d for d in self.divergences() if d not in DIVERGENCES]
-        if unknown:
-            raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+        self.divergences()  # checks the names
 
     def divergences(self) -> list[str]:
-        return [d.strip() for d in self.compare.split(",") if d.strip()]
+        return divergence_list(self.compare)
 
 
 def rows_of(batch: dict[str, torch.Tensor]) -> list[dict[str, list[int]]]:

@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import divergence_list
 from core.errors import ConfigError
-from core.losses import DIVERGENCES
 from core.objectives import teacher_forward
 from core.onpolicy import (
     StepStats,
@@ -69,12 +69,10 @@ class GKDConfig:
             raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        unknown = [d for d in self.divergences() if d not in DIVERGENCES]
-        if unknown:
-            raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+        self.divergences()  # checks the names
 
     def divergences(self) -> list[str]:
-        return [d.strip() for d in self.compare.split(",") if d.strip()]
+        return divergence_list(self.compare)
 
 
 def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import divergence_list
 from core.errors import ConfigError
-from core.losses import DIVERGENCES, shift_for_causal_lm
+from core.losses import shift_for_causal_lm
 from core.objectives import teacher_forward
 from core.pipeline import Context, Method, MethodLoss, cli, run_method
 from core.plots import plot_log
@@ -45,12 +46,10 @@ class TAIDConfig:
         check_schedule(self.t_start, self.t_end, self.alpha, self.beta)
         if self.schedule_signal not in SIGNALS:
             raise ConfigError(f"--schedule-signal must be ce or kl, got {self.schedule_signal!r}")
-        unknown = [d for d in self.divergences() if d not in DIVERGENCES]
-        if unknown:
-            raise ConfigError(f"--compare names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
+        self.divergences()  # checks the names
 
     def divergences(self) -> list[str]:
-        return [d.strip() for d in self.compare.split(",") if d.strip()]
+        return divergence_list(self.compare)
 
 
 def make_loss(ctx: Context, cfg: TAIDConfig) -> MethodLoss:
