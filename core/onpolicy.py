@@ -190,7 +190,7 @@ def teacher_examples(
     generations."""
     key = stable_hash(
         {
-            "teacher": ctx.extra.get("teacher_source"),
+            "teacher": ctx.teacher_source,
             "teacher_config": ctx.teacher.config.to_dict(),
             "prompts": stable_hash([list(p) for p in prompts], 32),
             "max_length": ctx.data.max_length,

@@ -14,91 +14,27 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from core.config import ModelConfig, RunConfig, cache_root, parse, to_dict
 from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_tokenizer_pair
-from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
+from core.data import Collator, DataConfig, encode_examples, load_task
 from core.errors import ConfigError, DistillError, NonFiniteLossError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import get_divergence
+from core.method import Baseline, Context, Method
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
 from core.objectives import causal_lm_loss, make_kd_loss
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
-from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, Trainer, count_label_tokens
-
-
-@dataclass
-class Context:
-    """What a method's make_loss may use."""
-
-    accelerator: Accelerator
-    task: TaskData
-    tokenizer: PreTrainedTokenizerBase
-    teacher: PreTrainedModel
-    student: PreTrainedModel
-    features: list[dict[str, list[int]]]
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig
-    run: RunConfig
-    cache: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-    # the teacher's own tokenizer: `tokenizer` itself, except for cross-tokenizer methods (core.crosstok)
-    teacher_tokenizer: PreTrainedTokenizerBase | None = None
-
-
-@dataclass
-class MethodLoss:
-    loss_fn: LossFn
-    state: dict[str, Stateful] = field(default_factory=dict)
-    features: list[dict[str, list[int]]] | None = None  # a method may train on other data (SeqKD)
-    # called after every optimizer step with (step, step_loss, logs): schedules that read the loss (TAID)
-    on_step_end: Callable[[int, float, dict[str, float]], None] | None = None
-    # the method's own trainable modules beside the student (DSKD's projectors), at their own learning rate;
-    # put the module in `state` too, so that checkpoints carry it
-    parameters: list[torch.nn.Parameter] = field(default_factory=list)
-    parameters_lr: float | None = None
-    # on-policy methods: replaces each micro-batch (e.g. by the student's samples) before the loop counts its tokens
-    prepare_batch: PrepareBatch | None = None
-    # the loss's unit count of a batch, its normalizer (default: valid target tokens; a per-sequence loss: rows)
-    count_fn: Callable[[dict[str, Any]], int] = count_label_tokens
-
-
-@dataclass
-class Baseline:
-    """A student trained on the method's budget with another objective built from the same context (for
-    example the cross-tokenizer baselines ULD and MinED), cached and reported as eval[f"{name}_student"]."""
-
-    name: str
-    key: dict[str, Any]  # every setting that determines it (part of its cache key)
-    make_loss: Callable[[Context], MethodLoss]
-
-
-@dataclass
-class Method:
-    name: str  # the method name in metrics.json and the benchmark, e.g. "kd-fkl"
-    settings: type  # dataclass of the method's own flags
-    make_loss: Callable[[Context, Any], MethodLoss | None]  # returning None: the student IS the SFT baseline
-    same_vocabulary: bool = True
-    label: Callable[[Any], str] | None = None  # method name from its settings (e.g. vanilla's --loss)
-    # word-level KD students (divergence names, e.g. ["fkl", "rkl"]) to train on the same budget and report
-    # beside the method's student; cached, so every method compares against the very same baselines
-    baselines: Callable[[Any], list[str]] | None = None
-    # teacher and student each with their own tokenizer (flags of core.crosstok.CrossTokenizerConfig); batches
-    # carry both tokenizations (core.crosstok.PairCollator)
-    cross_tokenizer: bool = False
-    extra_baselines: Callable[[Any], list[Baseline]] | None = None
+from core.train import TrainConfig, Trainer
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
@@ -207,7 +143,7 @@ def get_kd_baseline(
 def get_extra_baseline(
     baseline: Baseline, ctx: Context, teacher_source: str, tokenizer_key: str, teacher_tokenizer_key: str, collate
 ):
-    """A method-defined baseline (Method.extra_baselines), trained on the same budget and cached."""
+    """A method-defined baseline (Method.baselines), trained on the same budget and cached."""
     key = {
         "task": task_key(ctx.data, ctx.task),
         "tokenizer": tokenizer_key,
@@ -219,7 +155,7 @@ def get_extra_baseline(
         "train": {k: v for k, v in asdict(ctx.train).items() if k not in ("stop_after",)},
     }
     built = baseline.make_loss(ctx)
-    if built.parameters or built.state or built.on_step_end or built.features:
+    if built.extra_parameters or built.state or built.on_step_end or built.features:
         raise ConfigError(f"baseline {baseline.name}: cached baselines take a plain loss (no state or extra modules)")
     return train_cached(
         f"{baseline.name}-{Path(ctx.model.student).name}",
@@ -293,7 +229,7 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
         pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
         tokenizer, tokenizer_key = pair.student, pair.student_key
         teacher_tokenizer, teacher_tokenizer_key = pair.teacher, pair.teacher_key
-        if method.baselines and method.baselines(settings):
+        if method.kd_baselines and method.kd_baselines(settings):
             raise ConfigError(f"{name}: word-level KD baselines need one vocabulary; use cross-tokenizer baselines")
     else:
         tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
@@ -302,7 +238,7 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
         model_cfg, data, task, teacher_tokenizer, teacher_tokenizer_key, cache, accelerator
     )
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
-    if method.same_vocabulary:
+    if not method.cross_tokenizer:
         check_same_vocabulary(teacher, student, name)
     sft_model, sft_result, sft_folder = get_sft_baseline(
         {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
@@ -321,7 +257,7 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
             cache,
             accelerator,
         )
-        for divergence in (method.baselines(settings) if method.baselines else [])
+        for divergence in (method.kd_baselines(settings) if method.kd_baselines else [])
     }
 
     if cross is not None:
@@ -330,11 +266,12 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
     else:
         features = encode_examples(tokenizer, task.train, data.max_length)
         collate = Collator(tokenizer.pad_token_id)
-    ctx = Context(accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache)
-    ctx.extra["teacher_source"] = teacher_info["source"]
-    ctx.teacher_tokenizer = teacher_tokenizer
+    ctx = Context(
+        accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache,
+        teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
+    )  # fmt: skip
     built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
-    for baseline in method.extra_baselines(settings) if method.extra_baselines else []:
+    for baseline in method.baselines(settings) if method.baselines else []:
         baselines[baseline.name] = get_extra_baseline(
             baseline, ctx, teacher_info["source"], tokenizer_key, teacher_tokenizer_key, collate
         )
@@ -352,8 +289,8 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
             state=built.state,
             desc=name,
             on_step_end=built.on_step_end,
-            extra_parameters=built.parameters,
-            extra_lr=built.parameters_lr,
+            extra_parameters=built.extra_parameters,
+            extra_lr=built.extra_lr,
             count_fn=built.count_fn,
             prepare_batch=built.prepare_batch,
         )

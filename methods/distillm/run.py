@@ -23,6 +23,7 @@ from typing import Any
 from core.config import divergence_list
 from core.data import encode_examples
 from core.errors import ConfigError
+from core.method import Context, Method, MethodLoss
 from core.metrics import perplexity
 from core.objectives import teacher_forward
 from core.onpolicy import (
@@ -33,7 +34,7 @@ from core.onpolicy import (
     record_generation_share,
     sample_examples,
 )
-from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.replay import ReplayBuffer
 from core.train import LossOutput
@@ -177,7 +178,7 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     )
 
 
-METHOD = Method(name="distillm", settings=DistiLLMConfig, make_loss=make_loss, baselines=DistiLLMConfig.divergences)
+METHOD = Method(name="distillm", settings=DistiLLMConfig, make_loss=make_loss, kd_baselines=DistiLLMConfig.divergences)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

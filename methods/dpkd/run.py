@@ -23,6 +23,7 @@ import torch
 
 from core.config import divergence_list
 from core.errors import ConfigError
+from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
 from core.onpolicy import (
     StepStats,
@@ -34,7 +35,7 @@ from core.onpolicy import (
     sample_examples,
     teacher_examples,
 )
-from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.dpkd.loss import (
     dpkd_loss,
@@ -178,7 +179,7 @@ METHOD = Method(
     name="dpkd",
     settings=DPKDConfig,
     make_loss=make_loss,
-    baselines=DPKDConfig.divergences,
+    kd_baselines=DPKDConfig.divergences,
     label=lambda cfg: "dpkd" if cfg.level == "sequence" else "dpkd-token",
 )
 

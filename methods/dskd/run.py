@@ -22,7 +22,8 @@ import torch
 from core.crosstok import common_vocabulary
 from core.errors import ConfigError
 from core.losses import DIVERGENCES, cross_entropy_sum, get_divergence, shift_for_causal_lm
-from core.pipeline import Baseline, Context, Method, MethodLoss, cli, run_method
+from core.method import Baseline, Context, Method, MethodLoss
+from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.dskd.align import VocabularyAlignment, mined_target_logits
 from methods.dskd.loss import cma_terms, dual_space_terms, uld_sum
@@ -149,8 +150,8 @@ def make_dual_space_loss(ctx: Context, cfg: DSKDConfig, cma: bool) -> MethodLoss
     return MethodLoss(
         loss_fn,
         state={"projectors": projectors},
-        parameters=list(projectors.parameters()),
-        parameters_lr=cfg.projector_lr,
+        extra_parameters=list(projectors.parameters()),
+        extra_lr=cfg.projector_lr,
     )
 
 
@@ -226,10 +227,9 @@ METHOD = Method(
     name="dskd",
     settings=DSKDConfig,
     make_loss=make_loss,
-    same_vocabulary=False,
     label=lambda cfg: cfg.variant,
     cross_tokenizer=True,
-    extra_baselines=baselines,
+    baselines=baselines,
 )
 
 

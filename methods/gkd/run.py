@@ -20,6 +20,7 @@ from typing import Any
 
 from core.config import divergence_list
 from core.errors import ConfigError
+from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
 from core.onpolicy import (
     StepStats,
@@ -29,7 +30,7 @@ from core.onpolicy import (
     record_generation_share,
     sample_examples,
 )
-from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.gkd.loss import gkd_loss_sum
 
@@ -120,7 +121,7 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
     return MethodLoss(loss_fn, prepare_batch=prepare_batch, on_step_end=on_step_end)
 
 
-METHOD = Method(name="gkd", settings=GKDConfig, make_loss=make_loss, baselines=GKDConfig.divergences)
+METHOD = Method(name="gkd", settings=GKDConfig, make_loss=make_loss, kd_baselines=GKDConfig.divergences)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

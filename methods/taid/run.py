@@ -18,8 +18,9 @@ from typing import Any
 from core.config import divergence_list
 from core.errors import ConfigError
 from core.losses import shift_for_causal_lm
+from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
-from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.train import LossOutput
 from methods.taid.loss import TAIDSchedule, check_schedule, taid_terms
@@ -76,7 +77,7 @@ def make_loss(ctx: Context, cfg: TAIDConfig) -> MethodLoss:
     return MethodLoss(loss_fn, state={"taid": schedule}, on_step_end=on_step_end)
 
 
-METHOD = Method(name="taid", settings=TAIDConfig, make_loss=make_loss, baselines=TAIDConfig.divergences)
+METHOD = Method(name="taid", settings=TAIDConfig, make_loss=make_loss, kd_baselines=TAIDConfig.divergences)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from core.errors import ConfigError
 from core.generate import generate
 from core.io import atomic_write_json, stable_hash
 from core.losses import DIVERGENCES, get_divergence
+from core.method import Context, Method, MethodLoss
 from core.objectives import causal_lm_loss, make_kd_loss
-from core.pipeline import Context, Method, MethodLoss, cli, run_method
+from core.pipeline import cli, run_method
 
 VARIANTS = ("sft", "kd", "seqkd")
 
@@ -64,9 +65,7 @@ def label(cfg: VanillaConfig) -> str:
 def teacher_outputs(ctx: Context, n: int) -> list[Example]:
     """The teacher's greedy completions of the first n training prompts, cached beside the teacher."""
     prompts = [ex.prompt for ex in ctx.task.train[:n]]
-    key = stable_hash(
-        {"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.extra.get("teacher_source")}
-    )
+    key = stable_hash({"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.teacher_source})
     path = ctx.cache / "seqkd" / f"{key}.json"
     if path.exists():
         targets = json.loads(path.read_text())
