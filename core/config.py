@@ -8,7 +8,7 @@ command line from them with transformers' HfArgumentParser, so `kd_ratio` is bot
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,38 +72,58 @@ class ModelConfig:
 
 @dataclass
 class RunConfig:
-    """Where results go and how evaluation runs."""
+    """The run shell's own flags (core.shell), common to every family: where results go, on which device."""
 
     out: str | None = field(default=None, metadata={"help": "run folder; default runs/<method>/<task>/seed<seed>"})
     device: str = field(default="auto", metadata={"help": "auto (Accelerate's choice), cpu, cuda or mps"})
     cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "cache of teachers, tokenizers and SFT baselines; default $DISTILLAB_CACHE or ~/.cache/distillab"
+            "help": "cache of teachers, tokenizers and baselines; default $DISTILLAB_CACHE or ~/.cache/distillab"
         },
     )
     overwrite: bool = field(
         default=False, metadata={"help": "replace an existing run folder that holds another configuration"}
     )
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+
+@dataclass
+class EvalConfig:
+    """How the LLM recipe evaluates by generation."""
+
     eval_batch_size: int = field(default=100, metadata={"help": "prompts per generation batch at evaluation"})
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "generation length at evaluation; default: the task's"}
     )
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ConfigError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.eval_batch_size < 1:
-            raise ConfigError("--eval-batch-size must be at least 1")
+            raise ConfigError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
 
 def cache_root(run: RunConfig) -> Path:
     return Path(run.cache_dir or os.environ.get("DISTILLAB_CACHE") or Path.home() / ".cache" / "distillab")
 
 
-def parse(types: tuple[type, ...], argv: list[str] | None, prog: str | None = None) -> tuple[Any, ...]:
-    """Parse `argv` into one instance of each dataclass in `types`; unknown flags raise ConfigError."""
-    parser = HfArgumentParser(types, prog=prog)
+def parse(
+    types: tuple[type, ...], argv: list[str] | None, prog: str | None = None, description: str | None = None
+) -> tuple[Any, ...]:
+    """Parse `argv` into one instance of each dataclass in `types`; unknown flags raise ConfigError.
+
+    `--help` lists the flags grouped by dataclass, each group under its docstring."""
+    for cls in types:  # HfArgumentParser puts a dataclass's flags in a group of this name
+        if "_argument_group_name" not in cls.__dict__:
+            doc = (cls.__doc__ or "").strip()
+            generated = doc.startswith(f"{cls.__name__}(")  # dataclass's own stand-in for a missing docstring
+            first = doc.splitlines()[0] if doc and not generated else ""
+            cls._argument_group_name = f"{cls.__name__}: {first}" if first else cls.__name__
+    parser = HfArgumentParser(types, prog=prog, description=description)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -119,10 +139,6 @@ def parse(types: tuple[type, ...], argv: list[str] | None, prog: str | None = No
 def to_dict(*configs: Any) -> dict[str, Any]:
     """All settings, grouped by dataclass name (for config.json and metrics.json)."""
     return {type(c).__name__: asdict(c) for c in configs if is_dataclass(c)}
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
 
 
 def divergence_list(text: str, flag: str = "--compare") -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.config import ModelConfig, RunConfig
+from core.config import EvalConfig, ModelConfig, RunConfig
 from core.data import DataConfig, TaskData
 from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, count_label_tokens
 
@@ -39,6 +39,7 @@ class Context:
     model: ModelConfig
     train: TrainConfig
     run: RunConfig
+    eval: EvalConfig
     cache: Path  # the cache root (teachers, tokenizers, baselines, teacher outputs)
     teacher_source: str  # where the teacher came from (a folder or the embedded teacher's cache entry)
     # the teacher's own tokenizer: `tokenizer` itself, except for cross-tokenizer methods (core.crosstok)

@@ -1,56 +1,50 @@
-"""One distillation run, composed from core: the path every LLM method's run.py takes.
+"""The LLM recipe: the path every LLM method's run.py takes, on the run shell (core.shell).
 
-    parse flags -> task -> tokenizer -> teacher (cached) -> SFT baseline (cached) -> the method's student
-    -> evaluation of teacher, SFT student and student -> run folder -> printed table
+    task -> tokenizer -> teacher (cached) -> SFT baseline (cached) -> KD and method baselines (cached)
+    -> the method's student -> evaluation of teacher, SFT student, baselines and student -> Outcome
 
-A method supplies a `Method`: its name, its settings dataclass, and `make_loss(ctx, settings)` returning the
-training loss (and any state to checkpoint). Everything else is shared, so methods are compared on equal terms.
+The shell around it parses the flags, owns the run folder (resume, refuse other settings, skip a complete run),
+seeds, writes metrics.json and prints the table. A method supplies a `Method` (core.method): its name, its
+settings dataclass, and `make_loss(ctx, settings)` returning the training loss (and any state to checkpoint).
+Everything else is shared, so methods are compared on equal terms.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedTokenizerBase
 
-from core.config import ModelConfig, RunConfig, cache_root, parse, to_dict
+from core.config import EvalConfig, ModelConfig
 from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_tokenizer_pair
-from core.data import Collator, DataConfig, encode_examples, load_task
-from core.errors import ConfigError, DistillError, NonFiniteLossError
+from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
+from core.errors import ConfigError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import get_divergence
 from core.method import Baseline, Context, Method
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
 from core.objectives import causal_lm_loss, make_kd_loss
-from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
+from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.train import TrainConfig, Trainer
 
-
-def make_accelerator(run: RunConfig) -> Accelerator:
-    # transformers' own per-file progress bars would interleave with ours on every save and load.
-    hf_logging.disable_progress_bar()
-    return Accelerator(cpu=run.device == "cpu")
+__all__ = ["BaselineSetup", "cli", "llm_recipe", "run_method"]
 
 
 def evaluate_cached(
-    name: str, model, tokenizer, task, data: DataConfig, run: RunConfig, folder: Path | None
+    name: str, model, tokenizer, task, data: DataConfig, evaluation: EvalConfig, folder: Path | None
 ) -> tuple[dict, list[str]]:
     """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
     settings = {
         "format": 2,
         "eval_size": data.eval_size,
-        "max_new_tokens": run.max_new_tokens,
+        "max_new_tokens": evaluation.max_new_tokens,
         "task": task.name,
         "n": len(task.eval),
         "max_length": data.max_length,
@@ -60,7 +54,7 @@ def evaluate_cached(
         stored = json.loads(path.read_text())
         return stored["scores"], stored["predictions"]
     scores, predictions = evaluate_model(
-        model, tokenizer, task, data.max_length, run.eval_batch_size, run.max_new_tokens
+        model, tokenizer, task, data.max_length, evaluation.eval_batch_size, evaluation.max_new_tokens
     )
     if path is not None:
         atomic_write_json(path, {"scores": scores, "predictions": predictions})
@@ -68,107 +62,72 @@ def evaluate_cached(
     return scores, predictions
 
 
-def _cached_student(
-    kind: str,
-    extra_key: dict[str, Any],
-    loss_fn,
-    tokenizer,
-    tokenizer_key,
-    task,
-    data,
-    model_cfg,
-    train_cfg,
-    cache,
-    accelerator,
-):
-    """A baseline student trained once per configuration (same init, data order and budget as the run's student)."""
-    key = {
-        "task": task_key(data, task),
-        "tokenizer": tokenizer_key,
-        "student": model_cfg.student,
-        "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after",)},
-        **extra_key,
-    }
-    return train_cached(
-        f"{kind}-{Path(model_cfg.student).name}",
-        key,
-        lambda: build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed),
-        encode_examples(tokenizer, task.train, data.max_length),
-        tokenizer,
-        train_cfg,
-        cache,
-        accelerator,
-        loss_fn=loss_fn,
-    )
+@dataclass
+class BaselineSetup:
+    """What every cached baseline student of a run shares: it trains from the run student's initialisation, on
+    the run's data, order and budget (only its objective differs)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_key: str
+    task: TaskData
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    cache: Path
+    accelerator: Accelerator
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "task": task_key(self.data, self.task),
+            "tokenizer": self.tokenizer_key,
+            "student": self.model.student,
+            "train": {k: v for k, v in asdict(self.train).items() if k != "stop_after"},
+        }
+
+    def train_student(self, kind: str, extra_key: dict[str, Any], loss_fn, features=None, collate=None):
+        """(model, TrainResult, cache folder) of a baseline student, trained once per configuration."""
+        return train_cached(
+            f"{kind}-{Path(self.model.student).name}",
+            {**self.key(), **extra_key},
+            lambda: build_or_load(self.model.student, self.tokenizer, seed=self.train.seed),
+            features
+            if features is not None
+            else encode_examples(self.tokenizer, self.task.train, self.data.max_length),
+            self.tokenizer,
+            self.train,
+            self.cache,
+            self.accelerator,
+            loss_fn=loss_fn,
+            collate=collate,
+        )
 
 
-def get_sft_baseline(
-    ctx_args: dict[str, Any], tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
-):
+def get_sft_baseline(setup: BaselineSetup):
     """The SFT student every method is compared against."""
-    return _cached_student(
-        "sft", {}, causal_lm_loss, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
-    )
+    return setup.train_student("sft", {}, causal_lm_loss)
 
 
-def get_kd_baseline(
-    divergence: str,
-    teacher,
-    teacher_source: str,
-    tokenizer,
-    tokenizer_key,
-    task,
-    data,
-    model_cfg,
-    train_cfg,
-    cache,
-    accelerator,
-):
+def get_kd_baseline(setup: BaselineSetup, divergence: str, teacher, teacher_source: str):
     """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration."""
-    return _cached_student(
+    return setup.train_student(
         f"kd-{divergence}",
         {"teacher": teacher_source, "divergence": divergence},
         make_kd_loss(teacher, get_divergence(divergence)),
-        tokenizer,
-        tokenizer_key,
-        task,
-        data,
-        model_cfg,
-        train_cfg,
-        cache,
-        accelerator,
     )
 
 
-def get_extra_baseline(
-    baseline: Baseline, ctx: Context, teacher_source: str, tokenizer_key: str, teacher_tokenizer_key: str, collate
-):
+def get_method_baseline(baseline: Baseline, ctx: Context, setup: BaselineSetup, teacher_tokenizer_key: str, collate):
     """A method-defined baseline (Method.baselines), trained on the same budget and cached."""
-    key = {
-        "task": task_key(ctx.data, ctx.task),
-        "tokenizer": tokenizer_key,
-        "teacher_tokenizer": teacher_tokenizer_key,
-        "teacher": teacher_source,
-        "student": ctx.model.student,
-        "baseline": baseline.name,
-        "settings": baseline.key,
-        "train": {k: v for k, v in asdict(ctx.train).items() if k not in ("stop_after",)},
-    }
     built = baseline.make_loss(ctx)
     if built.extra_parameters or built.state or built.on_step_end or built.features:
         raise ConfigError(f"baseline {baseline.name}: cached baselines take a plain loss (no state or extra modules)")
-    return train_cached(
-        f"{baseline.name}-{Path(ctx.model.student).name}",
-        key,
-        lambda: build_or_load(ctx.model.student, ctx.tokenizer, seed=ctx.train.seed),
-        ctx.features,
-        ctx.tokenizer,
-        ctx.train,
-        ctx.cache,
-        ctx.accelerator,
-        loss_fn=built.loss_fn,
-        collate=collate,
-    )
+    extra_key = {
+        "teacher_tokenizer": teacher_tokenizer_key,
+        "teacher": ctx.teacher_source,
+        "baseline": baseline.name,
+        "settings": baseline.key,
+    }
+    return setup.train_student(baseline.name, extra_key, built.loss_fn, features=ctx.features, collate=collate)
 
 
 def tokenizer_info(pair) -> dict[str, Any]:
@@ -179,51 +138,34 @@ def tokenizer_info(pair) -> dict[str, Any]:
     }
 
 
+def llm_recipe(method: Method) -> Recipe:
+    """The LLM recipe of a method, as a run-shell Recipe (flags, run folder, metrics.json and table: core.shell)."""
+    cross = (CrossTokenizerConfig,) if method.cross_tokenizer else ()
+    return Recipe(
+        name=method.name,
+        family="lm",
+        configs=(DataConfig, ModelConfig, TrainConfig, EvalConfig, method.settings, *cross),
+        body=lambda shell: _llm_body(method, shell),
+        task=lambda shell: shell.cfg(DataConfig).task,
+        label=lambda shell: method.run_name(shell.cfg(method.settings)),
+        description=method.description,
+    )
+
+
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, run the method and its baselines, write the run folder, print the table; return metrics.
 
     A bad input found after the run folder was created removes the folder again (when this call created it),
-    so a failed start leaves nothing half-written behind."""
-    cross_types = (CrossTokenizerConfig,) if method.cross_tokenizer else ()
-    data, model_cfg, train_cfg, run, settings, *cross = parse(
-        (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings, *cross_types), argv
-    )
-    out = _run_dir(method, settings, data, train_cfg, run)
-    created = not out.exists()
-    try:
-        return _run_method(method, data, model_cfg, train_cfg, run, settings, *cross)
-    except NonFiniteLossError:
-        raise  # keeps its checkpoints: the message names the last good one
-    except DistillError:
-        if created and out.exists() and not (out / "checkpoints").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    so a failed start leaves nothing half-written behind (core.shell.run_recipe)."""
+    return run_recipe(llm_recipe(method), argv)
 
 
-def _run_dir(method: Method, settings: Any, data: DataConfig, train_cfg: TrainConfig, run: RunConfig) -> Path:
-    name = method.label(settings) if method.label else method.name
-    return Path(run.out or Path("runs") / name / data.task / f"seed{train_cfg.seed}")
-
-
-def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross=None) -> dict[str, Any]:
-    name = method.label(settings) if method.label else method.name
-    out = _run_dir(method, settings, data, train_cfg, run)
-    config = to_dict(data, model_cfg, train_cfg, run, settings, *([cross] if cross is not None else []))
-    config["method"] = {"name": name}
-    done = read_metrics(out)
-    if done is not None and done.get("config", {}).get("method") == config["method"] and not run.overwrite:
-        prepare_run_dir(out, config, run.overwrite)  # refuses a different configuration
-        print(f"[{name}] {out} is complete; showing its results (pass --overwrite to run again)", file=sys.stderr)
-        _print_summary(done)
-        return done
-    accelerator = make_accelerator(run)
-    if accelerator.is_main_process:
-        prepare_run_dir(out, config, run.overwrite)
-    accelerator.wait_for_everyone()
-    set_seed(train_cfg.seed)
-    cache = cache_root(run)
-    t_start = time.perf_counter()
-
+def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
+    data, model_cfg, train_cfg = shell.cfg(DataConfig), shell.cfg(ModelConfig), shell.cfg(TrainConfig)
+    evaluation, settings, run = shell.cfg(EvalConfig), shell.cfg(method.settings), shell.run
+    cross = shell.cfg(CrossTokenizerConfig) if method.cross_tokenizer else None
+    name, out, cache = shell.name, shell.out, shell.cache
+    accelerator = shell.accelerator
     task = load_task(data)
     if cross is not None:  # the student's tokenizer is `tokenizer`; the teacher trains and decodes with its own
         pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
@@ -240,23 +182,10 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
     if not method.cross_tokenizer:
         check_same_vocabulary(teacher, student, name)
-    sft_model, sft_result, sft_folder = get_sft_baseline(
-        {}, tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator
-    )
+    setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
+    sft_model, sft_result, sft_folder = get_sft_baseline(setup)
     baselines = {  # eval key (without "_student") -> (model, train result, cache folder)
-        f"kd_{divergence}": get_kd_baseline(
-            divergence,
-            teacher,
-            teacher_info["source"],
-            tokenizer,
-            tokenizer_key,
-            task,
-            data,
-            model_cfg,
-            train_cfg,
-            cache,
-            accelerator,
-        )
+        f"kd_{divergence}": get_kd_baseline(setup, divergence, teacher, teacher_info["source"])
         for divergence in (method.kd_baselines(settings) if method.kd_baselines else [])
     }
 
@@ -267,14 +196,12 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
         features = encode_examples(tokenizer, task.train, data.max_length)
         collate = Collator(tokenizer.pad_token_id)
     ctx = Context(
-        accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, cache,
-        teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
+        accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, evaluation,
+        cache, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
     for baseline in method.baselines(settings) if method.baselines else []:
-        baselines[baseline.name] = get_extra_baseline(
-            baseline, ctx, teacher_info["source"], tokenizer_key, teacher_tokenizer_key, collate
-        )
+        baselines[baseline.name] = get_method_baseline(baseline, ctx, setup, teacher_tokenizer_key, collate)
     if built is None:  # the method is SFT itself: the baseline is the student
         student, result = sft_model, sft_result
     else:
@@ -300,33 +227,32 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
                 f"[{name}] stopped at step {trainer.step} of {train_cfg.steps}; rerun the same command to resume",
                 file=sys.stderr,
             )
-            return {}
+            return None
         student = accelerator.unwrap_model(trainer.model)
 
     if not accelerator.is_main_process:
-        return {}
-    device = str(accelerator.device)
+        return Outcome(task.name, {"student": {}}, {})  # the shell writes nothing on other processes
     teacher_scores, teacher_pred = evaluate_cached(
         "teacher",
         teacher,
         teacher_tokenizer,
         task,
         data,
-        run,
+        evaluation,
         Path(teacher_info["source"]) if not model_cfg.teacher else None,
     )
     sft_scores, sft_pred = evaluate_cached(
-        "sft", sft_model.to(accelerator.device), tokenizer, task, data, run, sft_folder
+        "sft", sft_model.to(accelerator.device), tokenizer, task, data, evaluation, sft_folder
     )
     if built is None:
         student_scores, student_pred = sft_scores, sft_pred
     else:
-        student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, run, None)
+        student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, evaluation, None)
     baseline_scores, baseline_preds = {}, {}
     for baseline, (model, _, folder) in baselines.items():
         key = f"{baseline}_student"
         baseline_scores[key], baseline_preds[key] = evaluate_cached(
-            baseline.replace("_", "-"), model.to(accelerator.device), tokenizer, task, data, run, folder
+            baseline.replace("_", "-"), model.to(accelerator.device), tokenizer, task, data, evaluation, folder
         )
 
     with atomic_dir(out / "student") as tmp:
@@ -338,53 +264,14 @@ def _run_method(method: Method, data, model_cfg, train_cfg, run, settings, cross
         for i, (ex, t, s, p) in enumerate(zip(task.eval, teacher_pred, sft_pred, student_pred))
     ]
     (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
-    metrics = {
-        "method": name,
-        "task": task.name,
-        "run_dir": str(out),
-        "seed": train_cfg.seed,
-        "eval": {"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores, **baseline_scores},
-        "train": {
+    return Outcome(
+        task=task.name,
+        eval={"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores, **baseline_scores},
+        train={
             **asdict(result),
             "baselines": {f"{b}_student": asdict(r) for b, (_, r, _) in baselines.items()},
             "student_params": count_parameters(student),
             "teacher_params": count_parameters(teacher),
-            "run_wall_s": time.perf_counter() - t_start,
         },
-        "teacher": teacher_info,
-        **({"tokenizers": tokenizer_info(pair)} if cross is not None else {}),
-        "config": config,
-        "env": env_info(device),
-    }
-    write_metrics(out, metrics)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    _print_summary(metrics)
-    print(f"run folder: {out}", file=sys.stderr)
-    return metrics
-
-
-def _print_summary(metrics: dict[str, Any]) -> None:
-    evals = metrics["eval"]
-    columns = [c for c in evals["student"] if "/" not in c]  # per-group scores stay in metrics.json
-    rows = [("teacher", evals["teacher"]), ("sft student", evals["sft_student"])]
-    rows += [
-        (key.removesuffix("_student").replace("_", "-") + " student", v)
-        for key, v in evals.items()
-        if key.endswith("_student") and key != "sft_student"
-    ]
-    rows.append((f"{metrics['method']} student", evals["student"]))
-    train = metrics["train"]
-    print(
-        f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {train['steps']} steps, "
-        f"{train['tokens_per_s']:.0f} tokens/s, peak memory {train['peak_mem_mb']:.0f} MB"
+        extra={"teacher": teacher_info, **({"tokenizers": tokenizer_info(pair)} if cross is not None else {})},
     )
-    print(format_table(rows, columns))
-
-
-def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """For run.py's `__main__`: typed errors become one clear line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -10,8 +10,11 @@ What it guarantees:
   so a kill mid-write leaves the previous checkpoint intact; resume restores all of it;
 - a NaN or infinite loss stops the run, names the step and keeps the last good checkpoint.
 
-A method supplies `loss_fn(model, batch) -> LossOutput` returning the SUM of its per-token loss (and any logs);
-the loop owns normalization.
+A method supplies `loss_fn(model, batch) -> LossOutput` returning the SUM of its per-unit loss (and any logs);
+the loop owns normalization. What a unit is belongs to the caller: `count_fn(batch)` counts the units the loss
+is averaged over (valid target tokens for a causal LM, the default; frames for speech; examples for a
+classifier) and `throughput_fn(batch)` the units of the throughput figure (non-padding input tokens by default).
+The loop knows nothing of text: any `torch.nn.Module` trains and checkpoints (a safetensors state dict).
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -99,16 +102,31 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_input_units(batch: dict[str, Any]) -> int:
+    """The default throughput count: non-padding input tokens where the batch has an attention mask, else rows."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    first = next(v for v in batch.values() if torch.is_tensor(v))
+    return int(first.shape[0])
+
+
+def count_rows(batch: dict[str, Any]) -> int:
+    """Examples in a batch: the unit of a per-example loss (a classifier, a per-sequence objective)."""
+    first = next(v for v in batch.values() if torch.is_tensor(v))
+    return int(first.shape[0])
+
+
 @dataclass
 class TrainResult:
     steps: int
-    tokens: int  # non-padding input tokens processed over the whole run
-    target_tokens: int  # valid target tokens (what the loss is averaged over)
+    tokens: int  # throughput units processed over the whole run (non-padding input tokens for an LM)
+    target_tokens: int  # units the loss is averaged over (valid target tokens for an LM)
     wall_s: float
-    tokens_per_s: float
+    tokens_per_s: float  # throughput units per second of this invocation's training
     peak_mem_mb: float
     first_loss: float
     last_loss: float
+    unit: str = "tokens"  # what `tokens` and `tokens_per_s` count (tokens, frames, examples)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -161,6 +179,8 @@ class Trainer:
         out_dir: str | Path,
         accelerator: Accelerator,
         count_fn: Callable[[dict[str, torch.Tensor]], int] = count_label_tokens,
+        throughput_fn: Callable[[dict[str, torch.Tensor]], int] = count_input_units,
+        unit: str = "tokens",
         state: dict[str, Stateful] | None = None,
         desc: str = "train",
         on_step_end: Callable[[int, float, dict[str, float]], None] | None = None,
@@ -180,6 +200,7 @@ class Trainer:
             raise ConfigError("there are no training examples")
         self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
         self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
+        self.throughput_fn, self.unit = throughput_fn, unit
         self.on_step_end = on_step_end  # called as (step, step_loss, logs) after each optimizer step
         # (it may add entries to `logs`: they are written to the step's line of log.jsonl)
         self.prepare_batch = prepare_batch  # replaces a micro-batch before its tokens are counted (on-policy)
@@ -198,8 +219,8 @@ class Trainer:
         # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
         self.step = 0
-        self.tokens = 0  # non-padding input tokens processed (prompt + completion): the tokens/s numerator
-        self.target_tokens = 0  # valid target tokens: the loss normalizer
+        self.tokens = 0  # throughput units processed (an LM's non-padding input tokens): the tokens/s numerator
+        self.target_tokens = 0  # units of the loss normalizer (an LM's valid target tokens)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -214,7 +235,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             final = self.ckpt_root / f"step_{self.step:07d}"
             with atomic_dir(final) as tmp:
-                self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+                # A plain state dict of any module; tensors shared by several names (tied embeddings) stored once.
+                save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
@@ -239,8 +261,11 @@ class Trainer:
                 ) from exc
 
         try:
-            weights = load_file(str(path / "model.safetensors"))
-            missing, unexpected = self.accelerator.unwrap_model(self.model).load_state_dict(weights, strict=False)
+            # load_model restores tensors that save_model stored once for several names (tied weights), so any
+            # name still missing, or left over, means a different model.
+            missing, unexpected = load_model(
+                self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"), strict=False
+            )
             state = json.loads((path / "trainer_state.json").read_text())
         except CheckpointError:
             raise
@@ -248,8 +273,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before"
             ) from exc
-        # Tied weights may be absent from the file; anything else missing means a different model.
-        if unexpected or [k for k in missing if "lm_head" not in k]:
+        if unexpected or missing:
             raise CheckpointError(
                 f"checkpoint {path} was written by a different model (missing {missing}, unexpected {unexpected})"
             )
@@ -274,8 +298,12 @@ class Trainer:
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         indices = example_indices(step, len(self.features), self.cfg.batch_size, self.cfg.seed)
         shards = process_shard(indices, self.accelerator.process_index, self.accelerator.num_processes, self.micro)
+        device = self.accelerator.device
         return [
-            {k: v.to(self.accelerator.device) for k, v in self.collate([self.features[i] for i in shard]).items()}
+            {
+                k: v.to(device) if torch.is_tensor(v) else v
+                for k, v in self.collate([self.features[i] for i in shard]).items()
+            }
             for shard in shards
         ]
 
@@ -313,7 +341,7 @@ class Trainer:
             local = torch.tensor(
                 [
                     sum(self.count_fn(b) for b in micro_batches),
-                    sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                    sum(self.throughput_fn(b) for b in micro_batches),
                 ],
                 device=acc.device,
             )
@@ -391,6 +419,7 @@ class Trainer:
             peak_mem_mb=peak_memory_mb(acc.device),
             first_loss=first_loss,
             last_loss=last_loss,
+            unit=self.unit,
         )
 
     @property
@@ -409,7 +438,3 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
-
-
-def train_config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)

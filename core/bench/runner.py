@@ -60,25 +60,27 @@ def plan(suite: Suite, methods: list[BenchMethod], tasks: list[BenchTask], seeds
     return runs
 
 
-def planned_config(module_name: str, argv: list[str]) -> dict[str, Any] | None:
-    """The configuration a run of `argv` would record (built as core.pipeline.run_method builds it, from the run
-    module's METHOD), so that a changed default in a method's code is not mistaken for a complete run.
-    None for a module that declares no METHOD; an error for flags that do not parse or a module that fails."""
-    from core.config import ModelConfig, RunConfig, parse, to_dict
-    from core.crosstok import CrossTokenizerConfig
-    from core.data import DataConfig
-    from core.train import TrainConfig
+def run_recipe_of(module_name: str):
+    """The run-shell Recipe of a run module: its RECIPE, or the LLM recipe of its METHOD; None if it has neither."""
+    module = importlib.import_module(module_name)
+    recipe = getattr(module, "RECIPE", None)
+    if recipe is None and getattr(module, "METHOD", None) is not None:
+        from core.pipeline import llm_recipe
 
-    method = getattr(importlib.import_module(module_name), "METHOD", None)
-    if method is None:
+        recipe = llm_recipe(module.METHOD)
+    return recipe
+
+
+def planned_config(module_name: str, argv: list[str]) -> dict[str, Any] | None:
+    """The configuration a run of `argv` would record, built by the very code the run builds it with
+    (core.shell.config_of), so that a changed default in a method's code is not mistaken for a complete run.
+    None for a module that declares neither RECIPE nor METHOD; an error for flags that do not parse."""
+    from core.shell import config_of
+
+    recipe = run_recipe_of(module_name)
+    if recipe is None:
         return None
-    types = (DataConfig, ModelConfig, TrainConfig, RunConfig, method.settings)
-    data, model, train, run, settings, *cross = parse(
-        types + ((CrossTokenizerConfig,) if method.cross_tokenizer else ()), argv
-    )
-    config = to_dict(data, model, train, run, settings, *cross)
-    config["method"] = {"name": method.label(settings) if method.label else method.name}
-    return json.loads(json.dumps(config))
+    return json.loads(json.dumps(config_of(recipe, argv)))
 
 
 def _stable(config: dict[str, Any]) -> dict[str, Any]:

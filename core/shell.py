@@ -1,0 +1,286 @@
+"""The run shell: what every run script shares, whatever it trains (a causal LM, a speech model, a classifier,
+an ensemble, a grid of small models).
+
+    flags (typed dataclasses) -> run folder (refuse other settings, resume, skip a complete run) -> seeding
+    -> the recipe's body -> metrics.json (one schema) -> the printed summary table
+
+A family writes its recipe as a `Recipe` whose `body(ctx)` builds data, models and teachers, trains with
+core.train.Trainer (through `ctx.trainer`) and evaluates; it returns an `Outcome`. The shell knows nothing of
+text: the LLM recipe (core.pipeline) is one recipe among others, built on this same shell.
+
+    RECIPE = Recipe(name="dnkd", family="speech", configs=(SpeechData, TrainConfig, DNKDConfig), body=body)
+    def main(argv=None): return run_recipe(RECIPE, argv)
+    if __name__ == "__main__": cli(main)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import RunConfig, cache_root, parse, to_dict
+from core.errors import ConfigError, DistillError, NonFiniteLossError
+from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
+
+FAMILIES = ("lm", "speech", "unlearning", "privacy", "vision", "analysis")
+
+
+@dataclass
+class Recipe:
+    """One run script: its settings and its body. The shell does the rest."""
+
+    name: str  # method name in metrics.json and the benchmark
+    family: str  # one of FAMILIES: which benchmark tasks it runs on
+    configs: tuple[type, ...]  # settings dataclasses parsed from the flags; the shell adds RunConfig
+    body: Callable[[RunContext], Outcome | None]  # None: stopped early (--stop-after); the same command resumes
+    task: Callable[[RunContext], str] | None = None  # task name for the default run folder (default "default")
+    label: Callable[[RunContext], str] | None = None  # run name from the settings (default: name)
+    description: str = ""  # shown by --help
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Recipe {self.name}: family must be one of {FAMILIES}, got {self.family!r}")
+
+
+@dataclass
+class Outcome:
+    """What a recipe's body measured; the shell writes it into metrics.json."""
+
+    task: str
+    eval: dict[str, dict[str, float]]  # "student" (required), "teacher", "<baseline>_student", ...
+    train: dict[str, Any]  # e.g. dataclasses.asdict(TrainResult) and anything else about training
+    extra: dict[str, Any] = field(default_factory=dict)  # further top-level keys of metrics.json
+    columns: list[str] | None = None  # eval metrics shown in the printed table (default: all of "student")
+
+
+@dataclass
+class RunContext:
+    """What a recipe's body may use: its settings, its run folder, the cache, the accelerator."""
+
+    name: str
+    family: str
+    out: Path
+    cache: Path
+    seed: int
+    configs: dict[type, Any]
+    run: RunConfig
+    _accelerator: Any = None
+
+    def cfg(self, cls: type) -> Any:
+        """The parsed instance of one of the recipe's settings dataclasses."""
+        try:
+            return self.configs[cls]
+        except KeyError:
+            raise KeyError(f"{cls.__name__} is not among this recipe's configs") from None
+
+    @property
+    def accelerator(self):
+        """Accelerate's Accelerator, created on first use (an analysis recipe may never need one)."""
+        if self._accelerator is None:
+            self._accelerator = make_accelerator(self.run)
+        return self._accelerator
+
+    @property
+    def is_main_process(self) -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+    def trainer(self, model, loss_fn, features, collate, train, subdir: str | None = None, **kwargs):
+        """A core.train.Trainer writing into the run folder (or run folder/subdir, e.g. for a baseline)."""
+        from core.train import Trainer
+
+        out = self.out / subdir if subdir else self.out
+        kwargs.setdefault("desc", subdir or self.name)
+        return Trainer(model, loss_fn, features, collate, train, out, self.accelerator, **kwargs)
+
+    def cached(self, kind: str, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
+        """The cache folder <cache>/<kind>/<hash of key>, built once by `build(tmp_folder)`.
+
+        The key holds everything that determines the artefact and nothing else. Concurrent runs that want the
+        same entry wait on a file lock while one builds it; the folder appears by atomic rename, so a reader never
+        sees half of it, and a builder killed midway leaves nothing that looks complete."""
+        return cached_folder(self.cache / kind, key, build)
+
+
+def cached_folder(root: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """See RunContext.cached."""
+    from filelock import FileLock
+
+    final = root / stable_hash(key)
+    done = final / "cache_key.json"
+    if done.is_file():
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the cache folder {root} ({exc.strerror}); pass a writable --cache-dir"
+        ) from exc
+    with FileLock(str(final) + ".lock"):
+        if done.is_file():  # another process built it while we waited
+            return final
+        with atomic_dir(final) as tmp:
+            build(tmp)
+            atomic_write_json(tmp / "cache_key.json", key)
+    return final
+
+
+def make_accelerator(run: RunConfig):
+    """The Accelerator of a run; a device that is not there is refused, never silently replaced."""
+    import torch
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
+    if run.device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: no MPS device is available here; use --device cpu or auto")
+    # transformers' own per-file progress bars would interleave with ours on every save and load.
+    hf_logging.disable_progress_bar()
+    return Accelerator(cpu=run.device == "cpu")
+
+
+def parse_recipe(recipe: Recipe, argv: list[str] | None) -> RunContext:
+    """Parse the flags into a RunContext (no folder created, nothing imported that the recipe does not need)."""
+    instances = parse((*recipe.configs, RunConfig), argv, description=recipe.description or None)
+    configs = {type(c): c for c in instances}
+    run = configs.pop(RunConfig)
+    seeds = [c.seed for c in instances if hasattr(c, "seed")]
+    ctx = RunContext(recipe.name, recipe.family, Path("."), cache_root(run), seeds[0] if seeds else 0, configs, run)
+    ctx.name = recipe.label(ctx) if recipe.label else recipe.name
+    task = recipe.task(ctx) if recipe.task else "default"
+    ctx.out = Path(run.out or Path("runs") / ctx.name / task / f"seed{ctx.seed}")
+    return ctx
+
+
+def run_config(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
+    """config.json's content: every setting, grouped by dataclass, and the method's name and family."""
+    config = to_dict(*ctx.configs.values(), ctx.run)
+    config["method"] = {"name": ctx.name} | ({"family": recipe.family} if recipe.family != "lm" else {})
+    return config
+
+
+def config_of(recipe: Recipe, argv: list[str]) -> dict[str, Any]:
+    """The configuration a command line stands for (the benchmark compares it with a run folder's)."""
+    return run_config(recipe, parse_recipe(recipe, argv))
+
+
+def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse flags, prepare the run folder, seed, run the body, write metrics.json, print the table.
+
+    A complete run folder of the same configuration is shown, not rerun; an interrupted one resumes (the body's
+    Trainers find their checkpoints); one of another configuration is refused unless --overwrite. A bad input
+    found after the folder was created removes it again (when this call created it and no step completed)."""
+    ctx = parse_recipe(recipe, argv)
+    config = run_config(recipe, ctx)
+    out = ctx.out
+    done = read_metrics(out)
+    if done is not None and done.get("config", {}).get("method") == config["method"] and not ctx.run.overwrite:
+        prepare_run_dir(out, config, ctx.run.overwrite)  # refuses a different configuration
+        print(f"[{ctx.name}] {out} is complete; showing its results (pass --overwrite to run again)", file=sys.stderr)
+        print_summary(done)
+        return done
+    created = not out.exists()
+    try:
+        if ctx.is_main_process:
+            prepare_run_dir(out, config, ctx.run.overwrite)
+        if recipe.family == "lm" or ctx._accelerator is not None:
+            ctx.accelerator.wait_for_everyone()
+        from accelerate.utils import set_seed
+
+        set_seed(ctx.seed)
+        t_start = time.perf_counter()
+        outcome = recipe.body(ctx)
+    except NonFiniteLossError:
+        raise  # keeps its checkpoints: the message names the last good one
+    except DistillError:
+        if created and out.exists() and not (out / "checkpoints").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if outcome is None:
+        return {}
+    if not ctx.is_main_process:
+        return {}
+    if "student" not in outcome.eval:
+        raise ValueError(f"{recipe.name}: Outcome.eval must hold 'student'")
+    device = str(ctx._accelerator.device) if ctx._accelerator is not None else _device_name(ctx.run)
+    train = dict(outcome.train)
+    train.setdefault("run_wall_s", time.perf_counter() - t_start)
+    metrics = {
+        "method": ctx.name,
+        **({"family": recipe.family} if recipe.family != "lm" else {}),
+        "task": outcome.task,
+        "run_dir": str(out),
+        "seed": ctx.seed,
+        "eval": outcome.eval,
+        "train": train,
+        **outcome.extra,
+        "config": config,
+        "env": env_info(device),
+    }
+    if outcome.columns is not None:
+        metrics["summary_columns"] = list(outcome.columns)
+    write_metrics(out, metrics)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    print_summary(metrics)
+    print(f"run folder: {out}", file=sys.stderr)
+    return metrics
+
+
+def _device_name(run: RunConfig) -> str:
+    import torch
+
+    if run.device != "auto":
+        return run.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def summary_rows(evals: dict[str, dict[str, float]], method: str) -> list[tuple[str, dict[str, float]]]:
+    """Rows of the printed table: reference models first (teacher, SFT), baselines, the method's student last."""
+    rows = []
+    if "teacher" in evals:
+        rows.append(("teacher", evals["teacher"]))
+    if "sft_student" in evals:
+        rows.append(("sft student", evals["sft_student"]))
+    for key, values in evals.items():
+        if key in ("teacher", "sft_student", "student"):
+            continue
+        name = key.removesuffix("_student").replace("_", "-")
+        rows.append((name + (" student" if key.endswith("_student") else ""), values))
+    rows.append((f"{method} student", evals["student"]))
+    return rows
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    """The table at the end of a run: one row per model, one column per metric (per-group scores stay in the file)."""
+    evals = metrics["eval"]
+    columns = metrics.get("summary_columns") or [c for c in evals["student"] if "/" not in c]
+    train = metrics["train"]
+    head = f"\n{metrics['method']} on {metrics['task']} (seed {metrics['seed']})"
+    if "steps" in train and "tokens_per_s" in train:
+        unit = train.get("unit", "tokens")
+        head += f": {train['steps']} steps, {train['tokens_per_s']:.0f} {unit}/s"
+        if "peak_mem_mb" in train:
+            head += f", peak memory {train['peak_mem_mb']:.0f} MB"
+    print(head)
+    print(format_table(summary_rows(evals, metrics["method"]), columns))
+
+
+def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """For run.py's `__main__`: typed errors become one clear line on stderr and exit status 2; Ctrl-C one line
+    and exit status 130 (the run resumes from its last checkpoint when the same command runs again)."""
+    try:
+        main(argv)
+    except DistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
