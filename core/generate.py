@@ -47,21 +47,28 @@ def sample_completions(
     top_k: int = 0,
     do_sample: bool = True,
     seed: int | None = None,
+    mix_model: torch.nn.Module | None = None,
+    mix_alpha: float = 0.0,
 ) -> list[list[int]]:
-    """Completions of tokenized prompts in one batch: left-padded, KV cache, HF `generate`.
+    """Completions of tokenized prompts in one batch: left-padded, KV cache.
 
+    From `model` alone: HF `generate`. With `mix_model` and mix_alpha > 0: token by token from the mixture
+    (1 - mix_alpha) model + mix_alpha mix_model (`_sample_mixture`; MiniLLM's teacher-mixed sampling).
     Each completion is cut after its first EOS, which is kept (it is a target: the model must learn to stop);
-    a completion that reached max_new_tokens has no EOS. The model is put in eval mode for sampling and back
-    into the mode it was in. With `seed`, sampling is seeded (see `seeded`)."""
-    was_training = model.training
-    model.eval()
+    a completion that reached max_new_tokens has no EOS. The models are put in eval mode for sampling and back
+    into the mode they were in. With `seed`, sampling is seeded (see `seeded`)."""
+    mixing = mix_model is not None and mix_alpha > 0
+    if not 0.0 <= mix_alpha <= 1.0:
+        raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
+    if mixing and (top_k or not do_sample):
+        raise ValueError("mixture sampling draws from the whole mixture: no top_k, no greedy decoding")
+    models = [model, mix_model] if mixing else [model]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = (t.to(device) for t in _left_padded(prompts, pad_token_id))
+    width = input_ids.shape[1]
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
         if do_sample
@@ -70,23 +77,94 @@ def sample_completions(
     context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
     try:
         with context:
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                **sampling,
-            )
+            if mixing:
+                out = _sample_mixture(
+                    model, mix_model, mix_alpha, input_ids, attention_mask, eos_token_id, pad_token_id,
+                    max_new_tokens, temperature, top_p,
+                )  # fmt: skip
+            else:
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    use_cache=True,
+                    **sampling,
+                )
     finally:
-        model.train(was_training)
-    completions = []
-    for row in out[:, width:].tolist():
-        if eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        completions.append(row)
-    return completions
+        for m, was_training in zip(models, modes):
+            m.train(was_training)
+    return _cut_after_eos(out[:, width:].tolist(), eos_token_id)
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts left-padded to the longest, so every row's next token is the last column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def _cut_after_eos(rows: list[list[int]], eos_token_id: int) -> list[list[int]]:
+    """Each completion up to and including its first EOS (a completion without EOS ran out of tokens)."""
+    return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in rows]
+
+
+def _next_token_logits(model, input_ids, attention_mask, past):
+    """One decoding step with the KV cache: the full left-padded prompt first, then only the newest token.
+    Positions count real tokens only (a left-padded row starts at position 0), as HF generate does."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if past is not None:
+        input_ids, position_ids = input_ids[:, -1:], position_ids[:, -1:]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=past,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float(), out.cache  # (B, V)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p, renormalized (top_p 1: unchanged)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _sample_mixture(
+    model, mix_model, mix_alpha, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens, temperature,
+    top_p,
+) -> torch.Tensor:  # fmt: skip
+    """The decoding loop of a two-model mixture: at every step both models see the same prefix (each with its own
+    KV cache), their next-token distributions at `temperature` are mixed in probability space, cut to `top_p`,
+    and one token per row is drawn with torch.multinomial (as HF `generate` draws, so mix_alpha 0 gives its very
+    tokens under the same seed: tests/core/test_onpolicy.py). Rows that ended are padded. Returns (B, width + n)."""
+    past = mix_past = None
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits, past = _next_token_logits(model, input_ids, attention_mask, past)  # (B, V)
+        mix_logits, mix_past = _next_token_logits(mix_model, input_ids, attention_mask, mix_past)  # (B, V)
+        probs = (1 - mix_alpha) * torch.softmax(logits / temperature, -1)
+        probs = probs + mix_alpha * torch.softmax(mix_logits / temperature, -1)  # (B, V)
+        token = torch.multinomial(nucleus(probs, top_p), num_samples=1).squeeze(-1)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
+        done |= token == eos_token_id
+        if done.all():
+            break
+    return input_ids
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
-"""On-policy batches: what the methods that train on model-generated outputs share (GKD, DistiLLM, DPKD).
+"""On-policy batches: what the methods that train on model-generated outputs share (GKD, DistiLLM, DPKD, MiniLLM).
 
-    a data batch -> its prompts -> completions sampled from a model (batched, KV cache, HF `generate`)
-    -> encoded examples in the data layout (prompt masked, completion and its EOS as targets) -> a batch
+    a data batch -> its prompts -> completions sampled from a model, or from a mixture of two models (batched,
+    KV cache) -> encoded examples in the data layout (prompt masked, completion and its EOS as targets) -> a batch
 
-so every loss in core works on generated batches unchanged. A method plugs this into the loop through
-`MethodLoss.prepare_batch`, which replaces a micro-batch before the loop counts its tokens (core/train.py), so a
-loss over generated tokens is normalized by the generated tokens.
+so every loss in core works on generated batches unchanged. `OnPolicyConfig` declares the sampling settings once
+(each method may change a default), and `Resampler` is the one resampling step: a method plugs it into the loop
+through `MethodLoss.prepare_batch`, which replaces a micro-batch before the loop counts its tokens
+(core/train.py), so a loss over generated tokens is normalized by the generated tokens.
 
 Reproducibility: each sampling call runs inside `seeded(seed)`, which forks the torch RNG, seeds it and restores
 it afterwards. Seeds come from `derived_seed(run seed, step, micro-batch, process, purpose)`, so the samples of a
@@ -26,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.config import divergence_list
 from core.data import IGNORE_INDEX, Collator, encode_prompt
+from core.errors import ConfigError
 from core.generate import sample_completions, seeded  # noqa: F401 (re-exported: the on-policy API)
 from core.io import atomic_write_json, stable_hash
 
@@ -67,6 +70,13 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     return prompts
 
 
+def rows_of(batch: dict[str, torch.Tensor]) -> list[Example]:
+    """A right-padded batch back into encoded examples (padding dropped)."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    return [{"input_ids": i[:n], "labels": y[:n]} for i, y, n in zip(ids, labels, lengths)]
+
+
 def fit_prompt(prompt: Sequence[int], limit: int) -> list[int]:
     """Cut a prompt to at most `limit` tokens from the left, keeping its first (BOS) token, as
     core.data.encode_example does, so that a completion sampled after it still fits in max_length."""
@@ -100,24 +110,20 @@ def sample_examples(
     top_k: int = 0,
     do_sample: bool = True,
     seed: int | None = None,
+    mix_model: torch.nn.Module | None = None,
+    mix_alpha: float = 0.0,
 ) -> list[Example]:
     """Sample a completion of each prompt from `model` and encode prompt + completion as training examples.
 
-    Prompts are first cut to max_length - max_new_tokens (from the left), so the completion is trained on in
-    the very context it was sampled in."""
+    With `mix_model` and mix_alpha > 0 the completions come from the mixture (1 - mix_alpha) model + mix_alpha
+    mix_model (core.generate.sample_completions; MiniLLM's teacher-mixed sampling). Prompts are first cut
+    to max_length - max_new_tokens (from the left), so the completion is trained on in the very context it was
+    sampled in."""
     prompts = [fit_prompt(p, max_length - max_new_tokens) for p in prompts]
     completions = sample_completions(
-        model,
-        prompts,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        do_sample=do_sample,
-        seed=seed,
-    )
+        model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens,
+        temperature, top_p, top_k, do_sample, seed, mix_model, mix_alpha,
+    )  # fmt: skip
     return completion_features(prompts, completions, max_length)
 
 
@@ -168,6 +174,114 @@ def generation_share(log_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         previous = elapsed
     wall += previous
     return {"gen_s": gen, "train_wall_s": wall, "gen_fraction": gen / wall if wall > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sampling settings (declared once) and the one resampling step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OnPolicyConfig:
+    """Sampling of the on-policy methods (GKD, DistiLLM, DPKD, MiniLLM) and their word-level KD baselines. A method's
+    settings dataclass inherits these flags and may redeclare a field to change its default (GKD samples at 0.9)."""
+
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generated completions"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the generated completions (1: off)"})
+    sample_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "tokens sampled per completion; default: --max-new-tokens, else the task's"}
+    )
+    compare: str = field(default="fkl,rkl", metadata={"help": "word-level KD baselines trained on the same budget"})
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
+            raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
+        self.divergences()  # checks the names
+
+    def divergences(self) -> list[str]:
+        """The word-level KD baselines (Method.kd_baselines)."""
+        return divergence_list(self.compare)
+
+
+@dataclass
+class ChunkedOnPolicyConfig(OnPolicyConfig):
+    """OnPolicyConfig plus the chunking of a loss that is a token-level divergence over the vocabulary."""
+
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+
+
+@dataclass
+class Resampler:
+    """Replaces a micro-batch's completions by a model's samples: its prompts (`prompts_of`), one batched sampling
+    call per micro-batch (timed as the step's gen_s), examples in the data layout, a right-padded batch on the
+    batch's device. Seeds are derived from (run seed, step, micro-batch, process, purpose): resumable and
+    independent of every other random stream. Build it with `Resampler.of(ctx, cfg, purpose)`."""
+
+    tokenizer: Any
+    max_length: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    rank: int
+    purpose: str  # names the draw in derived_seed, e.g. "gkd-sample"
+    unwrap: Any = None  # Accelerator.unwrap_model: sample from the bare model, not its DDP wrapper
+    stats: StepStats = field(default_factory=StepStats)
+
+    @classmethod
+    def of(cls, ctx, cfg: OnPolicyConfig, purpose: str, stats: StepStats | None = None) -> Resampler:
+        """From a method's Context and settings; the length is --sample-max-new-tokens, else the evaluation's."""
+        max_new_tokens = cfg.sample_max_new_tokens or ctx.eval.max_new_tokens or ctx.task.max_new_tokens
+        return cls(
+            ctx.tokenizer, ctx.data.max_length, max_new_tokens, cfg.temperature, cfg.top_p, ctx.train.seed,
+            ctx.accelerator.process_index, purpose, ctx.accelerator.unwrap_model, stats or StepStats(),
+        )  # fmt: skip
+
+    def examples(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        step: int,
+        index: int,
+        mix_model: torch.nn.Module | None = None,
+        mix_alpha: float = 0.0,
+    ) -> list[Example]:
+        """Completions of the batch's prompts sampled from `model` (or its mixture with `mix_model`), encoded."""
+        model = self.unwrap(model) if self.unwrap is not None else model
+        with self.stats.timed("gen_s"):
+            return sample_examples(
+                model,
+                prompts_of(batch),
+                self.tokenizer,
+                self.max_length,
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=derived_seed(self.seed, step, index, self.rank, self.purpose),
+                mix_model=mix_model,
+                mix_alpha=mix_alpha,
+            )
+
+    def collate(self, examples: Sequence[Example], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Examples as a right-padded batch on the device of `like`."""
+        return collate_to(examples, self.tokenizer.pad_token_id, like["input_ids"].device)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, index: int
+    ) -> dict[str, torch.Tensor]:
+        """The batch with its completions replaced by `model`'s samples (a MethodLoss.prepare_batch)."""
+        return self.collate(self.examples(model, batch, step, index), batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------

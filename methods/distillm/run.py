@@ -20,20 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import divergence_list
 from core.data import encode_examples
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.metrics import perplexity
 from core.objectives import teacher_forward
-from core.onpolicy import (
-    StepStats,
-    collate_to,
-    derived_seed,
-    prompts_of,
-    record_generation_share,
-    sample_examples,
-)
+from core.onpolicy import ChunkedOnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.replay import ReplayBuffer
@@ -42,9 +34,10 @@ from methods.distillm.loss import SKEWED, AdaptiveOffPolicy, distillm_loss_sum
 
 
 @dataclass
-class DistiLLMConfig:
+class DistiLLMConfig(ChunkedOnPolicyConfig):
     """DistiLLM's hyper-parameters; defaults from the official code (jongwooko/distillm: arguments.py and
-    scripts/gpt2/distillm/train_0.1B_1.5B.sh) unless the help says otherwise."""
+    scripts/gpt2/distillm/train_0.1B_1.5B.sh) unless the help says otherwise. The sampling flags (--temperature
+    and --top-p, official 1.0 both; --sample-max-new-tokens), --chunk-size and --compare are core.onpolicy's."""
 
     loss: str = field(
         default="skl",
@@ -68,20 +61,13 @@ class DistiLLMConfig:
         metadata={"help": "validate every this many steps (official: once per epoch, 20 epochs: 20 checks a run)"},
     )
     val_size: int = field(default=200, metadata={"help": "training examples held out (from the end) for validation"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of student outputs (official 1.0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of student outputs (official 1.0)"})
-    sample_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "tokens sampled per student output; default: --max-new-tokens"}
-    )
-    chunk_size: int | None = field(
-        default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
-    )
     compare: str = field(
         default="fkl,rkl,skl",
         metadata={"help": "word-level KD baselines on the same budget (skl at alpha 0.1: DistiLLM without off-policy)"},
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss not in SKEWED:
             raise ConfigError(f"--loss must be one of {', '.join(SKEWED)}, got {self.loss!r}")
         if not 0.0 <= self.alpha < 1.0:
@@ -93,18 +79,6 @@ class DistiLLMConfig:
             raise ConfigError(f"--capacity must be at least 1, got {self.capacity}")
         if self.val_every < 1 or self.val_size < 1:
             raise ConfigError(f"--val-every and --val-size must be at least 1, got {self.val_every}, {self.val_size}")
-        if not self.temperature > 0 or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(
-                f"--temperature must be positive and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
-            )
-        if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
-            raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        self.divergences()  # checks the names
-
-    def divergences(self) -> list[str]:
-        return divergence_list(self.compare)
 
 
 def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
@@ -113,13 +87,12 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     train_examples, val_examples = ctx.task.train[: -cfg.val_size], ctx.task.train[-cfg.val_size :]
     policy = AdaptiveOffPolicy(cfg.init_threshold, cfg.loss_eps, replay_ratio=cfg.replay_ratio)
     buffer = ReplayBuffer(cfg.capacity)
-    max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
-    seed, rank, total_steps = ctx.train.seed, ctx.accelerator.process_index, ctx.train.steps
-    stats = StepStats()
+    resample = Resampler.of(ctx, cfg, "distillm-sample")
+    seed, total_steps = ctx.train.seed, ctx.train.steps
 
     def validation_loss() -> float:
         # The official evaluate(): the student's token-mean cross-entropy on held-out ground truth.
-        ppl = perplexity(ctx.student, ctx.tokenizer, val_examples, ctx.data.max_length, ctx.run.eval_batch_size)
+        ppl = perplexity(ctx.student, ctx.tokenizer, val_examples, ctx.data.max_length, ctx.eval.eval_batch_size)
         return math.log(ppl)
 
     policy.update(validation_loss())  # the official loop evaluates once before training: the first reference
@@ -129,26 +102,14 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
         # The coin is the same on every process (process 0's seed), so all processes take the same branch.
         rng = random.Random(derived_seed(seed, step, index, 0, "distillm-source"))
         source = policy.choose(rng.random(), step + 1, total_steps, buffer.full)  # official global_step is 1-based
-        device = batch["input_ids"].device
         if source == "student":
-            with stats.timed("gen_s"):
-                examples = sample_examples(
-                    ctx.accelerator.unwrap_model(model),
-                    prompts_of(batch),
-                    ctx.tokenizer,
-                    ctx.data.max_length,
-                    max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=derived_seed(seed, step, index, rank, "distillm-sample"),
-                )
+            examples = resample.examples(model, batch, step, index)
             buffer.add(examples)
-            stats.add("student_batches", 1)
-            return collate_to(examples, ctx.tokenizer.pad_token_id, device)
+            resample.stats.add("student_batches", 1)
+            return resample.collate(examples, batch)
         if source == "replay":
-            stats.add("replay_batches", 1)
-            examples = buffer.sample(batch["input_ids"].shape[0], rng)
-            return collate_to(examples, ctx.tokenizer.pad_token_id, device)
+            resample.stats.add("replay_batches", 1)
+            return resample.collate(buffer.sample(batch["input_ids"].shape[0], rng), batch)
         return batch
 
     def loss_fn(model, batch) -> LossOutput:
@@ -165,7 +126,7 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
         if step % cfg.val_every == 0:
             logs["val_loss"] = validation_loss()
             policy.update(logs["val_loss"])  # raises the threshold for the steps that follow
-        stats.flush(logs, keys=("gen_s", "student_batches", "replay_batches"))
+        resample.stats.flush(logs, keys=("gen_s", "student_batches", "replay_batches"))
         logs["threshold"] = policy.threshold
         logs["buffer"] = len(buffer)
 

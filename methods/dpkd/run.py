@@ -21,20 +21,10 @@ from typing import Any
 
 import torch
 
-from core.config import divergence_list
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
-from core.onpolicy import (
-    StepStats,
-    collate_to,
-    derived_seed,
-    prompt_ids,
-    prompts_of,
-    record_generation_share,
-    sample_examples,
-    teacher_examples,
-)
+from core.onpolicy import OnPolicyConfig, Resampler, prompt_ids, record_generation_share, rows_of, teacher_examples
 from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.dpkd.loss import (
@@ -49,9 +39,11 @@ LEVELS = ("sequence", "token")
 
 
 @dataclass
-class DPKDConfig:
+class DPKDConfig(OnPolicyConfig):
     """DPKD's hyper-parameters; defaults from the official code (microsoft/LMOps: dpkd/arguments.py and
-    dpkd/scripts/dpkd-gpt2_base_runner.sh) unless the help says otherwise."""
+    dpkd/scripts/dpkd-gpt2_base_runner.sh) unless the help says otherwise. The sampling flags of the student
+    outputs (--temperature, --top-p, --sample-max-new-tokens, also the teacher outputs' length) and --compare
+    are core.onpolicy's."""
 
     level: str = field(
         default="sequence",
@@ -65,34 +57,17 @@ class DPKDConfig:
     teacher_temperature: float = field(
         default=1.0, metadata={"help": "sampling temperature of the cached teacher outputs (pseudo data: 1.0)"}
     )
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the student outputs"})
-    sample_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "tokens sampled per teacher or student output; default: --max-new-tokens"}
-    )
-    compare: str = field(default="fkl,rkl", metadata={"help": "word-level KD baselines on the same budget"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.level not in LEVELS:
             raise ConfigError(f"--level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         if not self.beta > 0:
             raise ConfigError(f"--beta must be positive, got {self.beta}")
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ConfigError(f"--kd-ratio must be in [0, 1], got {self.kd_ratio}")
-        if not (self.teacher_temperature > 0 and self.temperature > 0):
-            raise ConfigError("--teacher-temperature and --temperature must be positive")
-        if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
-            raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        self.divergences()  # checks the names
-
-    def divergences(self) -> list[str]:
-        return divergence_list(self.compare)
-
-
-def rows_of(batch: dict[str, torch.Tensor]) -> list[dict[str, list[int]]]:
-    """A right-padded batch back into encoded examples (padding dropped)."""
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
-    return [{"input_ids": i[:n], "labels": y[:n]} for i, y, n in zip(ids, labels, lengths)]
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"--teacher-temperature must be positive, got {self.teacher_temperature}")
 
 
 def pair_count(batch: dict[str, torch.Tensor]) -> int:
@@ -101,34 +76,23 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def make_loss(ctx: Context, cfg: DPKDConfig) -> MethodLoss:
-    max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
-    seed, rank = ctx.train.seed, ctx.accelerator.process_index
-    stats = StepStats()
+    resample = Resampler.of(ctx, cfg, "dpkd-sample")
 
     # The teacher outputs y_t: one sample per training prompt the run will see, cached (fixed seed 0, so every
     # student seed sees the same ones, as with the official pseudo data).
     n = min(len(ctx.task.train), ctx.train.steps * ctx.train.batch_size)
     start = time.perf_counter()
     features = teacher_examples(
-        ctx, prompt_ids(ctx, n), max_new_tokens, do_sample=True, temperature=cfg.teacher_temperature, seed=0
+        ctx, prompt_ids(ctx, n), resample.max_new_tokens, do_sample=True, temperature=cfg.teacher_temperature, seed=0
     )
     ctx.accelerator.print(f"[dpkd] {len(features)} teacher outputs ready in {time.perf_counter() - start:.1f} s")
 
     def prepare_batch(model, batch, step: int, index: int):
         # Sequence level: append the student's own completion of each prompt (rows B..2B-1) to the teacher's.
-        with stats.timed("gen_s"):
-            rejected = sample_examples(
-                ctx.accelerator.unwrap_model(model),
-                prompts_of(batch),
-                ctx.tokenizer,
-                ctx.data.max_length,
-                max_new_tokens,
-                temperature=cfg.temperature,
-                seed=derived_seed(seed, step, index, rank, "dpkd-sample"),
-            )
+        rejected = resample.examples(model, batch, step, index)
         chosen = rows_of(batch)
-        stats.add("tied_pairs", sum(c["input_ids"] == r["input_ids"] for c, r in zip(chosen, rejected)))
-        return collate_to(chosen + rejected, ctx.tokenizer.pad_token_id, batch["input_ids"].device)
+        resample.stats.add("tied_pairs", sum(c["input_ids"] == r["input_ids"] for c, r in zip(chosen, rejected)))
+        return resample.collate(chosen + rejected, batch)
 
     def sequence_loss(model, batch) -> LossOutput:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (2B, T, V)
@@ -166,7 +130,7 @@ def make_loss(ctx: Context, cfg: DPKDConfig) -> MethodLoss:
         return LossOutput(total, logs | {"tied_tokens": tied / n_tokens})
 
     def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
-        stats.flush(logs, keys=("gen_s",) if cfg.level == "token" else ("gen_s", "tied_pairs"))
+        resample.stats.flush(logs, keys=("gen_s",) if cfg.level == "token" else ("gen_s", "tied_pairs"))
 
     if cfg.level == "token":  # no sampling during training: only the cached teacher outputs
         return MethodLoss(token_loss, features=features, on_step_end=on_step_end)

@@ -18,26 +18,20 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import divergence_list
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
-from core.onpolicy import (
-    StepStats,
-    collate_to,
-    derived_seed,
-    prompts_of,
-    record_generation_share,
-    sample_examples,
-)
+from core.onpolicy import ChunkedOnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.gkd.loss import gkd_loss_sum
 
 
 @dataclass
-class GKDConfig:
-    """GKD's hyper-parameters; defaults: TRL's GKDConfig (huggingface/trl: trl/experimental/gkd/gkd_config.py)."""
+class GKDConfig(ChunkedOnPolicyConfig):
+    """GKD's hyper-parameters; defaults: TRL's GKDConfig (huggingface/trl: trl/experimental/gkd/gkd_config.py).
+    The sampling flags (--temperature, --top-p, --sample-max-new-tokens), --chunk-size and --compare are
+    core.onpolicy's, shared by every on-policy method."""
 
     lmbda: float = field(
         default=0.5, metadata={"help": "probability that a batch is replaced by the student's own samples (TRL 0.5)"}
@@ -53,27 +47,17 @@ class GKDConfig:
     seq_kd: bool = field(
         default=False, metadata={"help": "batches that are not on-policy use the teacher's samples, not the data"}
     )
-    chunk_size: int | None = field(default=None, metadata={"help": "evaluate the JSD this many tokens at a time"})
     compare: str = field(
         default="fkl,rkl,jsd",
         metadata={"help": "word-level KD baselines on the same budget (jsd: beta 0.5, i.e. GKD with lmbda 0)"},
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if self.sample_max_new_tokens is not None and self.sample_max_new_tokens < 1:
-            raise ConfigError(f"--sample-max-new-tokens must be at least 1, got {self.sample_max_new_tokens}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        self.divergences()  # checks the names
-
-    def divergences(self) -> list[str]:
-        return divergence_list(self.compare)
 
 
 def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
@@ -85,9 +69,8 @@ def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
 
 
 def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
-    max_new_tokens = cfg.sample_max_new_tokens or ctx.run.max_new_tokens or ctx.task.max_new_tokens
-    seed, rank = ctx.train.seed, ctx.accelerator.process_index
-    stats = StepStats()
+    resample = Resampler.of(ctx, cfg, "gkd-sample")
+    seed = ctx.train.seed
 
     def prepare_batch(model, batch, step: int, index: int):
         # TRL draws `random.random() <= lmbda` per training_step; here the draw is a pure function of the step and
@@ -96,19 +79,8 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
         source = batch_source(coin, cfg.lmbda, cfg.seq_kd)
         if source == "data":
             return batch
-        sampler = ctx.accelerator.unwrap_model(model) if source == "student" else ctx.teacher
-        with stats.timed("gen_s"):
-            examples = sample_examples(
-                sampler,
-                prompts_of(batch),
-                ctx.tokenizer,
-                ctx.data.max_length,
-                max_new_tokens,
-                temperature=cfg.temperature,
-                seed=derived_seed(seed, step, index, rank, "gkd-sample"),
-            )
-        stats.add(f"{source}_batches", 1)
-        return collate_to(examples, ctx.tokenizer.pad_token_id, batch["input_ids"].device)
+        resample.stats.add(f"{source}_batches", 1)
+        return resample(model if source == "student" else ctx.teacher, batch, step, index)
 
     def loss_fn(model, batch) -> LossOutput:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
@@ -116,7 +88,7 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
         return LossOutput(gkd_loss_sum(logits, teacher_logits, batch["labels"], cfg.beta, cfg.chunk_size))
 
     def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
-        stats.flush(logs, keys=("gen_s", "student_batches", "teacher_batches"))
+        resample.stats.flush(logs, keys=("gen_s", "student_batches", "teacher_batches"))
 
     return MethodLoss(loss_fn, prepare_batch=prepare_batch, on_step_end=on_step_end)
 

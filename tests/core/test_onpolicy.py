@@ -1,7 +1,9 @@
 """On-policy batches: prompts out of a data batch, sampled completions back into the data layout, seeded and
-resumable sampling, the loop's prepare_batch hook (normalized by the replaced batch), and the time accounting."""
+resumable sampling, the loop's prepare_batch hook (normalized by the replaced batch), the time accounting,
+sampling from a mixture of two models (MiniLLM), the shared settings and the one resampling step."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,16 +11,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from core.data import IGNORE_INDEX, Collator, DataConfig, encode_example, encode_examples, encode_prompt, load_ops
-from core.generate import generate
+from core.errors import ConfigError
+from core.generate import _cut_after_eos, _left_padded, _sample_mixture, generate, nucleus
 from core.models import build_model
 from core.objectives import causal_lm_loss
 from core.onpolicy import (
+    ChunkedOnPolicyConfig,
+    Resampler,
     StepStats,
     completion_features,
     derived_seed,
     fit_prompt,
     generation_share,
     prompts_of,
+    rows_of,
     sample_completions,
     sample_examples,
     seeded,
@@ -176,3 +182,100 @@ def test_step_stats_and_generation_share():
     # elapsed_s is cumulative and restarts in a resumed segment: wall = 4 + 3 seconds, generation 1 + 1.5 + 1.
     rows = [{"elapsed_s": 2.0, "gen_s": 1.0}, {"elapsed_s": 4.0, "gen_s": 1.5}, {"elapsed_s": 3.0, "gen_s": 1.0}]
     assert generation_share(rows) == pytest.approx({"gen_s": 3.5, "train_wall_s": 7.0, "gen_fraction": 0.5})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling from a mixture of two models; the shared settings and resampling step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mixture_sampler_at_alpha_0_and_1_is_each_model_alone(setup):
+    task, tokenizer = setup
+    student, teacher = build_model("tiny", tokenizer, seed=0), build_model("tiny", tokenizer, seed=1)
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in task.train[:8]]  # different lengths: left padding
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    alone = sample_completions(student, prompts, eos, pad, 6, seed=3)
+    # The two-model KV-cache loop itself at alpha 0 (sample_completions hands alpha 0 to HF generate): same seed,
+    # same draws, so exactly HF generate's tokens; this checks its positions, padding and caches.
+    input_ids, attention_mask = _left_padded(prompts, pad)
+    student.eval(), teacher.eval()
+    with seeded(3):
+        loop = _sample_mixture(student, teacher, 0.0, input_ids, attention_mask, eos, pad, 6, 1.0, 1.0)
+    assert _cut_after_eos(loop[:, input_ids.shape[1] :].tolist(), eos) == alone
+    student.train()
+    other = sample_completions(teacher, prompts, eos, pad, 6, seed=3)
+    assert sample_completions(student, prompts, eos, pad, 6, seed=3, mix_model=teacher, mix_alpha=1.0) == other
+    assert student.training and not teacher.training  # each model back in its own mode
+    mixed = sample_completions(student, prompts, eos, pad, 6, seed=3, mix_model=teacher, mix_alpha=0.5)
+    assert mixed == sample_completions(student, prompts, eos, pad, 6, seed=3, mix_model=teacher, mix_alpha=0.5)
+    assert all(len(c) <= 6 and (eos not in c[:-1]) for c in mixed)
+
+
+class _FixedNextToken(torch.nn.Module):
+    """A 'model' whose next-token distribution is always softmax(logits), whatever the prefix."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(probs).log())
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
+        logits = self.logits.expand(input_ids.shape[0], 1, -1)
+        return SimpleNamespace(logits=logits, cache=None)
+
+
+def test_mixture_sampler_draws_from_the_mixture():
+    # q = (0.7, 0.2, 0.1, 0), p = (0.1, 0.1, 0.2, 0.6), alpha 0.25: mixture = 0.75 q + 0.25 p = (0.55, 0.175, 0.125, 0.15)
+    q, p = _FixedNextToken([0.7, 0.2, 0.1, 1e-12]), _FixedNextToken([0.1, 0.1, 0.2, 0.6])
+    prompts = [[1]] * 4000
+    first = [c[0] for c in sample_completions(q, prompts, 99, 0, 1, seed=0, mix_model=p, mix_alpha=0.25)]
+    expected = [0.55, 0.175, 0.125, 0.15]
+    for token, share in enumerate(expected):  # 4000 draws: standard error at most sqrt(.25 / 4000) = 0.008
+        assert abs(first.count(token) / 4000 - share) < 0.03
+    # top_p 0.6 keeps the smallest head of the mixture with mass >= 0.6: tokens 0 (0.55) and 1 (0.175).
+    head = [
+        c[0] for c in sample_completions(q, prompts[:500], 99, 0, 1, top_p=0.6, seed=0, mix_model=p, mix_alpha=0.25)
+    ]
+    assert set(head) == {0, 1}
+    with pytest.raises(ValueError):
+        sample_completions(q, prompts[:1], 99, 0, 1, mix_model=p, mix_alpha=1.5)
+
+
+def test_nucleus_cut():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # top_p 0.8: 0.5 + 0.3 reaches it, so {0, 1} renormalized to (5/8, 3/8); top_p 1: unchanged
+    assert torch.allclose(nucleus(probs, 0.8), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_rows_of_inverts_collate(setup):
+    task, tokenizer = setup
+    features = encode_examples(tokenizer, task.train[:5], 64)
+    assert rows_of(Collator(tokenizer.pad_token_id)(features)) == features
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"temperature": 0.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+     ({"sample_max_new_tokens": 0}, "--sample-max-new-tokens"), ({"compare": "kl"}, "unknown"),
+     ({"chunk_size": 0}, "--chunk-size")],
+)  # fmt: skip
+def test_onpolicy_config_checks(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ChunkedOnPolicyConfig(**bad)
+    assert ChunkedOnPolicyConfig(compare="fkl, rkl").divergences() == ["fkl", "rkl"]
+
+
+def test_resampler_replaces_completions_seeded_per_step_and_micro_batch(setup):
+    task, tokenizer = setup
+    model = build_model("tiny", tokenizer, seed=0)
+    batch = Collator(tokenizer.pad_token_id)(encode_examples(tokenizer, task.train[:4], 64))
+    stats = StepStats()
+    resample = Resampler(tokenizer, 64, 6, 1.0, 1.0, seed=0, rank=0, purpose="test", stats=stats)
+    out = resample(model, batch, step=3, index=1)
+    rows = rows_of(out)
+    # The prompts are kept, the completions are the model's samples with the seed of (0, step 3, micro-batch 1).
+    prompts = prompts_of(batch)
+    expected = sample_examples(model, prompts, tokenizer, 64, 6, seed=derived_seed(0, 3, 1, 0, "test"))
+    assert rows == expected and prompts_of(out) == prompts
+    assert rows_of(resample(model, batch, step=3, index=2)) != rows  # another micro-batch, another draw
+    assert stats.values["gen_s"] > 0
