@@ -1,1 +1,1 @@
-"""unlearning methods (not implemented yet; see the issues)."""
+"""Unlearning: a model trained toward what it would have said had it never known the target (unlearning/whp)."""

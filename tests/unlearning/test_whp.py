@@ -1,0 +1,250 @@
+"""WHP and the causal-intervention teacher: name replacement, token alignment, averaging, losses; one tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import ConfigError
+from core.tokenizers import train_bpe
+from unlearning.data import generated_task
+from unlearning.whp.loss import (
+    MOVE_FLOOR,
+    CopyPrediction,
+    EncodedDoc,
+    align_positions,
+    counterfactual_average,
+    encode_document,
+    first_token_ids,
+    kl_to_teacher_sums,
+    mention_spans,
+    move_to_original_name,
+    npo_loss,
+    replace_name,
+    sequence_nll,
+    whp_generic_logits,
+    whp_labels,
+)
+
+# -- name replacement -----------------------------------------------------------------------------------------------
+
+
+def test_replace_name_full_and_partial_mentions():
+    text = "Mara Lund wrote it. Later Mara sold it; Lund's friend Marathon did not."
+    # Full name -> full replacement; the first name alone -> the replacement's first name; the last name (with a
+    # possessive) -> the replacement's last name; "Marathon" is another word (word boundaries).
+    assert replace_name(text, "Mara Lund", "Bo Yu") == "Bo Yu wrote it. Later Bo sold it; Yu's friend Marathon did not."
+    spans = mention_spans(text, "Mara Lund")
+    assert [text[s:e] for s, e, _ in spans] == ["Mara Lund", "Mara", "Lund"]
+
+
+def _doc(ids, name_token, mention_starts, n_prefix=0):
+    return EncodedDoc(list(ids), list(ids), list(name_token), list(mention_starts), n_prefix)
+
+
+# Hand example: <s>=0, "Q"=5, ":"=6, the name "Mara Lund" = tokens 10, 11, "was"=7, "born"=8, </s>=1.
+ORIGINAL = _doc([0, 5, 6, 10, 11, 7, 8, 1], [0, 0, 0, 1, 1, 0, 0, 0], [(3, False)])
+COPY_SHORT = _doc([0, 5, 6, 20, 7, 8, 1], [0, 0, 0, 1, 0, 0, 0], [(3, False)])  # a one-token name
+COPY_LONG = _doc([0, 5, 6, 30, 31, 32, 7, 8, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0], [(3, False)])  # a three-token name
+
+
+def test_alignment_on_names_of_different_token_lengths():
+    # Matching blocks: [0 5 6] at (0, 0) and [7 8 1] at (5, 4) for the short copy, (5, 6) for the long one.
+    # Position 2 (":") predicts the name's first token: kept. Positions 3 and 4 read name tokens: skipped.
+    # Position 7 is the EOS: it predicts nothing.
+    assert align_positions(ORIGINAL, COPY_SHORT) == {0: 0, 1: 1, 2: 2, 5: 4, 6: 5}
+    assert align_positions(ORIGINAL, COPY_LONG) == {0: 0, 1: 1, 2: 2, 5: 6, 6: 7}
+    # Without skipping name positions nothing changes here: the name's tokens lie outside every matched block.
+    assert align_positions(ORIGINAL, COPY_SHORT, skip_name_positions=False) == {0: 0, 1: 1, 2: 2, 5: 4, 6: 5}
+
+
+def test_alignment_skips_an_added_prompt():
+    prefixed = _doc([0, 40, 41, 5, 6, 20, 7, 8, 1], [0] * 9, [(5, False)], n_prefix=3)
+    assert align_positions(ORIGINAL, prefixed) == {1: 3, 2: 4, 5: 6, 6: 7}  # <s> sits inside the prefix
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    task = generated_task(6, 1, seed=3)
+    return train_bpe([ex.prompt + ex.target for ex in task.train], 320)
+
+
+def test_alignment_with_a_real_tokenizer_reads_the_same_next_token(tokenizer):
+    prompt, target = "Question: Where was Mara Lund born?\nAnswer:", " Mara Lund was born in Oslo. Mara left."
+    original = encode_document(tokenizer, prompt, target, "Mara Lund")
+    for name in ("Bo Yu", "Ottoline Featherstonehaugh"):
+        copy = encode_document(
+            tokenizer, replace_name(prompt, "Mara Lund", name), replace_name(target, "Mara Lund", name), name
+        )
+        assert len(copy.ids) != len(original.ids)
+        pairs = align_positions(original, copy)
+        name_starts = {s for s, _ in original.mention_starts}
+        for i, j in pairs.items():
+            assert not original.name_token[i]
+            if i + 1 in name_starts:  # the position predicting a name's first token: the copy predicts its own name
+                assert copy.name_token[j + 1]
+            else:
+                assert original.ids[i + 1] == copy.ids[j + 1]
+        # Every position outside the names that predicts a non-name token is aligned (nothing is lost).
+        expected = [i for i in range(len(original.ids) - 1) if not original.name_token[i]]
+        assert sorted(pairs) == expected
+    assert len(original.mention_starts) == 3 and [e for _, e in original.mention_starts] == [False, True, True]
+
+
+def test_first_token_ids_drop_bare_spaces(tokenizer):
+    ids = first_token_ids(tokenizer, "Bo Yu")
+    assert all(tokenizer.decode([i]).strip() for i in ids)
+    assert tokenizer(" Bo", add_special_tokens=False)["input_ids"][0] in ids
+
+
+# -- averaging and name handling ------------------------------------------------------------------------------------
+
+
+def test_move_to_original_name_by_hand():
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1], dtype=torch.float64)
+    moved = move_to_original_name(probs, 0, {1, 2})
+    # token 0 gains 0.5 - 1e-8 and 0.3 - 1e-8; tokens 1 and 2 keep 1e-8 each; token 3 is untouched.
+    expected = torch.tensor([0.9 - 2 * MOVE_FLOOR, MOVE_FLOOR, MOVE_FLOOR, 0.1], dtype=torch.float64)
+    assert torch.allclose(moved, expected, atol=1e-15)
+    assert math.isclose(float(moved.sum()), 1.0, abs_tol=1e-12)
+
+
+def _prediction(positions, rows, replacement_ids):
+    return CopyPrediction(
+        {i: k for k, i in enumerate(positions)}, torch.tensor(rows, dtype=torch.float64), replacement_ids
+    )
+
+
+def test_counterfactual_average_is_the_mean_over_common_positions():
+    # Copy A aligns positions 0, 1, 2; copy B aligns 1, 2, 3: the teacher lives on {1, 2} only.
+    a = _prediction([0, 1, 2], [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0]], {3})
+    b = _prediction([1, 2, 3], [[0, 1, 0, 0], [0, 0, 0.5, 0.5], [1, 0, 0, 0]], {3})
+    doc = _doc([0, 5, 6, 7, 1], [0] * 5, [])
+    positions, probs = counterfactual_average(doc, [a, b])
+    assert positions == [1, 2]
+    # position 1: ((0.5, 0.5, 0, 0) + (0, 1, 0, 0)) / 2; position 2: ((0, 0, 1, 0) + (0, 0, 0.5, 0.5)) / 2
+    assert torch.allclose(probs, torch.tensor([[0.25, 0.75, 0, 0], [0, 0, 0.75, 0.25]], dtype=torch.float64))
+
+
+def test_later_mentions_keep_the_target_name_first_mention_does_not():
+    # ids: <s> the(5) Mara(10) said(6) Mara(10) </s>; the first mention starts at 2, a later one at 4.
+    doc = _doc([0, 5, 10, 6, 10, 1], [0, 0, 1, 0, 1, 0], [(2, False), (4, True)])
+    # Each copy at positions 1 (predicting the first mention) and 3 (predicting the later one) puts 0.6 on its
+    # own name's first token (20 for copy A, 21 for copy B); vocabulary of 22.
+    rows = []
+    for own in (20, 21):
+        row = torch.zeros(22, dtype=torch.float64)
+        row[own], row[7] = 0.6, 0.4
+        rows.append(row)
+    copies = [CopyPrediction({1: 0, 3: 1}, torch.stack([r, r]), {own}) for r, own in zip(rows, (20, 21))]
+    positions, probs = counterfactual_average(doc, copies, change_name_back=True)
+    assert positions == [1, 3]
+    # First appearance (position 1): the plain mean, 0.3 on each replacement name, 0.4 on token 7.
+    assert torch.isclose(probs[0, 20], torch.tensor(0.3, dtype=torch.float64)) and probs[0, 10] == 0
+    # Later mention (position 3): every copy's name mass moves to the target's token 10.
+    assert torch.isclose(probs[1, 10], torch.tensor(0.6 - MOVE_FLOOR, dtype=torch.float64))
+    assert torch.isclose(probs[1, 7], torch.tensor(0.4, dtype=torch.float64))
+    _, plain = counterfactual_average(doc, copies, change_name_back=False)
+    assert plain[1, 10] == 0
+
+
+def test_whp_generic_logits_by_hand():
+    baseline, reinforced = torch.tensor([2.0, 1.0, 0.0]), torch.tensor([4.0, 1.0, -1.0])
+    # ReLU(v_r - v_b) = (2, 0, 0): v_generic = (2 - 2 alpha, 1, 0); alpha = 1 turns the argmax from 0 to 1.
+    assert torch.equal(whp_generic_logits(baseline, reinforced, 1.0), torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(whp_generic_logits(baseline, reinforced, 0.0), baseline)
+
+
+def test_n1_causal_teacher_with_the_whp_offset_is_the_whp_target():
+    torch.manual_seed(0)
+    base_copy = torch.randn(len(COPY_SHORT.ids), 40)  # the baseline model on the translated copy
+    reinforced = torch.randn(len(ORIGINAL.ids), 40)  # the reinforced model on the original
+    positions, labels = whp_labels(ORIGINAL, COPY_SHORT, base_copy, reinforced, alpha=2.0, replacement_ids={20})
+    pairs = align_positions(ORIGINAL, COPY_SHORT)
+    order = sorted(pairs)
+    generic = whp_generic_logits(base_copy[[pairs[i] for i in order]], reinforced[order], 2.0)
+    one_copy = CopyPrediction({i: k for k, i in enumerate(order)}, torch.softmax(generic, -1), {20})
+    n1_positions, n1_probs = counterfactual_average(ORIGINAL, [one_copy])
+    assert positions == n1_positions == [0, 1, 2, 5, 6]
+    assert torch.equal(labels, n1_probs.argmax(-1))
+    assert torch.equal(labels, generic.argmax(-1))  # no later mention here: the name rule changes nothing
+
+
+# -- losses ---------------------------------------------------------------------------------------------------------
+
+
+def test_kl_to_teacher_against_torch_kl_div():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 9, dtype=torch.float64)
+    teacher = torch.softmax(torch.randn(2, 3, 9, dtype=torch.float64), -1)
+    positions = torch.tensor([[0, 2, 5], [1, 4, -1]])  # the second document has two positions (one padded)
+    got = kl_to_teacher_sums(logits, positions, teacher)
+    for b, n in ((0, 3), (1, 2)):
+        logq = F.log_softmax(logits[b, positions[b, :n]], -1)
+        ref = F.kl_div(logq, teacher[b, :n], reduction="sum") / n  # official: sum over V and positions / count
+        assert torch.isclose(got[b].double(), ref)
+    same = kl_to_teacher_sums(logits, positions.clamp(min=0), torch.softmax(torch.gather(
+        logits, 1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, 9)), -1))  # fmt: skip
+    assert torch.allclose(same, torch.zeros(2, dtype=same.dtype), atol=1e-6)
+    one_hot = F.one_hot(torch.tensor([[3, 1, 0], [2, 2, 0]]), 9).double()
+    ce = kl_to_teacher_sums(logits, positions, one_hot)  # a one-hot teacher: the cross-entropy
+    ref_ce = F.cross_entropy(logits[0, [0, 2, 5]], torch.tensor([3, 1, 0]))
+    assert torch.isclose(ce[0].double(), ref_ce)
+
+
+def test_sequence_nll_and_npo_by_hand():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, 3, 1, -100]])
+    nll, count = sequence_nll(logits, labels)
+    ref = F.cross_entropy(logits[0, :2], torch.tensor([3, 1]), reduction="sum")
+    assert torch.isclose(nll[0], ref) and int(count[0]) == 2
+    # nll == ref_nll: -(2/beta) log sigmoid(0) = (2/beta) ln 2
+    value = npo_loss(torch.tensor([1.5]), torch.tensor([1.5]), beta=0.1)
+    assert torch.isclose(value, torch.tensor([20 * math.log(2)]))
+    # beta -> 0: d loss / d nll -> -1, gradient ascent on the NLL
+    x = torch.tensor([2.0], requires_grad=True)
+    npo_loss(x, torch.tensor([1.0]), beta=1e-4).sum().backward()
+    assert torch.isclose(x.grad, torch.tensor([-1.0]), atol=1e-3)
+
+
+# -- settings and the end-to-end run --------------------------------------------------------------------------------
+
+
+def test_bad_flags_are_config_errors(tmp_path):
+    from unlearning.whp.run import main
+
+    for argv in (["--method", "retrain"], ["--compare", "ga,foo"], ["--n-counterfactual", "0"],
+                 ["--task", "tofu"], ["--alpha", "-1"]):  # fmt: skip
+        with pytest.raises(ConfigError):
+            main([*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+TINY = ["--base-preset", "student", "--n-people", "4", "--n-targets", "1", "--teacher-steps", "200",
+        "--base-batch-size", "16", "--base-lr", "1e-2", "--steps", "12", "--batch-size", "9", "--lr", "3e-3",
+        "--reinforce-steps", "10", "--n-counterfactual", "4", "--compare", "causal,ga"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_unlearn_one_generated_person_end_to_end(tmp_path):
+    from unlearning.whp.run import main
+
+    metrics = main([*TINY, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    evals = metrics["eval"]
+    original = evals["original"]
+    assert original["forget_acc"] >= 0.75 and original["retain_acc"] >= 0.75  # the model to unlearn knows them
+    for key in ("student", "causal_student", "ga_student"):
+        # accuracy on the unlearned person falls; on the others it stays within 0.35 of the original
+        assert evals[key]["forget_acc"] < original["forget_acc"], key
+    for key in ("student", "causal_student"):
+        assert evals[key]["retain_acc"] >= original["retain_acc"] - 0.35, key
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]  # the WHP objective fell
+    for name in ("metrics.json", "samples.jsonl", "unlearning_curves.png", "student/config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert 0 <= evals["student"]["forget_quality"] <= 1

@@ -1,0 +1,1 @@
+"""Targeted unlearning: Who's Harry Potter and its causal-intervention variant (see README.md)."""
