@@ -1,0 +1,1 @@
+"""SinKD: Sinkhorn Distance Minimization for Knowledge Distillation (Cui et al., LREC-COLING 2024)."""
