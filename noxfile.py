@@ -22,6 +22,7 @@ def test(session: nox.Session) -> None:
     """The whole suite, as CI runs it (under 20 minutes on 2 CPU cores)."""
     _install(session, "[dev]")
     session.env.setdefault("OMP_NUM_THREADS", "2")
+    session.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: see core/__init__.py
     session.run("pytest", "-q", "--durations=15", *session.posargs)
 
 

@@ -228,7 +228,8 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
     if outcome.columns is not None:
         metrics["summary_columns"] = list(outcome.columns)
     write_metrics(out, metrics)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for folder in sorted(out.glob("**/checkpoints")):  # the student's and any baseline's trained in the run folder
+        shutil.rmtree(folder, ignore_errors=True)
     print_summary(metrics)
     print(f"run folder: {out}", file=sys.stderr)
     return metrics

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import core  # noqa: F401  (first, so that OpenMP threads sleep rather than spin: see core/__init__.py)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -8,8 +8,10 @@ a row marked "not implemented" rather than a missing row.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.shell import FAMILIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ROOT = REPO_ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
@@ -20,7 +22,11 @@ class BenchMethod:
     name: str  # row name, and the folder name under the suite's --out
     module: str  # run module, `python -m <module>`; its `main(argv) -> metrics` writes the run folder
     args: tuple[str, ...] = ()  # flags selecting this method in its run script; "{vocab_size}" is the task's
-    kind: str = "lm"  # the tasks it applies to: lm, speech or unlearning
+    family: str = "lm"  # its recipe's family (core.shell.FAMILIES): it runs only on tasks of that family
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"BenchMethod {self.name}: family must be one of {FAMILIES}, got {self.family!r}")
 
 
 # The comparison baselines a run script trains beside its own student (--compare) are switched off: the
@@ -48,12 +54,13 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod("fdistill", "methods.fdistill.run"),
         BenchMethod("sinkhorn", "methods.sinkhorn.run"),
         BenchMethod("delta_kd", "methods.delta_kd.run"),
-        BenchMethod("phis", "methods.phis.run"),
-        BenchMethod("scaling_laws", "methods.scaling_laws.run"),
-        BenchMethod("disco", "methods.disco.run"),
-        BenchMethod("speech/dnkd", "speech.dnkd.run", kind="speech"),
-        BenchMethod("unlearning/whp", "unlearning.whp.run", kind="unlearning"),
-        BenchMethod("privacy/hot_pate", "privacy.hot_pate.run"),
+        BenchMethod("phis", "methods.phis.run", family="vision"),
+        BenchMethod("kdexplainer", "methods.kdexplainer.run", family="vision"),
+        BenchMethod("scaling_laws", "methods.scaling_laws.run", family="analysis"),
+        BenchMethod("disco", "methods.disco.run", family="analysis"),
+        BenchMethod("speech/dnkd", "speech.dnkd.run", family="speech"),
+        BenchMethod("unlearning/whp", "unlearning.whp.run", family="unlearning"),
+        BenchMethod("privacy/hot_pate", "privacy.hot_pate.run", family="privacy"),
     )
 }
 
@@ -63,7 +70,7 @@ class BenchTask:
     name: str  # table and folder name
     args: tuple[str, ...]  # "{data}" is the data root
     metrics: tuple[str, ...]  # columns of metrics.json's eval.student; the first is the one claims are judged on
-    kind: str = "lm"
+    family: str = "lm"  # only methods of this family run on it (a vision package never sees a text task)
     data: str | None = None  # folder under the data root that must exist; None: generated in-process
     vocab_size: int = 512
 
@@ -97,8 +104,8 @@ TASKS: dict[str, BenchTask] = {
             data="commongen",
             vocab_size=8000,
         ),
-        BenchTask("tofu", (), ("rougeL",), kind="unlearning", data="tofu"),
-        BenchTask("spoken-digits", (), ("bleu",), kind="speech", data="fsdd"),
+        BenchTask("tofu", (), ("rougeL",), family="unlearning", data="tofu"),
+        BenchTask("spoken-digits", (), ("bleu",), family="speech", data="fsdd"),
     )
 }
 
@@ -107,10 +114,15 @@ TASKS: dict[str, BenchTask] = {
 class Suite:
     name: str
     tasks: tuple[str, ...]
-    args: tuple[str, ...]  # the budget, identical for every method
+    args: tuple[str, ...]  # the budget of the lm family (the LLM recipe's flags), identical for every LLM method
     seeds: tuple[int, ...] = (0, 1, 2)
     timeout_s: int = 1800  # per run
     about: str = ""
+    # the budget of each other family, in its recipe's own flags (absent: the recipe's defaults)
+    family_args: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    def budget(self, family: str) -> tuple[str, ...]:
+        return self.args if family == "lm" else self.family_args.get(family, ())
 
 
 SUITES: dict[str, Suite] = {
@@ -167,4 +179,4 @@ def is_implemented(method: BenchMethod) -> bool:
 
 
 def applies(method: BenchMethod, task: BenchTask) -> bool:
-    return method.kind == task.kind
+    return method.family == task.family
