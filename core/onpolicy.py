@@ -164,7 +164,8 @@ class StepStats:
 
 def generation_share(log_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Seconds spent generating over the run and their share of the training wall time, from log.jsonl rows
-    (elapsed_s is cumulative; a resumed run's rows restart it, so the shares are summed per segment)."""
+    (elapsed_s is cumulative; a resumed run's rows restart it, so the shares are summed per segment); where the
+    rows count the sampled tokens (gen_tokens), also the generation speed in tokens per second."""
     gen = sum(row.get("gen_s", 0.0) for row in log_rows)
     wall, previous = 0.0, 0.0
     for row in log_rows:
@@ -173,7 +174,9 @@ def generation_share(log_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
             wall += previous
         previous = elapsed
     wall += previous
-    return {"gen_s": gen, "train_wall_s": wall, "gen_fraction": gen / wall if wall > 0 else 0.0}
+    shares = {"gen_s": gen, "train_wall_s": wall, "gen_fraction": gen / wall if wall > 0 else 0.0}
+    tokens = sum(row.get("gen_tokens", 0.0) for row in log_rows)  # where the method counts its sampled tokens
+    return shares | ({"gen_tokens": tokens, "gen_tokens_per_s": tokens / gen if gen > 0 else 0.0} if tokens else {})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,345 @@
+"""MiniLLM against SFT, word-level KD (forward KL) and SeqKD on the embedded task, every student starting from the
+SFT student, as in the paper (or on any task the common flags name).
+
+    python -m methods.minillm.run                          # from the cached SFT student; alpha 0.2, all stabilizers
+    python -m methods.minillm.run --alpha 0                # rollouts from the student alone (no teacher mixing)
+    python -m methods.minillm.run --no-single-step         # plain policy gradient on the whole return R_t
+    python -m methods.minillm.run --returns-from current --no-single-step-weighted --gamma 0.95   # the official code
+    python -m methods.minillm.run --student FOLDER         # start every student from FOLDER instead
+    python -m methods.minillm.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
+
+Each micro-batch's completions are replaced by rollouts sampled from (1 - alpha) q_theta + alpha p (batched, both
+models' KV caches: core.onpolicy.Resampler, core.generate.sample_completions), on which the student takes one
+policy-gradient step on the reverse KL (methods/minillm/loss.py), plus the language-modelling loss on the data
+batch (--lm-coef). log.jsonl records per step the generation time (gen_s) and tokens, the policy loss, the
+single-step KL, the mean reward and importance weight and the share of clipped tokens; metrics.json adds the
+generation share and speed, and the exposure bias (excess accumulated error) of every student; exposure_bias.png
+plots it.
+
+Without --student, the run first obtains the cached SFT student trained with the same task, model and budget
+flags (core.pipeline's SFT baseline, trained once and shared by every method), then starts the MiniLLM student
+and every baseline from it: the SFT row is then SFT continued for the same budget.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.config import EvalConfig, ModelConfig
+from core.data import Collator, DataConfig, encode_examples, encode_prompt, load_task
+from core.errors import ConfigError
+from core.losses import forward_kl
+from core.method import Baseline, Context, Method, MethodLoss
+from core.models import PRESETS, load_model
+from core.objectives import causal_lm_loss, shifted_targets, teacher_forward
+from core.onpolicy import (
+    OnPolicyConfig,
+    Resampler,
+    collate_to,
+    completion_features,
+    derived_seed,
+    fit_prompt,
+    prompts_of,
+    record_generation_share,
+    sample_completions,
+    teacher_examples,
+)
+from core.pipeline import BaselineSetup, cli, get_kd_baseline, get_method_baseline, get_sft_baseline, llm_recipe
+from core.results import write_metrics
+from core.shell import parse_recipe, run_recipe
+from core.teacher import get_teacher, get_tokenizer
+from core.train import LossOutput, TrainConfig, count_label_tokens, example_indices
+from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
+
+
+@dataclass
+class MiniLLMConfig(OnPolicyConfig):
+    """MiniLLM's hyper-parameters; defaults from the paper (Gu et al., ICLR 2024, Sec. 2.2 and App. C) and the
+    official code (microsoft/LMOps: minillm/arguments.py, scripts/gpt2/minillm/train_base_xl.sh) as each help says.
+    The sampling flags (--temperature 1, --top-p 1: official), --sample-max-new-tokens and --compare are
+    core.onpolicy's."""
+
+    alpha: float = field(
+        default=0.2, metadata={"help": "teacher-mixed sampling: rollouts from (1-alpha) q + alpha p; 0 off (0.2)"}
+    )
+    single_step: bool = field(
+        default=True, metadata={"help": "single-step decomposition: exact token reverse KL as its own term (on)"}
+    )
+    single_step_weighted: bool = field(
+        default=True,
+        metadata={"help": "weigh the single-step term by w_t as the paper's Eq. 4 (official code: unweighted)"},
+    )
+    length_norm: bool = field(default=True, metadata={"help": "length-normalized long-term returns (on)"})
+    returns_from: str = field(
+        default="next",
+        metadata={"help": "next: R_{t+1} after the token (paper, Eq. 3); current: R_t with its own reward (official)"},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "discount of the returns (paper 1; official default 0.95)"})
+    clip: float = field(default=0.2, metadata={"help": "PPO ratio clipping epsilon (official 0.2); 0 off"})
+    whiten: bool = field(default=True, metadata={"help": "whiten the advantages over the batch (official code)"})
+    lm_coef: float = field(
+        default=1.0, metadata={"help": "weight of the LM loss on the training data batch (L_PT; official 1)"}
+    )
+    seqkd: bool = field(default=True, metadata={"help": "train a SeqKD baseline (teacher's greedy outputs)"})
+    from_sft: bool = field(
+        default=True,
+        metadata={"help": "start from the cached SFT student of the same settings when --student is a preset"},
+    )
+    exposure: bool = field(
+        default=True, metadata={"help": "measure the exposure bias (excess accumulated error) of every student"}
+    )
+    compare: str = field(
+        default="fkl", metadata={"help": "word-level KD baselines on the same budget (the paper's KD: forward KL)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1) (1 would never sample the student), got {self.alpha}")
+        if self.returns_from not in RETURNS:
+            raise ConfigError(f"--returns-from must be one of {', '.join(RETURNS)}, got {self.returns_from!r}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not 0.0 <= self.clip < 1.0:
+            raise ConfigError(f"--clip must be in [0, 1) (0 turns clipping off), got {self.clip}")
+        if self.lm_coef < 0:
+            raise ConfigError(f"--lm-coef must be non-negative, got {self.lm_coef}")
+
+
+def label(cfg: MiniLLMConfig) -> str:
+    return "minillm" if cfg.alpha > 0 else "minillm-noalpha"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
+    resample = Resampler.of(ctx, cfg, "minillm-sample")
+
+    def prepare_batch(model, batch, step: int, index: int):
+        # Rollouts of this micro-batch's prompts from the teacher-mixed policy; the data batch rides along for L_PT.
+        examples = resample.examples(
+            model, batch, step, index, mix_model=ctx.teacher if cfg.alpha > 0 else None, mix_alpha=cfg.alpha
+        )
+        rollouts = resample.collate(examples, batch)
+        resample.stats.add("gen_tokens", count_label_tokens(rollouts))  # sampled tokens (EOS included)
+        return rollouts | {f"lm_{key}": value for key, value in batch.items()}
+
+    def loss_fn(model, batch) -> LossOutput:
+        teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        terms = minillm_loss_sum(
+            logits,
+            teacher_logits,
+            batch["labels"],
+            alpha=cfg.alpha,
+            single_step=cfg.single_step,
+            single_step_weighted=cfg.single_step_weighted,
+            length_norm=cfg.length_norm,
+            returns_from=cfg.returns_from,
+            gamma=cfg.gamma,
+            clip=cfg.clip,
+            whiten_advantages=cfg.whiten,
+            temperature=cfg.temperature,
+        )
+        total, logs = terms.loss_sum, dict(terms.logs)
+        if cfg.lm_coef > 0:
+            # L = L_RL + lm_coef L_PT, each a token mean (official trainer.py): the LM mean is scaled to this
+            # micro-batch's rollout tokens, the unit the loop divides by.
+            data = {key.removeprefix("lm_"): value for key, value in batch.items() if key.startswith("lm_")}
+            lm_mean = causal_lm_loss(model, data).loss_sum / max(count_label_tokens(data), 1)
+            total = total + cfg.lm_coef * lm_mean * terms.tokens
+            logs["lm_loss"] = lm_mean.item()
+        return LossOutput(total, logs)
+
+    def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
+        resample.stats.flush(logs, keys=("gen_s", "gen_tokens"))
+
+    return MethodLoss(loss_fn, prepare_batch=prepare_batch, on_step_end=on_step_end)
+
+
+def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:
+    """SeqKD (Kim & Rush, 2016), the paper's other baseline: SFT on the teacher's greedy outputs of the same prompts
+    in the same order (a cached Baseline, so it takes the data batch and swaps in the teacher's output)."""
+    if not cfg.seqkd:
+        return []
+    return [Baseline("seqkd", {"decoding": "greedy", "max_new_tokens": cfg.sample_max_new_tokens}, _seqkd_loss(cfg))]
+
+
+def _seqkd_loss(cfg: MiniLLMConfig):
+    def make(ctx: Context) -> MethodLoss:
+        max_new_tokens = cfg.sample_max_new_tokens or ctx.eval.max_new_tokens or ctx.task.max_new_tokens
+        limit = ctx.data.max_length - max_new_tokens
+        # The teacher's outputs of exactly the prompts the loop will draw (cached with the teacher's samples).
+        train = ctx.train
+        seen = sorted(
+            {
+                i
+                for step in range(train.steps)
+                for i in example_indices(step, len(ctx.features), train.batch_size, train.seed)
+            }
+        )
+        prompts = [encode_prompt(ctx.tokenizer, ctx.task.train[i].prompt) for i in seen]
+        outputs = teacher_examples(ctx, prompts, max_new_tokens, do_sample=False)
+        table = {tuple(example["input_ids"][: example["labels"].count(-100)]): example for example in outputs}
+
+        def loss_fn(model, batch) -> LossOutput:
+            examples = [table[tuple(fit_prompt(p, limit))] for p in prompts_of(batch)]
+            taught = collate_to(examples, ctx.tokenizer.pad_token_id, batch["input_ids"].device)
+            # The token mean on the teacher's outputs, scaled to the data batch's token count the loop divides by.
+            mean = causal_lm_loss(model, taught).loss_sum / max(count_label_tokens(taught), 1)
+            return LossOutput(mean * count_label_tokens(batch))
+
+        return MethodLoss(loss_fn)
+
+    return make
+
+
+METHOD = Method(
+    name="minillm",
+    settings=MiniLLMConfig,
+    make_loss=make_loss,
+    label=label,
+    kd_baselines=MiniLLMConfig.divergences,
+    baselines=seqkd_baseline,
+    description="MiniLLM: sequence-level reverse KL by policy gradient, from the SFT student.",
+)
+RECIPE = llm_recipe(METHOD)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SFT start and the exposure bias (both rebuild what the pipeline built; every model is cached)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pieces(argv: list[str]):
+    """The parsed settings, task, tokenizer, teacher and baseline setup of a run's flags (cached models load)."""
+    shell = parse_recipe(RECIPE, argv)
+    data, model_cfg, train_cfg = shell.cfg(DataConfig), shell.cfg(ModelConfig), shell.cfg(TrainConfig)
+    task = load_task(data)
+    tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, shell.cache)
+    setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, shell.cache, shell.accelerator)
+    return shell, setup
+
+
+def with_sft_start(argv: list[str]) -> list[str]:
+    """The flags with --student set to the cached SFT student of the same settings (trained now if missing), unless
+    --student names a folder or --no-from-sft is given."""
+    shell, setup = _pieces(argv)
+    if not shell.cfg(MiniLLMConfig).from_sft or setup.model.student not in PRESETS:
+        return argv
+    _, _, folder = get_sft_baseline(setup)
+    print(f"[minillm] every student starts from the SFT student {folder}", file=sys.stderr)
+    return [*argv, "--student", str(folder)]
+
+
+def kl_along(model, teacher, prompts, completions, max_length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step KL(p || q)(. | y_<t) along each completion, (N, L), and its mask (L: the longest completion)."""
+    batch = Collator(pad)(completion_features(prompts, completions, max_length))
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        kl = forward_kl(model(**inputs).logits, teacher(**inputs).logits).cpu()  # (N, T)
+    mask, _ = shifted_targets(batch["labels"])
+    width = max(int(mask.sum(-1).max()), 1)
+    out, valid = torch.zeros(len(completions), width), torch.zeros(len(completions), width)
+    for row in range(len(completions)):
+        steps = kl[row][mask[row]]  # the completion's steps in order
+        out[row, : len(steps)], valid[row, : len(steps)] = steps, 1.0
+    return out, valid
+
+
+def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+    """ExAccErr(l) of every student of the run (loss.excess_accumulated_error): one sample per held-out prompt from
+    the student (its own prefixes) and from the teacher (the oracle's prefixes), seeded; added to metrics.json."""
+    shell, setup = _pieces(argv)
+    cfg, evaluation = shell.cfg(MiniLLMConfig), shell.cfg(EvalConfig)
+    data, task, tokenizer = setup.data, setup.task, setup.tokenizer
+    teacher, info = get_teacher(setup.model, data, task, tokenizer, setup.tokenizer_key, setup.cache, setup.accelerator)
+    students = {"sft_student": get_sft_baseline(setup)[0]}
+    for divergence in cfg.divergences():
+        students[f"kd_{divergence}_student"] = get_kd_baseline(setup, divergence, teacher, info["source"])[0]
+    if cfg.seqkd:
+        ctx = Context(
+            setup.accelerator, task, tokenizer, teacher, students["sft_student"],
+            encode_examples(tokenizer, task.train, data.max_length), data, setup.model, setup.train, shell.run,
+            evaluation, setup.cache, teacher_source=info["source"], teacher_tokenizer=tokenizer,
+        )  # fmt: skip
+        (baseline,) = seqkd_baseline(cfg)
+        students["seqkd_student"] = get_method_baseline(
+            baseline, ctx, setup, setup.tokenizer_key, Collator(tokenizer.pad_token_id)
+        )[0]
+    students["student"] = load_model(Path(metrics["run_dir"]) / "student")
+    length = evaluation.max_new_tokens or task.max_new_tokens
+    prompts = [fit_prompt(encode_prompt(tokenizer, ex.prompt), data.max_length - length) for ex in task.eval]
+    eos, pad, seed = tokenizer.eos_token_id, tokenizer.pad_token_id, setup.train.seed
+    teacher_samples = sample_completions(teacher, prompts, eos, pad, length, seed=derived_seed(seed, "exposure"))
+    result = {}
+    for key, model in students.items():
+        model = model.to(setup.accelerator.device).eval()
+        own = sample_completions(model, prompts, eos, pad, length, seed=derived_seed(seed, "exposure", key))
+        own_kl, own_mask = kl_along(model, teacher, prompts, own, data.max_length, pad)
+        oracle_kl, oracle_mask = kl_along(model, teacher, prompts, teacher_samples, data.max_length, pad)
+        width = min(own_kl.shape[1], oracle_kl.shape[1])
+        result[key] = excess_accumulated_error(
+            own_kl[:, :width], own_mask[:, :width], oracle_kl[:, :width], oracle_mask[:, :width]
+        )
+    metrics["exposure_bias"] = result
+    write_metrics(Path(metrics["run_dir"]), metrics)
+    _print_exposure(result)
+    _plot_exposure(result, Path(metrics["run_dir"]) / "exposure_bias.png")
+    return metrics
+
+
+def _print_exposure(result: dict[str, Any]) -> None:
+    print("\nexposure bias (sampled length l; R: KL(p||q) summed over own prefixes; eps: per step at teacher's)")
+    print(f"{'student':<22} {'l':>3} {'R(l)':>8} {'eps(l)':>8} {'ExAccErr %':>11}")
+    for key, values in result.items():
+        length = len(values["exaccerr"])
+        print(
+            f"{'minillm' if key == 'student' else key.removesuffix('_student'):<22} {length:>3} {values['regret'][-1]:>8.3f} "
+            f"{values['per_step_error'][-1]:>8.3f} {values['exaccerr'][-1]:>11.1f}"
+        )
+
+
+def _plot_exposure(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, values in result.items():
+        lengths = range(1, len(values["exaccerr"]) + 1)
+        name = "minillm" if key == "student" else key.removesuffix("_student").replace("_", "-")
+        ax.plot(lengths, values["exaccerr"], marker="o", label=name)
+    ax.set(xlabel="generated length l", ylabel="ExAccErr (%)", title="Excess accumulated error")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run MiniLLM (from the SFT student) and its baselines; returns metrics.json's content."""
+    argv = with_sft_start(list(sys.argv[1:] if argv is None else argv))
+    metrics = record_generation_share(run_recipe(RECIPE, argv))
+    if metrics and shell_settings(argv).exposure and "exposure_bias" not in metrics:
+        metrics = exposure_bias(argv, metrics)
+    return metrics
+
+
+def shell_settings(argv: list[str]) -> MiniLLMConfig:
+    return parse_recipe(RECIPE, argv).cfg(MiniLLMConfig)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,303 @@
+"""MiniLLM: the policy-gradient estimator of the sequence-level reverse KL against its exact value on an enumerable
+two-step toy, the single-step term against the analytic reverse KL, importance weights and PPO clipping by hand,
+the returns by hand, parity with TRL's formulation where the definitions agree, the excess accumulated error by
+hand, bad settings, and a tiny end-to-end run of the script."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import ConfigError
+from methods.minillm.loss import (
+    clipped_policy_loss,
+    excess_accumulated_error,
+    importance_weights,
+    long_term_returns,
+    minillm_loss_sum,
+    single_step_kl,
+    whiten,
+)
+from methods.minillm.run import MiniLLMConfig, main
+
+ln = math.log
+
+# ----------------------------------------------------------------------------------------------------------------
+# The gradient estimator on a toy whose reverse KL can be enumerated
+# ----------------------------------------------------------------------------------------------------------------
+
+V = 3  # vocabulary; sequences y1 y2 of two tokens, 9 in all
+
+
+def _toy():
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(V, generator=gen, dtype=torch.float64).requires_grad_()  # student logits of y1
+    second = torch.randn(V, V, generator=gen, dtype=torch.float64).requires_grad_()  # of y2 given y1 (rows)
+    teacher_first = torch.randn(V, generator=gen, dtype=torch.float64) * 2
+    teacher_second = torch.randn(V, V, generator=gen, dtype=torch.float64) * 2
+    return first, second, teacher_first, teacher_second
+
+
+def _exact_reverse_kl(first, second, teacher_first, teacher_second):
+    """KL(q || p) over the 9 sequences: sum_y q(y) (log q(y) - log p(y)), q(y) = q(y1) q(y2 | y1)."""
+    lq1, lq2 = F.log_softmax(first, -1), F.log_softmax(second, -1)  # (V,), (V, V)
+    lp1, lp2 = F.log_softmax(teacher_first, -1), F.log_softmax(teacher_second, -1)
+    log_q = lq1[:, None] + lq2  # (V, V): log q(y1, y2)
+    log_p = lp1[:, None] + lp2
+    return (log_q.exp() * (log_q - log_p)).sum()
+
+
+def _rollouts(first, second, n, seed):
+    """n sequences sampled from the student, laid out as the data (labels: -100 on the 1-token prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        y1 = torch.multinomial(F.softmax(first, -1), n, replacement=True, generator=gen)  # (n,)
+        y2 = torch.multinomial(F.softmax(second, -1)[y1], 1, generator=gen).squeeze(-1)  # (n,)
+    labels = torch.stack([torch.full_like(y1, -100), y1, y2], dim=1)  # (n, 3)
+    return y1, labels
+
+
+def _logits(first, second, y1):
+    """(n, 3, V): position 0 predicts y1, position 1 predicts y2 given y1; position 2 predicts nothing."""
+    n = y1.shape[0]
+    return torch.stack([first.expand(n, V), second[y1], torch.zeros(n, V, dtype=first.dtype)], dim=1)
+
+
+def _mc_gradient(estimator_options, n_batches=40, batch=500):
+    """The estimator's gradient from n_batches independent batches of rollouts: mean and standard error."""
+    first, second, teacher_first, teacher_second = _toy()
+    grads = []
+    for b in range(n_batches):
+        y1, labels = _rollouts(first, second, batch, seed=b)
+        student = _logits(first, second, y1)
+        teacher = _logits(teacher_first, teacher_second, y1)
+        loss = minillm_loss_sum(student, teacher, labels, **estimator_options).loss_sum / batch
+        g1, g2 = torch.autograd.grad(loss, (first, second))
+        grads.append(torch.cat([g1.flatten(), g2.flatten()]))
+    grads = torch.stack(grads)  # (n_batches, V + V * V)
+    return grads.mean(0), grads.std(0) / math.sqrt(n_batches)
+
+
+PLAIN = {"alpha": 0.0, "length_norm": False, "gamma": 1.0, "clip": 0.0, "whiten_advantages": False}
+
+
+@pytest.mark.parametrize("single_step", [True, False])
+def test_policy_gradient_is_unbiased_for_the_sequence_reverse_kl(single_step):
+    # Eq. (2) (plain policy gradient on R_t) and Eq. (3) (exact single-step KL + policy gradient on R_{t+1}) are
+    # both unbiased: the Monte-Carlo mean over 20000 rollouts agrees with the enumerated gradient within 4
+    # standard errors in each of the 12 coordinates.
+    first, second, teacher_first, teacher_second = _toy()
+    exact = torch.autograd.grad(_exact_reverse_kl(first, second, teacher_first, teacher_second), (first, second))
+    exact = torch.cat([g.flatten() for g in exact])
+    mean, stderr = _mc_gradient(PLAIN | {"single_step": single_step, "returns_from": "next"})
+    assert ((mean - exact).abs() <= 4 * stderr + 1e-6).all(), (mean, exact, stderr)
+    assert exact.abs().max() > 10 * stderr.max()  # the test has power: the gradient is far from zero
+
+
+def test_single_step_decomposition_lowers_the_variance():
+    # The paper's motivation for Eq. (3): the exact single-step term replaces a sampled one.
+    _, plain = _mc_gradient(PLAIN | {"single_step": False})
+    _, decomposed = _mc_gradient(PLAIN | {"single_step": True, "returns_from": "next"})
+    assert decomposed.sum() < plain.sum()
+
+
+def test_official_returns_count_the_single_step_term_twice():
+    # The official losses.py adds the exact single-step KL AND credits each token with R_t (its own reward
+    # included), so its expected gradient is the exact gradient plus that of the single-step term once more:
+    # grad [ KL(q(y1) || p(y1)) + sum_y1 sg(q(y1)) KL(q(. | y1) || p(. | y1)) ].
+    first, second, teacher_first, teacher_second = _toy()
+    kl_first = single_step_kl(first[None], teacher_first[None], torch.tensor([True]))[0]
+    kl_second = single_step_kl(second, teacher_second, torch.ones(V, dtype=torch.bool))  # (V,) per y1
+    extra = kl_first + (F.softmax(first, -1).detach() * kl_second).sum()
+    exact = _exact_reverse_kl(first, second, teacher_first, teacher_second) + extra
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, (first, second))])
+    mean, stderr = _mc_gradient(PLAIN | {"single_step": True, "returns_from": "current"})
+    assert ((mean - exact).abs() <= 4 * stderr + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_single_step_term_is_the_analytic_reverse_kl():
+    # q = (3/4, 1/4), p = (1/2, 1/2): KL(q || p) = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.1308...
+    q = torch.tensor([[0.75, 0.25]], dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    mask = torch.tensor([True])
+    expected = 0.75 * ln(1.5) + 0.25 * ln(0.5)
+    assert single_step_kl(q.log(), p.log(), mask).item() == pytest.approx(expected, rel=1e-12)
+    assert single_step_kl(q.log(), p.log(), torch.tensor([False])).item() == 0.0
+    # Inside the loss: one valid position, so the single-step log is that KL (and it is 0 for q = p).
+    labels = torch.tensor([[-100, 0, -100]])
+    student = torch.cat([q.log(), torch.zeros(2, 2, dtype=torch.float64)])[None]  # (1, 3, 2)
+    teacher = torch.cat([p.log(), torch.zeros(2, 2, dtype=torch.float64)])[None]
+    terms = minillm_loss_sum(student, teacher, labels, alpha=0.0)
+    assert terms.tokens == 1 and terms.logs["single_step_kl"] == pytest.approx(expected, rel=1e-9)
+    assert minillm_loss_sum(student, student, labels, alpha=0.0).logs["single_step_kl"] == pytest.approx(0.0)
+
+
+def test_importance_weights_by_hand():
+    # alpha 0.2: q(y) = 0.5, p(y) = 0.1 -> mixture 0.8 * 0.5 + 0.2 * 0.1 = 0.42, w = 0.5 / 0.42 = 1.1905;
+    # q(y) = 0.1, p(y) = 0.9 -> mixture 0.08 + 0.18 = 0.26, w = 0.1 / 0.26 = 0.3846 (a teacher-favoured token).
+    q = torch.tensor([0.5, 0.1], dtype=torch.float64).log()
+    p = torch.tensor([0.1, 0.9], dtype=torch.float64).log()
+    assert torch.allclose(importance_weights(q, p, 0.2), torch.tensor([0.5 / 0.42, 0.1 / 0.26], dtype=torch.float64))
+    assert torch.equal(importance_weights(q, p, 0.0), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(importance_weights(q, p, 1.0), (q - p).exp())  # alpha 1: all from the teacher
+
+
+def test_clipping_bounds_the_ratio():
+    # rho = w * q / q_old with q = q_old: rho = w. eps 0.2.
+    # A = +1, w = 1.5: max(-1.5, -1.2) = -1.2, the clipped value (no gradient);  A = -1, w = 1.5: max(1.5, 1.2) = 1.5.
+    # A = +1, w = 0.5: max(-0.5, -0.8) = -0.5;  A = -1, w = 0.5: max(0.5, 0.8) = 0.8, clipped (no gradient).
+    logprobs = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([[1.5, 1.5, 0.5, 0.5]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, weights, mask, clip=0.2)
+    assert torch.allclose(loss, torch.tensor([[-1.2, 1.5, -0.5, 0.8]], dtype=torch.float64))
+    assert clipped.tolist() == [[True, False, False, True]]
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    # d/dlogq of -A w exp(logq - logq_old) at logq = logq_old is -A w where unclipped, 0 where clipped.
+    assert torch.allclose(grad, torch.tensor([[0.0, 1.5, -0.5, 0.0]], dtype=torch.float64))
+    # The objective never credits a ratio outside [0.8, 1.2] where it would gain from it.
+    plain, _ = clipped_policy_loss(logprobs, logprobs.detach(), advantages, weights, mask, clip=0.0)
+    assert torch.allclose(plain, -advantages * weights)
+
+
+def test_returns_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])  # the last position is padding
+    # next (R_{t+1}): (2 + 3, 3, 0); normalized by the tokens after t: (5 / 2, 3 / 1, 0)
+    assert long_term_returns(rewards, mask, 1.0, False, "next").tolist() == [[5.0, 3.0, 0.0, 0.0]]
+    assert long_term_returns(rewards, mask, 1.0, True, "next").tolist() == [[2.5, 3.0, 0.0, 0.0]]
+    # current (R_t): (6, 5, 3); normalized by the tokens from t on: (6 / 3, 5 / 2, 3 / 1)
+    assert long_term_returns(rewards, mask, 1.0, False, "current").tolist() == [[6.0, 5.0, 3.0, 0.0]]
+    assert long_term_returns(rewards, mask, 1.0, True, "current").tolist() == [[2.0, 2.5, 3.0, 0.0]]
+    # gamma 0.5: next (2 + 0.5 * 3, 3, 0); current (1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3)
+    assert long_term_returns(rewards, mask, 0.5, False, "next").tolist() == [[3.5, 3.0, 0.0, 0.0]]
+    assert long_term_returns(rewards, mask, 0.5, False, "current").tolist() == [[2.75, 3.5, 3.0, 0.0]]
+
+
+def test_whitening_uses_valid_positions_only():
+    values = torch.tensor([[1.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, False]])
+    out = whiten(values, mask)  # mean 2, variance 1 over the two valid values
+    assert torch.allclose(out, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with TRL's MiniLLMTrainer where the definitions agree
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _trl_style_advantage(student_logprobs, teacher_logprobs, mask, gamma, length_normalization):
+    """TRL's `_compute_advantage` (huggingface/trl: trl/experimental/minillm/minillm_trainer.py), restated:
+    advantages[t] = sum_{i >= t} gamma^i r_i, divided (length normalization) by sum_{i >= t} gamma^i mask_i."""
+    mask = mask.float()
+    rewards = (teacher_logprobs - student_logprobs) * mask
+    gamma_pow = gamma ** torch.arange(rewards.shape[1], dtype=rewards.dtype)
+    advantages = (rewards * gamma_pow).flip(1).cumsum(1).flip(1)
+    if length_normalization:
+        lengths = (torch.where(mask < 0.5, 1e-4, mask) * gamma_pow).flip(1).cumsum(1).flip(1)
+        advantages = advantages / lengths
+    return advantages
+
+
+def _trl_style_single_step(student_logprobs, teacher_logprobs, mask):
+    """TRL's `_single_step_decomposition_loss`: F.kl_div(input=log p, target=log q) is q (log q - log p) per entry
+    (kl_div's argument order is the reverse of the paper's KL(q || p)); summed over the valid tokens' entries."""
+    per_entry = F.kl_div(teacher_logprobs, student_logprobs, reduction="none", log_target=True)  # (B, T, V)
+    return per_entry[mask].sum() / mask.sum()
+
+
+def test_parity_with_trl_where_the_definitions_agree():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 6, 11, dtype=torch.float64), torch.randn(3, 6, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[:, :2] = -100  # prompt
+    labels[0, 5] = -100  # a shorter completion (padding)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    targets = torch.zeros_like(labels)
+    targets[:, :-1] = labels[:, 1:].clamp(min=0)
+    lq = F.log_softmax(student, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    lp = F.log_softmax(teacher, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    # The single-step term: the same token-mean reverse KL.
+    ours = single_step_kl(student, teacher, mask).sum() / mask.sum()
+    assert torch.allclose(ours, _trl_style_single_step(F.log_softmax(student, -1), F.log_softmax(teacher, -1), mask))
+    # The advantage: equal to the official code's R_t ("current") at gamma 1, normalized or not. TRL has no
+    # R_{t+1} (the paper's decomposition) and no teacher-mixed sampling, so those have no TRL counterpart.
+    # (TRL counts every masked position after t as 1e-4 of a token in the length, hence atol 1e-3 when normalized.)
+    for norm in (True, False):
+        trl = _trl_style_advantage(lq, lp, mask, 1.0, norm) * mask
+        assert torch.allclose(long_term_returns(lp - lq, mask, 1.0, norm, "current"), trl, atol=1e-3 if norm else 1e-12)
+    # gamma < 1 differs: TRL weighs the rewards by gamma^i (absolute position) and, normalized, divides by the
+    # discounted length; the official code discounts from t and divides by the plain token count.
+    trl = _trl_style_advantage(lq, lp, mask, 0.9, True) * mask
+    assert not torch.allclose(long_term_returns(lp - lq, mask, 0.9, True, "current"), trl)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exposure bias: the excess accumulated error
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_excess_accumulated_error_by_hand():
+    # Own prefixes: KL 1 at step 1, 2 at step 2 (the second row ended after step 1, so step 2 averages row 1 only,
+    # 2); teacher prefixes: KL 1 at both steps. R = (1, 3), eps = (1, 1), ExAccErr = ((1 - 1) / 1, (3 - 2) / 2).
+    own = torch.tensor([[1.0, 2.0], [1.0, 7.0]])
+    own_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    oracle = torch.tensor([[1.0, 1.0]])
+    result = excess_accumulated_error(own, own_mask, oracle, torch.ones(1, 2))
+    assert result["regret"] == [1.0, 3.0] and result["per_step_error"] == [1.0, 1.0]
+    assert result["exaccerr"] == pytest.approx([0.0, 50.0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings and the script
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"alpha": 1.0}, "--alpha"), ({"alpha": -0.1}, "--alpha"), ({"returns_from": "last"}, "--returns-from"),
+     ({"gamma": 0.0}, "--gamma"), ({"clip": 1.0}, "--clip"), ({"lm_coef": -1.0}, "--lm-coef"),
+     ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown")],
+)  # fmt: skip
+def test_bad_settings(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        MiniLLMConfig(**bad)
+
+
+TINY = ["--teacher-preset", "tiny", "--student", "tiny", "--teacher-steps", "40", "--steps", "20", "--eval-size", "16",
+        "--train-size", "2000", "--batch-size", "16", "--warmup-steps", "3", "--sample-max-new-tokens", "6"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_end_to_end_run_from_the_sft_student(tmp_path):
+    out = tmp_path / "minillm"
+    metrics = main([*TINY, "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["method"] == "minillm"
+    # The student (and every baseline) started from the cached SFT student of the same settings.
+    assert "sft-tiny-" in saved["config"]["ModelConfig"]["student"]
+    assert set(saved["eval"]) == {"student", "teacher", "sft_student", "kd_fkl_student", "seqkd_student"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 20 and sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
+    # Every step sampled rollouts (at most 6 tokens per row) from the teacher-mixed policy and weighed them.
+    assert all(r["gen_s"] > 0 and 0 < r["gen_tokens"] <= 16 * 6 for r in log)
+    assert all(0 < r["weight"] and 0 <= r["clipped"] <= 1 for r in log)
+    train = saved["train"]
+    assert 0 < train["gen_fraction"] < 1 and train["gen_tokens_per_s"] > 0
+    assert train["gen_tokens"] == sum(r["gen_tokens"] for r in log)
+    # Exposure bias of every student, on the evaluation length (12 on the embedded task).
+    assert set(saved["exposure_bias"]) == {"student", "sft_student", "kd_fkl_student", "seqkd_student"}
+    assert all(len(v["exaccerr"]) >= 1 for v in saved["exposure_bias"].values())
+    assert (out / "exposure_bias.png").exists() and (out / "student" / "model.safetensors").exists()
+    # A rerun of the same command shows the complete run.
+    assert main([*TINY, "--out", str(out)])["exposure_bias"] == saved["exposure_bias"]
