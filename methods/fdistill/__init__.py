@@ -1,0 +1,1 @@
+"""f-DISTILL: f-divergence minimization for sequence-level knowledge distillation (Wen et al., ACL 2023)."""
