@@ -103,6 +103,10 @@ class TeacherLogitCache:
     def __len__(self) -> int:
         return len(self._index)
 
+    def __contains__(self, key: bytes) -> bool:
+        """Whether the example of this key (core.logit_cache.example_key) is in the cache."""
+        return key in self._index
+
     @property
     def bytes_per_token(self) -> float:
         return self.manifest["bytes"] / max(self.manifest["n_tokens"], 1)

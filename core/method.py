@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.config import EvalConfig, ModelConfig, RunConfig
 from core.data import DataConfig, TaskData
+from core.kdpath import KDPath
 from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, count_label_tokens
 
 
@@ -41,6 +42,7 @@ class Context:
     run: RunConfig
     eval: EvalConfig
     cache: Path  # the cache root (teachers, tokenizers, baselines, teacher outputs)
+    kd: KDPath  # the run's word-level KD path (--teacher-cache, --fused, --chunk-size): build KD losses with kd.loss
     teacher_source: str  # where the teacher came from (a folder or the embedded teacher's cache entry)
     # the teacher's own tokenizer: `tokenizer` itself, except for cross-tokenizer methods (core.crosstok)
     teacher_tokenizer: PreTrainedTokenizerBase

@@ -25,11 +25,12 @@ from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_
 from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
 from core.errors import ConfigError
 from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.kdpath import KDPath, KDPathConfig
 from core.losses import get_divergence
 from core.method import Baseline, Context, Method
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters
-from core.objectives import causal_lm_loss, make_kd_loss
+from core.objectives import causal_lm_loss
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.train import TrainConfig, Trainer
@@ -107,12 +108,15 @@ def get_sft_baseline(setup: BaselineSetup):
     return setup.train_student("sft", {}, causal_lm_loss)
 
 
-def get_kd_baseline(setup: BaselineSetup, divergence: str, teacher, teacher_source: str):
-    """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration."""
+def get_kd_baseline(setup: BaselineSetup, divergence: str, kd: KDPath, teacher_source: str):
+    """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration on the run's
+    KD path (a lossy teacher cache is part of its key; the exact fused and chunked paths are not)."""
+    features = encode_examples(setup.tokenizer, setup.task.train, setup.data.max_length)
     return setup.train_student(
         f"kd-{divergence}",
-        {"teacher": teacher_source, "divergence": divergence},
-        make_kd_loss(teacher, get_divergence(divergence)),
+        {"teacher": teacher_source, "divergence": divergence, **kd.cfg.result_key()},
+        kd.loss(get_divergence(divergence), features=features),
+        features=features,
     )
 
 
@@ -144,7 +148,7 @@ def llm_recipe(method: Method) -> Recipe:
     return Recipe(
         name=method.name,
         family="lm",
-        configs=(DataConfig, ModelConfig, TrainConfig, EvalConfig, method.settings, *cross),
+        configs=(DataConfig, ModelConfig, TrainConfig, EvalConfig, KDPathConfig, method.settings, *cross),
         body=lambda shell: _llm_body(method, shell),
         task=lambda shell: shell.cfg(DataConfig).task,
         label=lambda shell: method.run_name(shell.cfg(method.settings)),
@@ -164,6 +168,12 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     data, model_cfg, train_cfg = shell.cfg(DataConfig), shell.cfg(ModelConfig), shell.cfg(TrainConfig)
     evaluation, settings, run = shell.cfg(EvalConfig), shell.cfg(method.settings), shell.run
     cross = shell.cfg(CrossTokenizerConfig) if method.cross_tokenizer else None
+    path_cfg = shell.cfg(KDPathConfig)
+    if cross is not None and path_cfg.name != "plain":
+        raise ConfigError(
+            f"{shell.name}: --teacher-cache, --fused and --chunk-size are paths of one-vocabulary word-level KD; "
+            "a cross-tokenizer method computes its own loss: drop them"
+        )
     name, out, cache = shell.name, shell.out, shell.cache
     accelerator = shell.accelerator
     task = load_task(data)
@@ -182,10 +192,11 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
     if not method.cross_tokenizer:
         check_same_vocabulary(teacher, student, name)
+    kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)
     setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
     sft_model, sft_result, sft_folder = get_sft_baseline(setup)
     baselines = {  # eval key (without "_student") -> (model, train result, cache folder)
-        f"kd_{divergence}": get_kd_baseline(setup, divergence, teacher, teacher_info["source"])
+        f"kd_{divergence}": get_kd_baseline(setup, divergence, kd, teacher_info["source"])
         for divergence in (method.kd_baselines(settings) if method.kd_baselines else [])
     }
 
@@ -197,7 +208,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         collate = Collator(tokenizer.pad_token_id)
     ctx = Context(
         accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, evaluation,
-        cache, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
+        cache, kd, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
     for baseline in method.baselines(settings) if method.baselines else []:
@@ -272,6 +283,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
             "baselines": {f"{b}_student": asdict(r) for b, (_, r, _) in baselines.items()},
             "student_params": count_parameters(student),
             "teacher_params": count_parameters(teacher),
+            "kd_path": kd.summary(),
         },
         extra={"teacher": teacher_info, **({"tokenizers": tokenizer_info(pair)} if cross is not None else {})},
     )

@@ -19,7 +19,6 @@ from core.config import divergence_list
 from core.errors import ConfigError
 from core.losses import shift_for_causal_lm
 from core.method import Context, Method, MethodLoss
-from core.objectives import teacher_forward
 from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.train import LossOutput
@@ -54,11 +53,16 @@ class TAIDConfig:
 
 
 def make_loss(ctx: Context, cfg: TAIDConfig) -> MethodLoss:
+    if ctx.kd.cfg.fused or ctx.kd.cfg.chunk_size is not None:
+        raise ConfigError(
+            "TAID interpolates the full logits of both models: --fused and --chunk-size do not apply to it "
+            "(--teacher-cache does)"
+        )
     schedule = TAIDSchedule(cfg.t_start, cfg.t_end, cfg.alpha, cfg.beta, adaptive=not cfg.disable_adaptive)
     total_steps = ctx.train.steps
 
     def loss_fn(model, batch) -> LossOutput:
-        teacher_logits = teacher_forward(ctx.teacher, batch)[:, :-1]  # (B, T-1, V)
+        teacher_logits = ctx.kd.teacher_logits(batch, ctx.features)[:, :-1]  # (B, T-1, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = shift_for_causal_lm(logits, batch["labels"])  # (B, T-1, V), (B, T-1)
         valid = labels != -100

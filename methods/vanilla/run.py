@@ -18,7 +18,7 @@ from core.generate import generate
 from core.io import atomic_write_json, stable_hash
 from core.losses import DIVERGENCES, get_divergence
 from core.method import Context, Method, MethodLoss
-from core.objectives import causal_lm_loss, make_kd_loss
+from core.objectives import causal_lm_loss
 from core.pipeline import cli, run_method
 
 VARIANTS = ("sft", "kd", "seqkd")
@@ -37,9 +37,6 @@ class VanillaConfig:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both distributions"})
     beta: float = field(default=0.5, metadata={"help": "jsd: mixture weight of the teacher (0 -> fkl, 1 -> rkl)"})
     alpha: float = field(default=0.1, metadata={"help": "skl/srkl: skew weight (DistiLLM default 0.1)"})
-    chunk_size: int | None = field(
-        default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
-    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -54,8 +51,6 @@ class VanillaConfig:
             raise ConfigError(f"--beta must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.alpha < 1.0:
             raise ConfigError(f"--alpha must be in [0, 1), got {self.alpha}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
 
 
 def label(cfg: VanillaConfig) -> str:
@@ -84,7 +79,7 @@ def make_loss(ctx: Context, cfg: VanillaConfig) -> MethodLoss | None:
         examples = teacher_outputs(ctx, n)
         return MethodLoss(causal_lm_loss, features=encode_examples(ctx.tokenizer, examples, ctx.data.max_length))
     divergence = get_divergence(cfg.loss, cfg.temperature, cfg.beta, cfg.alpha)
-    return MethodLoss(make_kd_loss(ctx.teacher, divergence, cfg.kd_ratio, cfg.chunk_size))
+    return MethodLoss(ctx.kd.loss(divergence, cfg.kd_ratio, features=ctx.features))
 
 
 METHOD = Method(name="vanilla", settings=VanillaConfig, make_loss=make_loss, label=label)

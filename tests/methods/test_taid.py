@@ -160,3 +160,17 @@ def test_different_vocabularies_point_to_dskd(tmp_path):
     build_model("tiny", other, seed=0).save_pretrained(tmp_path / "other")
     with pytest.raises(VocabularyMismatchError, match="methods/dskd"):
         main([*TINY, "--student", str(tmp_path / "other"), "--out", str(tmp_path / "run")])
+
+
+def test_teacher_cache_reaches_taid_and_is_exact_at_full_k(tmp_path):
+    """TAID interpolates logits; cached log-probabilities differ from them by a constant per position, which the
+    softmax ignores, so at k >= vocabulary size the cached run follows the live one (float16 storage aside)."""
+    short = [*TINY, "--steps", "4", "--eval-size", "4", "--compare", ""]
+    main([*short, "--out", str(tmp_path / "live")])
+    cached = main([*short, "--teacher-cache", "--teacher-cache-k", "100000", "--out", str(tmp_path / "cached")])
+    live_log = [json.loads(line) for line in (tmp_path / "live" / "log.jsonl").read_text().splitlines()]
+    cached_log = [json.loads(line) for line in (tmp_path / "cached" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in cached_log] == pytest.approx([r["loss"] for r in live_log], rel=3e-3)
+    assert cached["train"]["kd_path"]["cache"]["hit_rate"] == 1.0
+    with pytest.raises(ConfigError, match="--fused and --chunk-size do not apply"):
+        main([*short, "--fused", "--out", str(tmp_path / "fused")])

@@ -108,3 +108,30 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert "error: --loss must be one of fkl, rkl, jsd, tvd, skl, srkl" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_speed_paths_reach_the_run_and_match_the_plain_loss(tmp_path):
+    """--fused is exact; --teacher-cache at k >= vocabulary size is exact up to its float16 storage of log-probs.
+    Same data order, initialisation and teacher, so the first steps' losses must agree."""
+    short = [*TINY, "--steps", "4", "--eval-size", "4"]
+    plain = main([*short, "--out", str(tmp_path / "plain")])
+    fused = main([*short, "--fused", "--out", str(tmp_path / "fused")])
+    cached = main([*short, "--teacher-cache", "--teacher-cache-k", "100000", "--out", str(tmp_path / "cached")])
+    first = [r["loss"] for r in _log(tmp_path / "plain")]
+    assert [r["loss"] for r in _log(tmp_path / "fused")] == pytest.approx(first, rel=1e-5)
+    # float16 keeps ~3 significant digits of each log-prob: the KD sum agrees to about 1e-3 relative
+    assert [r["loss"] for r in _log(tmp_path / "cached")] == pytest.approx(first, rel=3e-3)
+    assert plain["train"]["kd_path"] == {"path": "plain"}
+    assert fused["train"]["kd_path"] == {"path": "fused"}
+    record = cached["train"]["kd_path"]
+    assert record["path"] == "plain+cache(k=100000)"
+    assert record["cache"]["hit_rate"] == 1.0 and record["cache"]["hits"] == 4 * 16  # 4 steps x 16 examples
+    # k >= V: every vocabulary entry of every target token is stored (2-byte log-prob + 2-byte id) plus the tail
+    (bytes_per_token,) = record["cache"]["bytes_per_token"]
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "plain" / "student"))
+    assert bytes_per_token >= 4 * vocab
+    # a second run with another seed reuses the cache (same teacher and data): no rebuild, same folder
+    again = main(
+        [*short, "--teacher-cache", "--teacher-cache-k", "100000", "--seed", "1", "--out", str(tmp_path / "c1")]
+    )
+    assert again["train"]["kd_path"]["cache"]["folders"] == record["cache"]["folders"]

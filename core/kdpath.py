@@ -1,0 +1,175 @@
+"""How a run computes word-level KD: the speed features of core.fused and core.logit_cache, as flags of every run.
+
+    --fused            no full logits: both models' logits are projected from their final hidden states, a chunk
+                       of valid positions at a time (exact; core.fused)
+    --chunk-size C     full logits, but the loss and its gradient C positions at a time (exact; core.fused)
+    --teacher-cache    the teacher's top-k log-probabilities computed once over the training data and read back
+                       (core.logit_cache), shared by every method, baseline and seed of the same teacher and data;
+                       the tail outside the top k is one bucket, so it is exact only at k = vocabulary size
+    --teacher-cache-k  that k
+
+The LLM recipe (core.pipeline) builds one `KDPath` per run and hands it to the method (`Context.kd`) and to the
+word-level KD baselines, so every KD student of a run takes the same path; metrics.json records which one ran
+(`train.kd_path`), with the cache's bytes per token and hit rate. A batch the cache does not hold (an on-policy
+batch of generated text) falls back to running the teacher, and counts as a miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError
+from core.logit_cache import TeacherLogitCache, example_key, get_logit_cache, teacher_fingerprint
+from core.losses import Divergence, divergence_temperature
+from core.objectives import make_kd_loss, shifted_targets, teacher_forward
+from core.train import LossOutput
+
+
+@dataclass
+class KDPathConfig:
+    """How word-level KD reads the teacher and computes the loss (docs/performance.md)."""
+
+    teacher_cache: bool = field(
+        default=False,
+        metadata={"help": "train from the teacher's cached top-k log-probs (computed once, shared across runs)"},
+    )
+    teacher_cache_k: int = field(
+        default=64, metadata={"help": "k of the teacher cache (exact only at the vocabulary size; tail = one bucket)"}
+    )
+    fused: bool = field(default=False, metadata={"help": "project logits from hidden states chunk by chunk (exact)"})
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "evaluate the KD loss this many positions at a time (exact)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache_k < 1:
+            raise ConfigError(f"--teacher-cache-k must be at least 1, got {self.teacher_cache_k}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+
+    @property
+    def name(self) -> str:
+        """The path in words, as metrics.json records it: plain, chunked, fused, each optionally + cache(k)."""
+        student = "fused" if self.fused else ("chunked" if self.chunk_size is not None else "plain")
+        return student + (f"+cache(k={self.teacher_cache_k})" if self.teacher_cache else "")
+
+    def result_key(self) -> dict[str, Any]:
+        """What of the path changes a trained student (for cache keys): only the lossy teacher cache; the fused and
+        chunked paths compute the same loss and gradient as the plain one."""
+        return {"teacher_cache_k": self.teacher_cache_k} if self.teacher_cache else {}
+
+
+class KDPath:
+    """One run's word-level KD path: builds KD losses, opens (or builds) the teacher cache on first use."""
+
+    def __init__(
+        self,
+        cfg: KDPathConfig,
+        teacher: torch.nn.Module,
+        cache_root: Path,
+        tokenizer_key: str,
+        pad_token_id: int,
+    ) -> None:
+        self.cfg, self.teacher, self.cache_root = cfg, teacher, cache_root
+        self.tokenizer_key, self.pad_token_id = tokenizer_key, pad_token_id
+        self._caches: dict[tuple[str, float], TeacherLogitCache] = {}
+        self._teacher_id: str | None = None
+        self.hits = 0  # examples whose teacher rows came from the cache
+        self.misses = 0  # examples the cache does not hold (the teacher ran for their batch)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def cache_for(self, features: list[dict[str, list[int]]], temperature: float) -> TeacherLogitCache:
+        """The teacher cache over `features` at `temperature`, built on first use (keyed by teacher and data)."""
+        from core.logit_cache import data_fingerprint
+
+        key = (data_fingerprint(features), temperature)
+        if key not in self._caches:
+            if self._teacher_id is None:
+                self._teacher_id = teacher_fingerprint(self.teacher)
+            self._caches[key] = get_logit_cache(
+                self.teacher,
+                features,
+                self.cache_root,
+                tokenizer_key=self.tokenizer_key,
+                pad_token_id=self.pad_token_id,
+                k=self.cfg.teacher_cache_k,
+                temperature=temperature,
+                teacher_id=self._teacher_id,
+                progress=True,
+            )
+        return self._caches[key]
+
+    def covers(self, cache: TeacherLogitCache, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether every example of the batch is in the cache; counts hits and misses."""
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        found = [
+            example_key(batch["input_ids"][row, :n], batch["labels"][row, :n]) in cache for row, n in enumerate(lengths)
+        ]
+        if all(found):
+            self.hits += len(found)
+            return True
+        self.misses += len(found)
+        return False
+
+    def loss(self, divergence: Divergence, kd_ratio: float = 1.0, features=None):
+        """Word-level KD (core.objectives.make_kd_loss) on this path. `features`: the data the loss trains on (the
+        teacher cache is built over it); required with --teacher-cache."""
+        cfg = self.cfg
+        live = make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)
+        if not cfg.teacher_cache:
+            return live
+        if features is None:
+            raise ValueError("KDPath.loss needs the training features when the teacher cache is on")
+        cache = self.cache_for(features, divergence_temperature(divergence))
+        cached = make_kd_loss(None, divergence, kd_ratio, cfg.chunk_size, cfg.fused, teacher_cache=cache)
+
+        def loss_fn(model, batch) -> LossOutput:
+            return cached(model, batch) if self.covers(cache, batch) else live(model, batch)
+
+        return loss_fn
+
+    def teacher_logits(self, batch: dict[str, torch.Tensor], features=None, temperature: float = 1.0) -> torch.Tensor:
+        """The teacher's full (B, T, V) scores for a method that needs every logit (TAID's interpolation).
+
+        Without the cache: the teacher's logits. With it: log-probabilities rebuilt from the cache at the valid
+        positions (the top k at their ids, the tail mass spread evenly over the other V - k ids; zeros elsewhere).
+        Log-probabilities differ from logits by a constant per position, which a softmax ignores, so at k = V a
+        method that only applies softmax-invariant operations gets exactly the live teacher's distribution."""
+        if not self.cfg.teacher_cache:
+            return teacher_forward(self.teacher, batch)
+        if features is None:
+            raise ValueError("KDPath.teacher_logits needs the training features when the teacher cache is on")
+        cache = self.cache_for(features, temperature)
+        if not self.covers(cache, batch):
+            return teacher_forward(self.teacher, batch)
+        mask, _ = shifted_targets(batch["labels"])
+        sparse = cache.sparse_teacher(batch, mask)  # (N, k), (N, k), (N,)
+        vocab = cache.vocab_size
+        rest = max(vocab - sparse.logprobs.shape[-1], 1)
+        rows = (sparse.tail_logprob - torch.log(torch.tensor(float(rest)))).unsqueeze(-1).expand(-1, vocab).clone()
+        rows.scatter_(-1, sparse.indices, sparse.logprobs)  # (N, V)
+        dense = torch.zeros(*mask.shape, vocab, dtype=rows.dtype, device=rows.device)  # (B, T, V)
+        dense[mask] = rows
+        return dense
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records: the path, and for the teacher cache its size per token and hit rate."""
+        out: dict[str, Any] = {"path": self.name}
+        if self.cfg.teacher_cache:
+            lookups = self.hits + self.misses
+            out["cache"] = {
+                "k": self.cfg.teacher_cache_k,
+                "bytes_per_token": [c.bytes_per_token for c in self._caches.values()],
+                "folders": [str(c.folder) for c in self._caches.values()],
+                "hit_rate": self.hits / lookups if lookups else None,
+                "hits": self.hits,
+                "misses": self.misses,
+            }
+        return out
