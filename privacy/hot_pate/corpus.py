@@ -10,7 +10,8 @@ Canaries (Carlini et al. 2019, "The Secret Sharer"): `canaries` extra people eac
 corpus says anything about codes, so a model emits such a digit string only if it learned it from that partition.
 
 Public data: prompts `<name> | <topic> :` for names that appear nowhere in the private corpus, plus the canary
-prompts `<canary name> | code :` (the worst case: the public side asks exactly for the secrets).
+prompts `<canary name> | code :` (the worst case: the public side asks exactly for the secrets). The utility test
+uses a third set of people, in neither the private corpus nor the public prompts.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ class CorpusConfig:
     canary_repeats: int = field(default=8, metadata={"help": "copies of a canary record inside its partition"})
     public_people: int = field(default=40, metadata={"help": "people of the public prompts (never in private data)"})
     secret_digits: int = field(default=4, metadata={"help": "digits of a canary secret"})
+    test_people: int = field(default=40, metadata={"help": "fresh people of the utility test (in no other split)"})
 
     def __post_init__(self) -> None:
         if self.teachers < 2:
             raise ConfigError(f"--teachers must be at least 2, got {self.teachers}")
-        if self.people_per_teacher < 1 or self.events_per_topic < 1 or self.public_people < 1:
-            raise ConfigError("--people-per-teacher, --events-per-topic and --public-people must be at least 1")
+        if min(self.people_per_teacher, self.events_per_topic, self.public_people, self.test_people) < 1:
+            raise ConfigError(
+                "--people-per-teacher, --events-per-topic, --public-people and --test-people must be at least 1"
+            )
         if not 0 <= self.canaries <= self.teachers:
             raise ConfigError(f"--canaries must be in [0, --teachers = {self.teachers}], got {self.canaries}")
         if self.canary_repeats < 1:
@@ -69,7 +73,7 @@ class Corpus:
     partitions: list[list[tuple[str, str]]]  # per teacher: (prompt, answer) records
     public_prompts: list[tuple[str, str]]  # (prompt, topic) for public people
     canaries: list[Canary]
-    heldout: list[tuple[str, str]]  # fresh (prompt, answer) records of public people: the utility test set
+    heldout: list[tuple[str, str]]  # (prompt, answer) records of fresh people: the utility test set
 
     def tokenizer_text(self) -> list[str]:
         """Public text only (public names, templates, every answer and digit): the tokenizer sees no private record."""
@@ -109,6 +113,7 @@ def build_corpus(cfg: CorpusConfig, seed: int) -> Corpus:
     private = make_names(cfg.teachers * cfg.people_per_teacher, rng, taken)
     canary_names = make_names(cfg.canaries, rng, taken)
     public = make_names(cfg.public_people, rng, taken)
+    test = make_names(cfg.test_people, rng, taken)
     partitions: list[list[tuple[str, str]]] = []
     for t in range(cfg.teachers):
         records = []
@@ -125,7 +130,8 @@ def build_corpus(cfg: CorpusConfig, seed: int) -> Corpus:
     for records in partitions:
         rng.shuffle(records)
     public_prompts = [(prompt(name, topic), topic) for name in public for topic in TOPICS]
-    heldout = [(prompt(name, topic), draw_answer(topic, rng)) for name in public for topic in TOPICS]
+    # Fresh people: a student that only memorised the answers released for the public people gains nothing here.
+    heldout = [(prompt(name, topic), draw_answer(topic, rng)) for name in test for topic in TOPICS]
     return Corpus(partitions, public_prompts, canaries, heldout)
 
 

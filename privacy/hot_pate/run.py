@@ -52,7 +52,7 @@ class TeacherConfig:
     """The teachers: one tiny Llama per partition, trained with core.train.Trainer, cached on disk."""
 
     teacher_preset: str = field(default="tiny", metadata={"help": "preset of every teacher (core/models.py)"})
-    teacher_steps: int = field(default=150, metadata={"help": "optimizer steps of each teacher"})
+    teacher_steps: int = field(default=100, metadata={"help": "optimizer steps of each teacher"})
     teacher_batch_size: int = field(default=16, metadata={"help": "records per teacher step"})
     teacher_lr: float = field(default=3e-3, metadata={"help": "teacher learning rate"})
     vocab_size: int = field(default=400, metadata={"help": "BPE vocabulary (trained on public text only)"})
@@ -174,7 +174,7 @@ def answer_ids(tokenizer) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def utility(model, tokenizer, corpus: Corpus, ids: dict[str, list[int]], min_prob: float) -> dict[str, float]:
-    """Exact next-token answer distribution on the held-out public people (no sampling noise):
+    """Exact next-token answer distribution on the test people (no sampling noise):
     tvd    = 1/2 sum_v |q(v) - p_true(v)| over the whole vocabulary (invalid tokens count), mean over prompts;
     valid  = mass q puts on the topic's valid answers;
     support = share of the topic's valid answers with q >= min_prob (the diversity the model holds);
@@ -491,7 +491,7 @@ def print_digits(digits: dict) -> None:
 class StudentTrainConfig(TrainConfig):
     """Training of each student (core.train.Trainer); the seed drives the whole run (corpus, teachers, noise)."""
 
-    steps: int = field(default=300, metadata={"help": "optimizer steps of each student"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps of each student"})
     batch_size: int = field(default=32, metadata={"help": "records per student step"})
     lr: float = field(default=3e-3, metadata={"help": "student learning rate"})
     log_every: int = field(default=10, metadata={"help": "append a line to log.jsonl every this many steps"})

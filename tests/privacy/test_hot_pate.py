@@ -246,7 +246,8 @@ def test_corpus_partitions_and_canaries():
         for j in range(i + 1, 6):
             assert not names[i] & names[j]  # a person lives in one partition only
     public = {p.split(" |")[0] for p, _ in corpus.public_prompts}
-    assert not public & set().union(*names)
+    test = {p.split(" |")[0] for p, _ in corpus.heldout}
+    assert not public & set().union(*names) and not test & (public | set().union(*names))
     for canary in corpus.canaries:
         holding = [t for t, part in enumerate(corpus.partitions) if any(canary.secret == a for _, a in part)]
         assert holding == [canary.teacher]
@@ -270,7 +271,7 @@ def test_corpus_config_checks():
 
 TINY = [
     "--teachers", "6", "--people-per-teacher", "2", "--events-per-topic", "4", "--canaries", "1",
-    "--canary-repeats", "6", "--public-people", "3", "--secret-digits", "2", "--teacher-steps", "40",
+    "--canary-repeats", "6", "--public-people", "3", "--test-people", "3", "--secret-digits", "2", "--teacher-steps", "40",
     "--sweep-people", "1", "--sweep-draws", "6", "--thresholds", "0.3,0.9", "--steps", "25", "--batch-size", "8",
     "--checkpoint-every", "0", "--no-digits", "--device", "cpu", "--threshold", "0.3",
     "--sigma-threshold", "1", "--sigma-argmax", "1",
