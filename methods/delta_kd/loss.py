@@ -39,12 +39,14 @@ def delta_target_logprobs(
     raw_s = F.log_softmax(base_student_logits.detach().to(dtype), dim=-1)
     raw_t = F.log_softmax(base_teacher_logits.detach().to(dtype), dim=-1)
     ft_t = F.log_softmax(sft_teacher_logits.detach().to(dtype), dim=-1)
-    shifted = raw_s + alpha * (ft_t - raw_t)  # log pi_raw_s + alpha * Delta   (Delta target)
-    return F.log_softmax(shifted / temperature, dim=-1)
+    shifted = raw_s + alpha * (ft_t - raw_t)  # Eq. (3): log pi_raw_s + alpha * Delta
+    return F.log_softmax(shifted / temperature, dim=-1)  # Eq. (3): normalized pi*_s
 
 
 def kl_to_target(student_logits: torch.Tensor, target_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(pi* || pi_theta) per position: (..., V) x (..., V) -> (...). Terms with pi* = 0 contribute 0."""
     log_student = F.log_softmax(student_logits.to(target_logprobs.dtype) / temperature, dim=-1)
     target = target_logprobs.exp()
-    return torch.where(target > 0, target * (target_logprobs - log_student), torch.zeros_like(target)).sum(-1)
+    return torch.where(target > 0, target * (target_logprobs - log_student), torch.zeros_like(target)).sum(
+        -1
+    )  # Eq. (1)

@@ -113,7 +113,8 @@ def make_delta_loss(base_student, base_teacher, sft_teacher, cfg: DeltaConfig):
         kl = kl_to_target(logits[valid], target, cfg.temperature).sum()
         ce = cross_entropy_sum(logits, labels) if cfg.sft_weight > 0 else kl.new_zeros(())
         n = max(int(valid.sum()), 1)
-        return LossOutput(cfg.sft_weight * ce + (1.0 - cfg.sft_weight) * kl, {"kl": kl.item() / n, "ce": ce.item() / n})
+        total = cfg.sft_weight * ce + (1.0 - cfg.sft_weight) * kl  # Eq. (2) with pi_ref = pi*_s
+        return LossOutput(total, {"kl": kl.item() / n, "ce": ce.item() / n})
 
     return loss_fn
 

@@ -45,7 +45,7 @@ def l1_cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Written out rather than torch.cdist(p=1) so that its gradient at C_ij = 0 (identical rows) is the
     subgradient 0, and so that the memory (n * m * d) is visible at the call site."""
-    return (x.unsqueeze(1) - y.unsqueeze(0)).abs().sum(-1)  # (n, m, d) -> (n, m)
+    return (x.unsqueeze(1) - y.unsqueeze(0)).abs().sum(-1)  # Eq. (1): (n, m, d) -> (n, m)
 
 
 def sinkhorn_log(
@@ -67,10 +67,10 @@ def sinkhorn_log(
     log_u = torch.full((n,), -math.log(n), dtype=dtype, device=cost.device)  # POT starts from u = 1/n
     log_v = torch.zeros(m, dtype=dtype, device=cost.device)
     for _ in range(n_iters):
-        log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(1), dim=0)  # v = b / K^T u
-        log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(0), dim=1)  # u = a / K v
-    plan = torch.exp(log_u.unsqueeze(1) + log_kernel + log_v.unsqueeze(0))  # P = diag(u) K diag(v)
-    return plan, (plan * cost).sum()
+        log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(1), dim=0)  # Eq. (2): v = b / K^T u
+        log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(0), dim=1)  # Eq. (2): u = a / K v
+    plan = torch.exp(log_u.unsqueeze(1) + log_kernel + log_v.unsqueeze(0))  # Eq. (3): P = diag(u) K diag(v)
+    return plan, (plan * cost).sum()  # Eq. (3): <P, C>
 
 
 def sinkhorn_plain(
@@ -110,7 +110,7 @@ def batch_sinkhorn_cost(
     teacher = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)  # (n, V)
     cost = l1_cost_matrix(student, teacher)  # (n, n)
     _, transport = sinkhorn_log(cost, epsilon, n_iters)
-    return student.shape[0] * transport
+    return student.shape[0] * transport  # Eq. (3), official scale: plan of mass n
 
 
 def group_size_for(vocab_size: int, max_group: int, budget_elements: int = 2**25) -> int:

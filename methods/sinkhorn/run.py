@@ -81,7 +81,7 @@ def make_loss(ctx: Context, cfg: SinKDConfig) -> MethodLoss:
             sink = kd.new_zeros(())
         # The loop divides by N: the per-token terms are sums, the batch-level Sinkhorn term is scaled by N so that it
         # enters the step's mean loss with weight w, as it does in the official (mean-reduced) loss.
-        total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce + n * cfg.sinkhorn_weight * sink
+        total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce + n * cfg.sinkhorn_weight * sink  # Eq. (4)
         m = max(n, 1)
         return LossOutput(total, {"kd": kd.item() / m, "ce": ce.item() / m, "sinkhorn": sink.item()})
 
