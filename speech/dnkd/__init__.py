@@ -1,0 +1,1 @@
+"""DNKD: decoupled non-parametric knowledge distillation for end-to-end speech translation."""
