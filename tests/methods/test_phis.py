@@ -187,3 +187,16 @@ def test_tiny_end_to_end(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "zca" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 30
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "phis"
+
+
+def test_report_mean_and_std_over_seeds(tmp_path):
+    from methods.phis.report import main as report
+
+    for seed, value in ((0, 0.1), (1, 0.3)):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "metrics.json").write_text(json.dumps({"eval": {"student": {"nerr/a": value}}}))
+    # mean 0.2; sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    table = report([str(tmp_path / "s0"), str(tmp_path / "s1"), "--png", str(tmp_path / "x.png")])
+    assert "| student | 0.200 ± 0.141 |" in table and (tmp_path / "x.png").is_file()
+    with pytest.raises(DataError):
+        report([str(tmp_path / "missing")])
