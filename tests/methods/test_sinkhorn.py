@@ -200,3 +200,40 @@ def test_end_to_end_classification_run(tmp_path):
     assert len(log) == 30 and "sinkhorn" in log[0]
     assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
     assert json.loads((tmp_path / "cls" / "metrics.json").read_text())["task"] == "pairs"
+
+
+class _FixedLM(torch.nn.Module):
+    """A stand-in causal LM whose logits are a trainable tensor (B, T, V), whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = torch.nn.Parameter(logits.clone())
+        self.config = type("Config", (), {"vocab_size": logits.shape[-1]})()
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.table})()
+
+
+def test_lm_objective_is_eq_4_in_sum_form():
+    # Eq. (4) as the loop sees it: sum over the N valid positions of alpha * KL + (1 - alpha) * CE, plus N * w * S,
+    # so that dividing by N gives the mean loss + w * S (S = the official-scale Sinkhorn cost of the positions).
+    from types import SimpleNamespace
+
+    from core.losses import cross_entropy_sum, forward_kl
+    from methods.sinkhorn.run import make_loss
+
+    torch.manual_seed(0)
+    student, teacher = _FixedLM(torch.randn(2, 5, 9)), _FixedLM(torch.randn(2, 5, 9))
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, -100, -100]])
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5), "labels": labels}
+    ctx = SimpleNamespace(teacher=teacher, student=student)
+    cfg = SinKDConfig(alpha=0.7, temperature=2.0, sinkhorn_weight=0.3)
+    out = make_loss(ctx, cfg).loss_fn(student, batch)
+    s_logits, t_logits, shifted = student.table[:, :-1], teacher.table[:, :-1], labels[:, 1:]
+    valid = shifted != -100  # 5 valid positions
+    kd = forward_kl(s_logits[valid], t_logits[valid], 2.0).sum()
+    ce = cross_entropy_sum(s_logits, shifted)
+    sink = batch_sinkhorn_cost(s_logits[valid], t_logits[valid], 2.0, 0.1, 20)
+    expected = 0.7 * kd + 0.3 * ce + 5 * 0.3 * sink
+    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.logs["sinkhorn"] == pytest.approx(sink.item(), rel=1e-6)
