@@ -129,8 +129,8 @@ def loss_case(path: str, vocab: int, tokens: int, divergence: str, repeats: int)
     import torch
     import torch.nn.functional as F
 
-    from core.fused import LinearHead, chunked_divergence_sum, default_chunk_size, fused_divergence_sum
-    from core.losses import divergence_sum, get_divergence
+    from core.fused import LinearHead, chunked_divergence_sum, default_chunk_size, divergence_sum, fused_divergence_sum
+    from core.losses import get_divergence
 
     fn = get_divergence(divergence)
     student_h, teacher_h = STUDENT["hidden_size"], TEACHER["hidden_size"]

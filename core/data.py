@@ -19,8 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from core.errors import ConfigError, DataError
-
-IGNORE_INDEX = -100
+from core.losses import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

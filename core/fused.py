@@ -89,6 +89,28 @@ class KDSums:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def divergence_sum(
+    divergence: Divergence,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sum of the divergence over valid positions. (B, T, V) x (B, T, V) x (B, T) -> scalar.
+
+    With `chunk_size`, the valid positions are processed `chunk_size` at a time (chunked_divergence_sum): each chunk's
+    gradient is computed in the forward pass and only the gradient is kept, so the float32 probability tensors
+    alive at once are chunk x V rather than tokens x V, valid rows are never gathered into a copy, and nothing is
+    recomputed in the backward pass. The value and gradient equal the plain path.
+    """
+    if chunk_size is not None:
+        return chunked_divergence_sum(divergence, student_logits, teacher_logits, mask, chunk_size)
+    flat_mask = mask.reshape(-1).bool()
+    student = student_logits.reshape(-1, student_logits.shape[-1])[flat_mask]  # (N, V), valid positions only
+    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]  # (N, V)
+    return divergence(student, teacher).sum()
+
+
 def chunked_divergence_sum(
     divergence: Divergence,
     student_logits: torch.Tensor,

@@ -38,6 +38,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+# The label of a position that is not a target (prompt, padding): torch's cross_entropy default ignore_index.
+IGNORE_INDEX = -100
+
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -154,30 +157,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(values, mask) / mask.sum().clamp(min=1).to(values.dtype)
 
 
-def divergence_sum(
-    divergence: Divergence,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Sum of the divergence over valid positions. (B, T, V) x (B, T, V) x (B, T) -> scalar.
-
-    With `chunk_size`, the valid positions are processed `chunk_size` at a time by core.fused: each chunk's
-    gradient is computed in the forward pass and only the gradient is kept, so the float32 probability tensors
-    alive at once are chunk x V rather than tokens x V, valid rows are never gathered into a copy, and nothing is
-    recomputed in the backward pass. The value and gradient equal the plain path.
-    """
-    if chunk_size is not None:
-        from core.fused import chunked_divergence_sum  # core.fused builds on this module
-
-        return chunked_divergence_sum(divergence, student_logits, teacher_logits, mask, chunk_size)
-    flat_mask = mask.reshape(-1).bool()
-    student = student_logits.reshape(-1, student_logits.shape[-1])[flat_mask]  # (N, V), valid positions only
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[flat_mask]  # (N, V)
-    return divergence(student, teacher).sum()
-
-
 def divergence_temperature(divergence: Divergence) -> float:
     """The temperature bound into a divergence by `get_divergence` (1.0 for a bare function)."""
     keywords = getattr(divergence, "keywords", None) or {}
@@ -236,7 +215,7 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return logits[:, :-1, :], labels[:, 1:]
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Summed token NLL of already-shifted logits (B, T, V) and labels (B, T)."""
     flat = logits.reshape(-1, logits.shape[-1])
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # bf16/fp16 upcast, float64 kept

@@ -15,7 +15,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from core.data import Collator, encode_examples
-from core.losses import cross_entropy_sum, shift_for_causal_lm
+from core.losses import IGNORE_INDEX, cross_entropy_sum, shift_for_causal_lm
 
 
 def normalize(text: str) -> str:
@@ -68,7 +68,7 @@ def perplexity(model, tokenizer, examples, max_length: int, batch_size: int = 64
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = shift_for_causal_lm(logits, batch["labels"])
         nll += float(cross_entropy_sum(logits, labels))
-        count += int((labels != -100).sum())
+        count += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
     return math.exp(nll / max(count, 1))
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
-from core.fused import LinearHead, SparseTeacher, fused_kd_sums
-from core.losses import Divergence, cross_entropy_sum, divergence_sum, shift_for_causal_lm
+from core.fused import LinearHead, SparseTeacher, divergence_sum, fused_kd_sums
+from core.losses import IGNORE_INDEX, Divergence, cross_entropy_sum, shift_for_causal_lm
 from core.train import LossOutput
 
 
@@ -50,7 +50,7 @@ def word_level_kd_sum(
         return sums.total, sums.ce, sums.kd
     student_logits, shifted = shift_for_causal_lm(student_logits, labels)  # (B, T-1, V), (B, T-1)
     teacher_logits = teacher_logits[:, :-1, :]
-    mask = shifted != -100
+    mask = shifted != IGNORE_INDEX
     if kd_ratio < 1.0:
         ce = cross_entropy_sum(student_logits, shifted)
     else:
@@ -69,7 +69,7 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unshifted labels (B, T) -> (mask, targets), both (B, T): position t is valid when it predicts a label
     (labels[t + 1] != -100), and its target is that label. The last position predicts nothing."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = torch.zeros_like(labels)
     targets[:, :-1] = labels[:, 1:].clamp(min=0)  # ignored positions get a dummy id; only valid ones are read
     return mask, targets
@@ -141,7 +141,7 @@ def make_kd_loss(
     plain = not fused and chunk_size is None and teacher_cache is None
 
     def loss_fn(model, batch) -> LossOutput:
-        n = max(int((batch["labels"][:, 1:] != -100).sum()), 1)
+        n = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
         if plain:
             teacher_logits = teacher_forward(teacher, batch)
             student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

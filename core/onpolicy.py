@@ -211,24 +211,10 @@ class OnPolicyConfig:
 
 
 @dataclass
-class ChunkedOnPolicyConfig(OnPolicyConfig):
-    """OnPolicyConfig plus the chunking of a loss that is a token-level divergence over the vocabulary."""
-
-    chunk_size: int | None = field(
-        default=None, metadata={"help": "evaluate the divergence this many tokens at a time"}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-
-
-@dataclass
 class Resampler:
     """Replaces a micro-batch's completions by a model's samples: its prompts (`prompts_of`), one batched sampling
-    call per micro-batch (timed as the step's gen_s), examples in the data layout, a right-padded batch on the
-    batch's device. Seeds are derived from (run seed, step, micro-batch, process, purpose): resumable and
+    call per micro-batch (timed as the step's gen_s, its sampled tokens counted as gen_tokens), examples in the
+    data layout, a right-padded batch on the batch's device. Seeds are derived from (run seed, step, micro-batch, process, purpose): resumable and
     independent of every other random stream. Build it with `Resampler.of(ctx, cfg, purpose)`."""
 
     tokenizer: Any
@@ -263,7 +249,7 @@ class Resampler:
         """Completions of the batch's prompts sampled from `model` (or its mixture with `mix_model`), encoded."""
         model = self.unwrap(model) if self.unwrap is not None else model
         with self.stats.timed("gen_s"):
-            return sample_examples(
+            examples = sample_examples(
                 model,
                 prompts_of(batch),
                 self.tokenizer,
@@ -275,6 +261,8 @@ class Resampler:
                 mix_model=mix_model,
                 mix_alpha=mix_alpha,
             )
+        self.stats.add("gen_tokens", sum(len(e["labels"]) - e["labels"].count(IGNORE_INDEX) for e in examples))
+        return examples
 
     def collate(self, examples: Sequence[Example], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Examples as a right-padded batch on the device of `like`."""

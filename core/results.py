@@ -27,7 +27,8 @@ VOLATILE = {"stop_after", "overwrite", "device", "eval_batch_size", "out", "cach
 METRICS_KEYS = ("method", "task", "seed", "eval", "train", "config", "env")
 
 
-def _stable(config: dict[str, Any]) -> dict[str, Any]:
+def stable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a configuration determines a run's result (VOLATILE settings may differ between run and resume)."""
     return {group: {k: v for k, v in values.items() if k not in VOLATILE} for group, values in config.items()}
 
 
@@ -39,7 +40,7 @@ def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
             previous = json.loads(existing.read_text())
         except json.JSONDecodeError:
             previous = None
-        if previous is not None and _stable(previous) == _stable(config):
+        if previous is not None and stable_config(previous) == stable_config(config):
             return
         if not overwrite:
             raise OutputDirError(

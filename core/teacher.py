@@ -26,7 +26,7 @@ from core.errors import ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.models import PRESETS, build_or_load, load_model, preset_config
 from core.objectives import causal_lm_loss
-from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
+from core.tokenizers import load_tokenizer, train_bpe
 from core.train import TrainConfig, Trainer, TrainResult
 
 # Bump when what a cached folder holds changes, so old caches are retrained rather than misread.
@@ -163,14 +163,4 @@ def check_same_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, me
             f"{method} needs teacher and student to share a vocabulary, but the teacher has {tv} output rows and the "
             f"student {sv}. Use a student built with the teacher's tokenizer, or a cross-tokenizer method "
             "(methods/dskd: dual-space KD with cross-model attention)."
-        )
-
-
-def check_tokenizers_match(
-    teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, method: str
-) -> None:
-    if not same_vocabulary(teacher_tok, student_tok):
-        raise VocabularyMismatchError(
-            f"{method} needs one tokenizer for teacher and student, but they differ ({len(teacher_tok)} vs "
-            f"{len(student_tok)} tokens). Use a cross-tokenizer method (methods/dskd)."
         )

@@ -27,7 +27,7 @@ from typing import Any
 from core.bench.collect import FAILED, NOT_RUN, OK, TIMEOUT, log_path, read_cell, read_json, record_path
 from core.bench.registry import REPO_ROOT, BenchMethod, BenchTask, Suite
 from core.io import atomic_write_json
-from core.results import VOLATILE
+from core.results import stable_config
 
 
 @dataclass
@@ -83,11 +83,6 @@ def planned_config(module_name: str, argv: list[str]) -> dict[str, Any] | None:
     return json.loads(json.dumps(config_of(recipe, argv)))
 
 
-def _stable(config: dict[str, Any]) -> dict[str, Any]:
-    """What determines a run's result (core.results.VOLATILE settings may differ)."""
-    return {g: {k: v for k, v in values.items() if k not in VOLATILE} for g, values in config.items()}
-
-
 def is_complete(run: PlannedRun) -> bool:
     """metrics.json is there, the benchmark ran it with this very command, and that command still means the same
     configuration (the method's code defaults may have changed since)."""
@@ -101,7 +96,7 @@ def is_complete(run: PlannedRun) -> bool:
         config = planned_config(run.method.module, run.argv)
     except Exception:  # noqa: BLE001 - flags that no longer parse, a module broken now: let the run say why
         return False
-    return config is None or _stable(metrics.get("config", {})) == _stable(config)
+    return config is None or stable_config(metrics.get("config", {})) == stable_config(config)
 
 
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|error)\b:?")

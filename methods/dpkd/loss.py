@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.losses import shift_for_causal_lm
+from core.losses import IGNORE_INDEX, shift_for_causal_lm
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     (B, T, V) x (B, T) unshifted -> (B, T-1) float32+ log-probs (0 where invalid), (B, T-1) bool."""
     logits, shifted = shift_for_causal_lm(logits, labels)  # (B, T-1, V), (B, T-1)
-    valid = shifted != -100
+    valid = shifted != IGNORE_INDEX
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return torch.where(valid, picked, torch.zeros_like(picked)), valid

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from core.crosstok import dtw_align, edit_distance, invert_vocabulary_map, token_strings, vocabulary_map
+from core.losses import IGNORE_INDEX
 
 ONE_HOT_LOGIT, ABSENT_LOGIT = 100.0, -100000.0  # the official code's values
 
@@ -88,8 +89,8 @@ def mined_target_logits(
     keep = s_ids < vocab_size
     s_ids, t_ids = s_ids[keep], t_ids[keep]
     for row in range(student_logits.shape[0]):
-        s_pos = (student_labels[row] != -100).nonzero().squeeze(-1)
-        t_pos = (teacher_labels[row] != -100).nonzero().squeeze(-1)
+        s_pos = (student_labels[row] != IGNORE_INDEX).nonzero().squeeze(-1)
+        t_pos = (teacher_labels[row] != IGNORE_INDEX).nonzero().squeeze(-1)
         if len(s_pos) == 0:
             continue
         s_inputs, t_inputs = student_input_ids[row, s_pos], teacher_input_ids[row, t_pos]

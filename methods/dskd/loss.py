@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from core.losses import Divergence, cross_entropy_sum, divergence_sum, forward_kl
+from core.fused import divergence_sum
+from core.losses import IGNORE_INDEX, Divergence, cross_entropy_sum, forward_kl
 
 MASKED = -100000.0  # the official code's additive mask for attention scores (and MinED's absent logits)
 
@@ -69,7 +70,7 @@ def dual_space_terms(
     (V, d_s) / (V, d_t): pass the heads cut to the common vocabulary when they are padded to different sizes.
     `divergence(student_logits, target_logits)` is per position with the temperature bound (official
     `dist_func`); the s->t term is always forward KL (official code, both dual-space criteria)."""
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     t2s_logits = t2s(teacher_hidden) @ student_head.detach().T  # (B, T, V)   D1: W^s frozen
     t2s_ce = cross_entropy_sum(t2s_logits, labels)  # D2
     t2s_kd = divergence_sum(divergence, student_logits, t2s_logits.detach(), mask)  # D3
@@ -133,7 +134,7 @@ def cma_terms(
     labels (B, T_s), head (V_s, d_s). Teacher likewise with T_t, V_t, d_t, plus its target embeddings e^t(y)
     (B, T_t, d_t). Embeddings are frozen (detached by the caller); masked positions may hold any token's embedding.
     """
-    student_mask, teacher_mask = student_labels != -100, teacher_labels != -100
+    student_mask, teacher_mask = student_labels != IGNORE_INDEX, teacher_labels != IGNORE_INDEX
     # in float32 at least, as the official code (`.float()`); float64 stays float64 for tests
     query = _up(query_projector(student_index_embeds))  # (B, T_s, 2 d_t)   C1
     key = _up(standardize(teacher_index_embeds))  # (B, T_t, 2 d_t)   C2
@@ -174,8 +175,8 @@ def uld_sum(
     the same pairs by rotating both sequences to start at their first target."""
     total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
     for row in range(student_logits.shape[0]):
-        s_pos = (student_labels[row] != -100).nonzero().squeeze(-1)
-        t_pos = (teacher_labels[row] != -100).nonzero().squeeze(-1)
+        s_pos = (student_labels[row] != IGNORE_INDEX).nonzero().squeeze(-1)
+        t_pos = (teacher_labels[row] != IGNORE_INDEX).nonzero().squeeze(-1)
         k = min(len(s_pos), len(t_pos))
         if k:
             total = total + uld_distance(student_logits[row, s_pos[:k]], teacher_logits[row, t_pos[:k]]).sum()

@@ -21,7 +21,7 @@ import torch
 
 from core.crosstok import common_vocabulary
 from core.errors import ConfigError
-from core.losses import DIVERGENCES, cross_entropy_sum, get_divergence, shift_for_causal_lm
+from core.losses import DIVERGENCES, IGNORE_INDEX, cross_entropy_sum, get_divergence, shift_for_causal_lm
 from core.method import Baseline, Context, Method, MethodLoss
 from core.pipeline import cli, run_method
 from core.train import LossOutput
@@ -97,7 +97,7 @@ def _logs(n: int, **sums: torch.Tensor) -> dict[str, float]:
 def _index_embeds(embedding: torch.nn.Embedding, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """([e(x_t); e(y_t)], e(y_t)) on shifted (input, target) pairs, detached; masked positions use token 0
     (official: `torch.where(pad_mask, ids, 0)`)."""
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     inputs = embedding(torch.where(valid, input_ids, 0)).detach()
     targets = embedding(torch.where(valid, labels, 0)).detach()
     return torch.cat([inputs, targets], dim=-1), targets
@@ -142,7 +142,7 @@ def make_dual_space_loss(ctx: Context, cfg: DSKDConfig, cma: bool) -> MethodLoss
                 projectors.t2s, projectors.s2t, divergence, cfg.kd_temperature,
             )  # fmt: skip
         kd = terms.t2s_kd + terms.t2s_ce + terms.s2t_kd  # D5: the official sum of the three terms
-        n = max(int((labels != -100).sum()), 1)
+        n = max(int((labels != IGNORE_INDEX).sum()), 1)
         logs = _logs(n, ce=ce, t2s_ce=terms.t2s_ce, t2s_kd=terms.t2s_kd, s2t_kd=terms.s2t_kd)
         logs["t2s_acc"] = float(terms.t2s_correct) / n
         return LossOutput((1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, logs)
@@ -166,7 +166,7 @@ def make_uld_loss(ctx: Context, kd_rate: float) -> MethodLoss:
         t_logits, t_labels = shift_for_causal_lm(t_logits, batch["teacher_labels"])
         ce = cross_entropy_sum(logits, labels)
         uld = uld_sum(logits, t_logits, labels, t_labels)  # U1
-        n = max(int((labels != -100).sum()), 1)
+        n = max(int((labels != IGNORE_INDEX).sum()), 1)
         return LossOutput((1.0 - kd_rate) * ce + kd_rate * uld, _logs(n, ce=ce, uld=uld))
 
     return MethodLoss(loss_fn)
@@ -194,7 +194,7 @@ def make_mined_loss(ctx: Context, kd_rate: float, temperature: float) -> MethodL
         target, aligned = mined_target_logits(
             logits, t_logits, batch["input_ids"][:, :-1], labels, batch["teacher_input_ids"][:, :-1], t_labels, vocab
         )
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         ce = cross_entropy_sum(logits, labels)
         kd = fkl(logits, target)[mask].sum()  # M4
         n = max(int(mask.sum()), 1)

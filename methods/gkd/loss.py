@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from core.losses import divergence_sum, get_divergence, shift_for_causal_lm
+from core.losses import get_divergence
+from core.objectives import word_level_kd_sum
 
 
 def gkd_loss_sum(
@@ -37,7 +38,7 @@ def gkd_loss_sum(
     Inputs are unshifted: position t predicts labels[t + 1] (TRL shifts the same way); labels are -100 on the
     prompt and padding. The loss temperature is 1: TRL's compute_loss calls its JSD without a temperature (the
     configured temperature is the sampling temperature)."""
-    student_logits, shifted = shift_for_causal_lm(student_logits, labels)  # (B, T-1, V), (B, T-1)
-    teacher_logits = teacher_logits[:, :-1, :]  # (B, T-1, V)
     jsd = get_divergence("jsd", temperature=1.0, beta=beta)  # Eq. (1) per position: core.losses.generalized_jsd
-    return divergence_sum(jsd, student_logits, teacher_logits, shifted != -100, chunk_size)
+    # word-level KD with kd_ratio 1 is exactly this sum; its chunked path reads the unshifted logits in place
+    total, _, _ = word_level_kd_sum(student_logits, teacher_logits, labels, jsd, kd_ratio=1.0, chunk_size=chunk_size)
+    return total

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.config import divergence_list
 from core.errors import ConfigError
-from core.losses import shift_for_causal_lm
+from core.losses import IGNORE_INDEX, shift_for_causal_lm
 from core.method import Context, Method, MethodLoss
 from core.pipeline import cli, run_method
 from core.plots import plot_log
@@ -65,7 +65,7 @@ def make_loss(ctx: Context, cfg: TAIDConfig) -> MethodLoss:
         teacher_logits = ctx.kd.teacher_logits(batch, ctx.features)[:, :-1]  # (B, T-1, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = shift_for_causal_lm(logits, batch["labels"])  # (B, T-1, V), (B, T-1)
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         kl, ce = taid_terms(logits[valid], teacher_logits[valid], schedule.t)  # (N,), (N,)
         n = max(int(valid.sum()), 1)
         value = ce.sum() if cfg.schedule_signal == "ce" else kl.sum()

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from core.fused import divergence_sum
 from core.losses import (
     DIVERGENCES,
-    divergence_sum,
     forward_kl,
     generalized_jsd,
     get_divergence,

@@ -16,7 +16,7 @@ from core.generate import _cut_after_eos, _left_padded, _sample_mixture, generat
 from core.models import build_model
 from core.objectives import causal_lm_loss
 from core.onpolicy import (
-    ChunkedOnPolicyConfig,
+    OnPolicyConfig,
     Resampler,
     StepStats,
     completion_features,
@@ -256,13 +256,12 @@ def test_rows_of_inverts_collate(setup):
 @pytest.mark.parametrize(
     "bad, match",
     [({"temperature": 0.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
-     ({"sample_max_new_tokens": 0}, "--sample-max-new-tokens"), ({"compare": "kl"}, "unknown"),
-     ({"chunk_size": 0}, "--chunk-size")],
+     ({"sample_max_new_tokens": 0}, "--sample-max-new-tokens"), ({"compare": "kl"}, "unknown")],
 )  # fmt: skip
 def test_onpolicy_config_checks(bad, match):
     with pytest.raises(ConfigError, match=match):
-        ChunkedOnPolicyConfig(**bad)
-    assert ChunkedOnPolicyConfig(compare="fkl, rkl").divergences() == ["fkl", "rkl"]
+        OnPolicyConfig(**bad)
+    assert OnPolicyConfig(compare="fkl, rkl").divergences() == ["fkl", "rkl"]
 
 
 def test_resampler_replaces_completions_seeded_per_step_and_micro_batch(setup):
@@ -278,4 +277,10 @@ def test_resampler_replaces_completions_seeded_per_step_and_micro_batch(setup):
     expected = sample_examples(model, prompts, tokenizer, 64, 6, seed=derived_seed(0, 3, 1, 0, "test"))
     assert rows == expected and prompts_of(out) == prompts
     assert rows_of(resample(model, batch, step=3, index=2)) != rows  # another micro-batch, another draw
+    stats.values.clear()
+    rows = rows_of(resample(model, batch, step=3, index=1))
     assert stats.values["gen_s"] > 0
+    # Sampled tokens (EOS included) of both calls are counted: the completion labels of the two batches.
+    second = rows_of(resample(model, batch, step=3, index=2))
+    completion_tokens = sum(len(r["labels"]) - r["labels"].count(IGNORE_INDEX) for r in rows + second)
+    assert stats.values["gen_tokens"] == completion_tokens
