@@ -1,4 +1,4 @@
-"""What the benchmark runs: every method package of DESIGN.md, the tasks, and the suites (a budget each).
+"""What the benchmark runs: every method package (docs/architecture.md), the tasks of each family, and the suites.
 
 Explicit dictionaries, read top to bottom. A method is run as `python -m <module> <args> <task args> <suite
 args> --seed S --out FOLDER`; the module is looked up with importlib, so a package that does not exist yet is
