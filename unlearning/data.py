@@ -66,6 +66,7 @@ class UnlearningTask:
     retain: list[QA]
     extra: dict[str, list[QA]] = field(default_factory=dict)  # TOFU: real_authors, world_facts
     source: str = "generated"
+    replacements: tuple[str, ...] = field(default_factory=lambda: REPLACEMENT_NAMES)  # counterfactual names, in order
 
     @property
     def hard_retain(self) -> list[QA]:
@@ -86,8 +87,8 @@ LAST_NAMES = (
     "Lund", "Berg", "Castel", "Dorn", "Ferro", "Gallo", "Holm", "Ivers", "Janek", "Kovac", "Moreau", "Novak",
     "Ortega", "Petrov", "Quist", "Rossi", "Strand", "Tamm", "Varga", "Weber",
 )  # fmt: skip
-# Names the model never saw: the counterfactual copies put these in place of a target (first names of very
-# different lengths, so the copies tokenize to different lengths than the original and than each other).
+# Fictitious names for the counterfactual copies of real-data tasks (TOFU): a pretrained model copies an unknown
+# name from the question into its answer, so these work there. Their token lengths differ widely.
 REPLACEMENT_NAMES = (
     "Zebulon Quartermaine", "Bo Yu", "Anastasiya Wojciechowska", "Eamon Reyes", "Tuulikki Haapasalo",
     "Ugo Nkem", "Xiomara Achterberg", "Kai Oyelaran", "Willemijn Zuidema", "Ravi Iyer", "Ludmila Szczepanik",
@@ -151,8 +152,8 @@ class Person:
 def generate_people(n_people: int, seed: int) -> list[Person]:
     """`n_people` people with distinct full names, shared facts from the pools, unique books and years."""
     max_people = min(len(FIRST_NAMES) * len(LAST_NAMES), len(BOOK_ADJ) * len(BOOK_NOUN), 100)
-    if not 2 <= n_people <= max_people:
-        raise ConfigError(f"--n-people must be between 2 and {max_people}, got {n_people}")
+    if not 4 <= n_people <= max_people:  # three perturbed answers need three other books and years
+        raise ConfigError(f"--n-people must be between 4 and {max_people}, got {n_people}")
     rng = random.Random(seed)
     firsts = rng.sample(FIRST_NAMES, len(FIRST_NAMES))
     lasts = rng.sample(LAST_NAMES, len(LAST_NAMES))
@@ -190,7 +191,32 @@ def generated_task(n_people: int = 24, n_targets: int = 2, seed: int = 1234) -> 
             retain += qas
             retain_docs += docs
     train = forget_docs + retain_docs
-    return UnlearningTask("people", train, forget_docs, retain_docs, targets, target_of, forget, retain)
+    return UnlearningTask(
+        "people", train, forget_docs, retain_docs, targets, target_of, forget, retain,
+        replacements=replacement_names(people, n_targets, seed),
+    )  # fmt: skip
+
+
+def replacement_names(people: list[Person], n_targets: int, seed: int, n: int = 20) -> tuple[str, ...]:
+    """Counterfactual names for the generated task: first and last names the model has read, in combinations
+    that name nobody, sharing no part with a target.
+
+    A model trained from scratch on a few dozen people has never learned to copy a name it has never seen (a
+    pretrained model has), so a copy about "Zebulon Quartermaine" would read as noise, not as "someone the model
+    does not know". Known parts in a new combination read as a person the model knows nothing about."""
+    taken = {p.name for p in people}
+    target_parts = {part for p in people[:n_targets] for part in p.name.split()}
+    firsts = sorted({p.name.split()[0] for p in people} - target_parts)
+    lasts = sorted({p.name.split()[1] for p in people} - target_parts)
+    combos = [f"{f} {a}" for f in firsts for a in lasts if f"{f} {a}" not in taken]
+    random.Random(seed + 2).shuffle(combos)
+    out, used = [], set()
+    for combo in combos:  # prefer names whose parts are not used by an earlier replacement
+        if not set(combo.split()) & used:
+            out.append(combo)
+            used |= set(combo.split())
+    out += [c for c in combos if c not in out]
+    return tuple(out[:n])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ On a question set (the targets' questions, or everyone else's):
              specific, wrong answer: the answer names another value of the asked fact (generated data), or has
              ROUGE-L recall below 0.5 (TOFU: no values to look for), and the model's own geometric-mean token
              probability of its answer is at least `confident`
-- degenerate: the share of greedy answers that are empty or repeat themselves (a word three times in a row,
-             or a word trigram twice)
+- degenerate / forget_degenerate: the share of greedy answers (to the retain / forget questions) that are empty
+             or repeat themselves (a word three times in a row, or a word trigram twice)
 - retain_ppl: perplexity of the retain documents' targets (fluency on what should be kept)
 """
 
@@ -204,6 +204,8 @@ def evaluate_unlearning(
             )
         if name == "retain":
             metrics["degenerate"] = float(np.mean([degenerate(g) for g in scores.generations]))
+        if name == "forget":
+            metrics["forget_degenerate"] = float(np.mean([degenerate(g) for g in scores.generations]))
     hard = task.hard_retain
     if hard:
         index = {id(qa): k for k, qa in enumerate(task.retain)}

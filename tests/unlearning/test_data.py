@@ -40,7 +40,7 @@ def test_generated_task_rejects_bad_sizes():
     with pytest.raises(ConfigError, match="--n-targets"):
         generated_task(n_people=5, n_targets=5)
     with pytest.raises(ConfigError, match="--n-people"):
-        generated_task(n_people=1, n_targets=1)
+        generated_task(n_people=3, n_targets=1)
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="TOFU data not present (../shared/data/tofu)")

@@ -225,9 +225,11 @@ def test_bad_flags_are_config_errors(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-TINY = ["--base-preset", "student", "--n-people", "4", "--n-targets", "1", "--teacher-steps", "200",
-        "--base-batch-size", "16", "--base-lr", "1e-2", "--steps", "12", "--batch-size", "9", "--lr", "3e-3",
-        "--reinforce-steps", "10", "--n-counterfactual", "4", "--compare", "causal,ga"]  # fmt: skip
+# 4 people, one of them unlearned; the model to unlearn is the 2 x 64 preset trained on all 36 documents per step.
+TINY = ["--base-preset", "student", "--n-people", "4", "--n-targets", "1", "--teacher-steps", "60",
+        "--base-batch-size", "36", "--base-lr", "2e-2", "--skip-retain-model", "--steps", "10", "--batch-size", "9",
+        "--lr", "1e-3", "--reinforce-steps", "5", "--n-counterfactual", "3", "--compare", "causal,ga",
+        "--max-new-tokens", "16"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -247,4 +249,4 @@ def test_unlearn_one_generated_person_end_to_end(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]  # the WHP objective fell
     for name in ("metrics.json", "samples.jsonl", "unlearning_curves.png", "student/config.json"):
         assert (tmp_path / "run" / name).exists(), name
-    assert 0 <= evals["student"]["forget_quality"] <= 1
+    assert "forget_quality" not in evals["student"]  # no retain model was trained

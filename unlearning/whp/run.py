@@ -101,6 +101,9 @@ class BaseModelConfig:
     retain_model: str | None = field(
         default=None, metadata={"help": "a local HF folder of the retain model (forget quality); default: trained"}
     )
+    skip_retain_model: bool = field(
+        default=False, metadata={"help": "train no retain model (quicker; no forget quality is reported)"}
+    )
     base_preset: str = field(
         default="teacher-small", metadata={"help": "preset of the trained models (core/models.py)"}
     )
@@ -247,7 +250,7 @@ def base_models(ctx: RunContext, task: UnlearningTask, tokenizer, tok_key: str):
         )  # fmt: skip
     if cfg.retain_model:
         retain, info["retain"] = load_model(cfg.retain_model), {"source": cfg.retain_model}
-    elif cfg.base_model:
+    elif cfg.base_model or cfg.skip_retain_model:
         retain = None  # a given model to unlearn has no trained twin here: forget quality needs --retain-model
     else:
         retain, info["retain"], _ = trained_model(
@@ -282,7 +285,12 @@ def probs_of(model, docs, pad_id: int, device) -> list[torch.Tensor]:
 def causal_features(model, tokenizer, task, cfg: UnlearnConfig, device) -> list[dict[str, Any]]:
     """Per forget document: its ids, the positions aligned in every copy and the averaged teacher there."""
     model.eval()
-    names = list(REPLACEMENT_NAMES[: cfg.n_counterfactual])
+    if cfg.n_counterfactual > len(task.replacements):
+        raise ConfigError(
+            f"--n-counterfactual {cfg.n_counterfactual}: this task has only {len(task.replacements)} counterfactual "
+            "names (more people give more: --n-people)"
+        )
+    names = list(task.replacements[: cfg.n_counterfactual])
     features = []
     for ex, target in zip(task.forget_docs, task.target_of):
         original = encode_document(tokenizer, ex.prompt, ex.target, target)
@@ -317,7 +325,7 @@ def whp_features(base, reinforced, tokenizer, task, cfg: UnlearnConfig, device) 
     base.eval()
     reinforced.eval()
     features = []
-    name = REPLACEMENT_NAMES[0]  # the anchored-term dictionary: the target's name -> one generic name
+    name = task.replacements[0]  # the anchored-term dictionary: the target's name -> one generic name
     for ex, target in zip(task.forget_docs, task.target_of):
         original = encode_document(tokenizer, ex.prompt, ex.target, target)
         copy = encode_document(
@@ -485,7 +493,7 @@ def body(ctx: RunContext) -> Outcome | None:
     return Outcome(task=task.name, eval=evals, train=train_info, columns=columns)
 
 
-COLUMNS = ["forget_acc", "forget_rougeL", "forget_prob", "forget_truth_ratio", "forget_quality", "fabrication",
+COLUMNS = ["forget_acc", "forget_rougeL", "forget_prob", "forget_truth_ratio", "forget_quality", "fabrication", "forget_degenerate",
            "retain_acc", "hard_retain_acc", "retain_rougeL", "model_utility", "retain_ppl", "degenerate"]  # fmt: skip
 
 
