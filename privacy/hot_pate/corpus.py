@@ -74,10 +74,12 @@ class Corpus:
     public_prompts: list[tuple[str, str]]  # (prompt, topic) for public people
     canaries: list[Canary]
     heldout: list[tuple[str, str]]  # (prompt, answer) records of fresh people: the utility test set
+    tokenizer_names: list[str]  # names of nobody, drawn like all the others: what the BPE learns names from
 
     def tokenizer_text(self) -> list[str]:
-        """Public text only (public names, templates, every answer and digit): the tokenizer sees no private record."""
-        lines = [f"{p}" for p, _ in self.public_prompts]
+        """Public text only (templates, every answer and digit, names of nobody): the tokenizer sees no private
+        record, and private, public and test names are all split alike (none of them was in its training text)."""
+        lines = [prompt(name, topic) for name in self.tokenizer_names for topic in (*TOPICS, CODE_TOPIC)]
         for answers, _ in TOPICS.values():
             lines += [f"{topic} : {a}" for topic in TOPICS for a in answers] * 20
         lines += [f"{CODE_TOPIC} : " + " ".join(DIGITS)] * 20
@@ -114,6 +116,7 @@ def build_corpus(cfg: CorpusConfig, seed: int) -> Corpus:
     canary_names = make_names(cfg.canaries, rng, taken)
     public = make_names(cfg.public_people, rng, taken)
     test = make_names(cfg.test_people, rng, taken)
+    tokenizer_names = make_names(200, rng, taken)
     partitions: list[list[tuple[str, str]]] = []
     for t in range(cfg.teachers):
         records = []
@@ -132,7 +135,7 @@ def build_corpus(cfg: CorpusConfig, seed: int) -> Corpus:
     public_prompts = [(prompt(name, topic), topic) for name in public for topic in TOPICS]
     # Fresh people: a student that only memorised the answers released for the public people gains nothing here.
     heldout = [(prompt(name, topic), draw_answer(topic, rng)) for name in test for topic in TOPICS]
-    return Corpus(partitions, public_prompts, canaries, heldout)
+    return Corpus(partitions, public_prompts, canaries, heldout, tokenizer_names)
 
 
 def topic_of(prompt_text: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from itertools import product
@@ -52,7 +53,7 @@ class TeacherConfig:
     """The teachers: one tiny Llama per partition, trained with core.train.Trainer, cached on disk."""
 
     teacher_preset: str = field(default="tiny", metadata={"help": "preset of every teacher (core/models.py)"})
-    teacher_steps: int = field(default=100, metadata={"help": "optimizer steps of each teacher"})
+    teacher_steps: int = field(default=150, metadata={"help": "optimizer steps of each teacher"})
     teacher_batch_size: int = field(default=16, metadata={"help": "records per teacher step"})
     teacher_lr: float = field(default=3e-3, metadata={"help": "teacher learning rate"})
     vocab_size: int = field(default=400, metadata={"help": "BPE vocabulary (trained on public text only)"})
@@ -142,8 +143,6 @@ def train_teachers(ctx: RunContext, corpus: Corpus, tokenizer, folder: Path) -> 
         )  # fmt: skip
         trainer.train()
         ctx.accelerator.unwrap_model(trainer.model).save_pretrained(folder / f"teacher_{j}")
-    import shutil
-
     shutil.rmtree(folder / "work", ignore_errors=True)
 
 
@@ -458,6 +457,8 @@ def body(ctx: RunContext) -> Outcome | None:
         print_digits(digits)
     train = {key: (asdict(r) if r is not None else None) for key, r in results.items()}
     train |= {"teachers": n, "teacher_steps": ctx.cfg(TeacherConfig).teacher_steps}
+    for subdir in ("rival", "mixture"):  # the shell removes the run folder's own checkpoints, not a baseline's
+        shutil.rmtree(ctx.out / subdir / "checkpoints", ignore_errors=True)
     columns = ["diversity_at_T", "support", "tvd", "valid_mass", "nll", "epsilon", "released"]
     if corpus.canaries:
         columns.append("canary_exposure")
@@ -465,7 +466,7 @@ def body(ctx: RunContext) -> Outcome | None:
 
 
 def canary_exposure_one(model, tokenizer, corpus: Corpus, index: int) -> dict[str, float]:
-    one = Corpus(corpus.partitions, corpus.public_prompts, [corpus.canaries[index]], corpus.heldout)
+    one = Corpus(corpus.partitions, corpus.public_prompts, [corpus.canaries[index]], corpus.heldout, [])
     return canary_exposure(model, tokenizer, one)
 
 

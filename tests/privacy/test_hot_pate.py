@@ -252,8 +252,11 @@ def test_corpus_partitions_and_canaries():
         holding = [t for t, part in enumerate(corpus.partitions) if any(canary.secret == a for _, a in part)]
         assert holding == [canary.teacher]
         assert sum(1 for p, a in corpus.partitions[canary.teacher] if a == canary.secret) == 5
-        assert not any(canary.name in line for line in corpus.tokenizer_text())  # no private text in the BPE
         assert not any(canary.secret in line for line in corpus.tokenizer_text())
+    # no private, public or test person is in the tokenizer's training text
+    bpe_names = {line.split(" |")[0] for line in corpus.tokenizer_text() if " |" in line}
+    assert bpe_names == set(corpus.tokenizer_names)
+    assert not bpe_names & (set().union(*names) | public | test | {c.name for c in corpus.canaries})
     # 2 people x 4 topics x 3 events per partition, plus the 5 copies of a canary where there is one
     assert sorted(len(p) for p in corpus.partitions) == [24, 24, 24, 29, 29, 29]
     assert all(CODE_TOPIC not in t for t in TOPICS)
@@ -286,6 +289,7 @@ def test_end_to_end_tiny_run_and_budget_stop(tmp_path, capsys):
     out = tmp_path / "run"
     metrics = main([*TINY, "--out", str(out), "--epsilon-budget", "2000"])
     assert (out / "metrics.json").is_file() and (out / "diversity.png").is_file()
+    assert not any(out.rglob("checkpoints"))  # the students' checkpoints are gone once the run is complete
     assert metrics["family"] == "privacy" and metrics["task"] == "pate_corpus"
     train = metrics["train"]["student"]
     assert train["last_loss"] < train["first_loss"]
