@@ -481,11 +481,11 @@ def body(ctx: RunContext) -> Outcome | None:
         key = "student" if method == cfg.method else f"{method}_student"
         evals[key], samples[method], _ = evaluate(model, retain_stats)
         results[method] = asdict(result)
-        if subdir:
-            shutil.rmtree(ctx.out / subdir / "checkpoints", ignore_errors=True)
-        else:
+        if not subdir:
             model.save_pretrained(ctx.out / "student", safe_serialization=True)
             tokenizer.save_pretrained(ctx.out / "student")
+    for method in cfg.compared():  # kept until now so that an interrupted run skips the methods it finished
+        shutil.rmtree(ctx.out / method / "checkpoints", ignore_errors=True)
     write_samples(ctx.out / "samples.jsonl", task, samples)
     plot_curves(ctx.out, methods, cfg.method)
     train_info = {**results[cfg.method], "methods": results, "models": info, "teachers": teacher_info}
