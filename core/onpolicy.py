@@ -214,8 +214,9 @@ class OnPolicyConfig:
 class Resampler:
     """Replaces a micro-batch's completions by a model's samples: its prompts (`prompts_of`), one batched sampling
     call per micro-batch (timed as the step's gen_s, its sampled tokens counted as gen_tokens), examples in the
-    data layout, a right-padded batch on the batch's device. Seeds are derived from (run seed, step, micro-batch, process, purpose): resumable and
-    independent of every other random stream. Build it with `Resampler.of(ctx, cfg, purpose)`."""
+    data layout, a right-padded batch on the batch's device. Seeds are derived from (run seed, step, micro-batch,
+    process, purpose): resumable and independent of every other random stream. Build it with
+    `Resampler.of(ctx, cfg, purpose)`."""
 
     tokenizer: Any
     max_length: int

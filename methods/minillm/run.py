@@ -33,6 +33,7 @@ import torch
 from core.config import EvalConfig, ModelConfig
 from core.data import Collator, DataConfig, encode_examples, encode_prompt, load_task
 from core.errors import ConfigError
+from core.kdpath import KDPath, KDPathConfig
 from core.losses import forward_kl
 from core.method import Baseline, Context, Method, MethodLoss
 from core.models import PRESETS, load_model
@@ -59,10 +60,11 @@ from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss
 
 @dataclass
 class MiniLLMConfig(OnPolicyConfig):
-    """MiniLLM's hyper-parameters; defaults from the paper (Gu et al., ICLR 2024, Sec. 2.2 and App. C) and the
-    official code (microsoft/LMOps: minillm/arguments.py, scripts/gpt2/minillm/train_base_xl.sh) as each help says.
-    The sampling flags (--temperature 1, --top-p 1: official), --sample-max-new-tokens and --compare are
-    core.onpolicy's."""
+    """MiniLLM's hyper-parameters (defaults: the paper or the official code, as each help says).
+
+    Paper: Gu et al., ICLR 2024, Sec. 2.2; official code: microsoft/LMOps, minillm/arguments.py and
+    scripts/gpt2/minillm/train_base_xl.sh. The sampling flags (--temperature 1, --top-p 1: official),
+    --sample-max-new-tokens and --compare are core.onpolicy's."""
 
     alpha: float = field(
         default=0.2, metadata={"help": "teacher-mixed sampling: rollouts from (1-alpha) q + alpha p; 0 off (0.2)"}
@@ -128,9 +130,7 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
         examples = resample.examples(
             model, batch, step, index, mix_model=ctx.teacher if cfg.alpha > 0 else None, mix_alpha=cfg.alpha
         )
-        rollouts = resample.collate(examples, batch)
-        resample.stats.add("gen_tokens", count_label_tokens(rollouts))  # sampled tokens (EOS included)
-        return rollouts | {f"lm_{key}": value for key, value in batch.items()}
+        return resample.collate(examples, batch) | {f"lm_{key}": value for key, value in batch.items()}
 
     def loss_fn(model, batch) -> LossOutput:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
@@ -209,7 +209,8 @@ METHOD = Method(
     label=label,
     kd_baselines=MiniLLMConfig.divergences,
     baselines=seqkd_baseline,
-    description="MiniLLM: sequence-level reverse KL by policy gradient, from the SFT student.",
+    description="MiniLLM: sequence-level reverse KL by policy gradient, from the cached SFT student; the default "
+    "budget is 200 steps (--steps wins).",
 )
 RECIPE = llm_recipe(METHOD)
 
@@ -263,14 +264,16 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     cfg, evaluation = shell.cfg(MiniLLMConfig), shell.cfg(EvalConfig)
     data, task, tokenizer = setup.data, setup.task, setup.tokenizer
     teacher, info = get_teacher(setup.model, data, task, tokenizer, setup.tokenizer_key, setup.cache, setup.accelerator)
+    kd = KDPath(shell.cfg(KDPathConfig), teacher, setup.cache, setup.tokenizer_key, tokenizer.pad_token_id)
     students = {"sft_student": get_sft_baseline(setup)[0]}
     for divergence in cfg.divergences():
-        students[f"kd_{divergence}_student"] = get_kd_baseline(setup, divergence, teacher, info["source"])[0]
+        students[f"kd_{divergence}_student"] = get_kd_baseline(setup, divergence, kd, info["source"])[0]
     if cfg.seqkd:
         ctx = Context(
-            setup.accelerator, task, tokenizer, teacher, students["sft_student"],
-            encode_examples(tokenizer, task.train, data.max_length), data, setup.model, setup.train, shell.run,
-            evaluation, setup.cache, teacher_source=info["source"], teacher_tokenizer=tokenizer,
+            accelerator=setup.accelerator, task=task, tokenizer=tokenizer, teacher=teacher,
+            student=students["sft_student"], features=encode_examples(tokenizer, task.train, data.max_length),
+            data=data, model=setup.model, train=setup.train, run=shell.run, eval=evaluation, cache=setup.cache,
+            kd=kd, teacher_source=info["source"], teacher_tokenizer=tokenizer,
         )  # fmt: skip
         (baseline,) = seqkd_baseline(cfg)
         students["seqkd_student"] = get_method_baseline(
@@ -328,9 +331,15 @@ def _plot_exposure(result: dict[str, Any], path: Path) -> None:
     print(f"plot: {path}")
 
 
+# The default budget: 200 steps of 32 examples, for the SFT start and again for every student from it, so that the
+# default run (5 students, the on-policy one sampling every step) takes minutes on two CPU cores. Flags given on the
+# command line come after these and win (argparse keeps the last value of a flag).
+DEFAULTS = ["--steps", "200"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run MiniLLM (from the SFT student) and its baselines; returns metrics.json's content."""
-    argv = with_sft_start(list(sys.argv[1:] if argv is None else argv))
+    argv = with_sft_start([*DEFAULTS, *(sys.argv[1:] if argv is None else argv)])
     metrics = record_generation_share(run_recipe(RECIPE, argv))
     if metrics and shell_settings(argv).exposure and "exposure_bias" not in metrics:
         metrics = exposure_bias(argv, metrics)
