@@ -15,6 +15,7 @@ canary exposure; run classic PATE vs DP-SGD on digits. Writes metrics.json, dive
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -46,6 +47,7 @@ from privacy.hot_pate.sampling import SAMPLERS
 from privacy.pate_digits import DigitsConfig, run_digits
 
 RIVAL = {"coordinated": "independent", "independent": "coordinated"}
+CANDIDATES = ("schema", "vocabulary")
 
 
 @dataclass
@@ -87,6 +89,13 @@ class HotPateConfig:
     sweep_draws: int = field(default=30, metadata={"help": "noiseless responses per prompt in the threshold sweep"})
     thresholds: str = field(
         default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", metadata={"help": "vote thresholds of the sweep (fractions)"}
+    )
+    candidates: str = field(
+        default="schema",
+        metadata={
+            "help": "tokens the private aggregator may release: schema (every answer, digit and EOS: fixed by the "
+            "public answer format, before any private data) or vocabulary (all tokens)"
+        },
     )
     student_preset: str = field(default="tiny", metadata={"help": "preset of the students"})
     support_min_prob: float = field(
@@ -261,10 +270,24 @@ def diversity_sweep(ctx, teachers, tokenizer, corpus, ids, sampler: str) -> dict
 # -- private generation ----------------------------------------------------------------------------------------------
 
 
-def private_responses(ctx, teachers, tokenizer, corpus, sampler: str) -> tuple[list[tuple[str, str]], dict]:
+def candidate_tokens(tokenizer, ids: dict[str, list[int]], which: str) -> torch.Tensor:
+    """Token ids the aggregator may release. `schema`: every topic's answers, the ten digits and EOS, i.e. what
+    the public answer format can produce; it is fixed before any private record is read, so restricting the
+    histogram to it costs no privacy (a moved vote still changes at most two of its bins by one)."""
+    if which == "vocabulary":
+        return torch.arange(len(tokenizer))
+    digits = [tokenizer(" " + d, add_special_tokens=False)["input_ids"][0] for d in DIGITS]
+    return torch.tensor(sorted({*(i for v in ids.values() for i in v), *digits, tokenizer.eos_token_id}))
+
+
+def private_responses(ctx, teachers, tokenizer, corpus, sampler: str, candidates: torch.Tensor):
     """Ask the ensemble, through a fresh PrivateAggregator, for `draws` responses to every public prompt (and the
     canary prompts), in a seeded random order, until the budget is spent. Returns the released (prompt, answer)
-    records and the aggregator's summary."""
+    records and the aggregator's summary.
+
+    Why `candidates`: GNMax adds noise to every bin, and the largest of V noises grows like sigma sqrt(2 ln V):
+    with V = 400 and sigma = 12 it is about 41 votes, more than a 64-teacher histogram's top count, so over the
+    whole vocabulary the noisy argmax releases junk tokens (run with --candidates vocabulary to see it)."""
     hp: HotPateConfig = ctx.cfg(HotPateConfig)
     agg_cfg: AggregatorConfig = ctx.cfg(AggregatorConfig)
     noise_gen = torch.Generator().manual_seed(ctx.seed * 104729 + 1 + SAMPLERS.index(sampler))
@@ -278,11 +301,11 @@ def private_responses(ctx, teachers, tokenizer, corpus, sampler: str) -> tuple[l
         released = torch.zeros(counts.shape[0], dtype=torch.bool)
         for k in range(counts.shape[0]):
             try:
-                token = aggregator.answer(counts[k])
+                index = aggregator.answer(counts[k, candidates])  # (C,) votes on the candidate tokens
             except BudgetSpent:
                 break
-            if token is not None:
-                tokens[k], released[k] = token, True
+            if index is not None:
+                tokens[k], released[k] = candidates[index], True
         return tokens, released
 
     vote_gen = torch.Generator().manual_seed(ctx.seed * 15485863 + SAMPLERS.index(sampler))
@@ -402,7 +425,11 @@ def body(ctx: RunContext) -> Outcome | None:
     plot_diversity(ctx.out / "diversity.png", thresholds, sweeps, n)
 
     method, rival = hp.sampler, RIVAL[hp.sampler]
-    data = {s: private_responses(ctx, teachers, tokenizer, corpus, s) for s in (method, rival)}
+    candidates = candidate_tokens(tokenizer, ids, hp.candidates).to(teachers[0].device)
+    data = {s: private_responses(ctx, teachers, tokenizer, corpus, s, candidates) for s in (method, rival)}
+    for s in (method, rival):  # what each student was trained on, for inspection
+        with (ctx.out / f"released_{s}.jsonl").open("w") as handle:
+            handle.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in data[s][0])
     students, results = {}, {}
     rival_key = ("cold" if rival == "independent" else "hot") + "_student"
     for key, sampler, subdir in (("student", method, None), (rival_key, rival, "rival")):
