@@ -1,0 +1,295 @@
+"""Distribution-constrained learning (Zhong, Sorscher, Lee & Sompolinsky, NeurIPS 2022): the 1-D optimal-transport
+projection, the perceptron trained by gradient steps alternated with transport steps, the capacity sweep on
+random patterns and the theory curve of the critical load.
+
+The constraint: the N weights of a perceptron, seen as an empirical distribution, must equal a prescribed
+distribution P (up to the overall scale, which a sign perceptron without margin ignores).
+
+1-D optimal transport. For uniform weights on N points and any convex cost, the optimal map sends the k-th
+smallest weight to the k-th smallest target quantile (quantile matching):
+
+    T(w)_i = F_P^{-1}((rank(w_i) + 1/2) / N)                                                       (OT map)
+
+A transport step moves the weights a fraction eta along the Wasserstein-2 geodesic toward P:
+
+    w <- (1 - eta) w + eta T(w)                                                                     (geodesic step)
+
+Theory of the critical load at zero margin (replica-symmetric, see README for what was and was not verified):
+with Z ~ N(0, 1), F_P^{-1} the quantile function of P and T = F_P^{-1} o Phi its monotone transport map from the
+standard normal,
+
+    alpha_c(P) = 2 E[Z T(Z)]^2 / E[T(Z)^2] = 2 (1 - W2(P~, N(0,1))^2 / 2)^2                        (capacity)
+
+where P~ is P rescaled to unit second moment and W2 the Wasserstein-2 distance. It gives Gardner's 2 for a
+Gaussian P and shrinks with the distance of P from the Gaussian; for a lognormal with shape sigma it is
+2 sigma^2 exp(-sigma^2) (largest, 2/e, at sigma = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from core.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------
+# Prescribed distributions
+
+
+@dataclass(frozen=True)
+class WeightDistribution:
+    """A prescribed weight distribution, given by its quantile function.
+
+    kind: "gaussian" (N(0,1)); "lognormal" (shape `sigma`: all weights positive); "ei" (a fraction `f_exc` of
+    excitatory weights, positive, the rest inhibitory, negative, each with lognormal magnitudes of shape
+    `sigma`, the inhibitory ones scaled by `inh_scale`); "halfnormal" (|N(0,1)|, sign-constrained)."""
+
+    kind: str = "gaussian"
+    sigma: float = 1.0
+    f_exc: float = 0.8
+    inh_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gaussian", "lognormal", "ei", "halfnormal"):
+            raise ConfigError(f"distribution kind must be gaussian, lognormal, ei or halfnormal, got {self.kind!r}")
+        if not self.sigma > 0:
+            raise ConfigError(f"the lognormal shape sigma must be positive, got {self.sigma}")
+        if not 0.0 <= self.f_exc <= 1.0:
+            raise ConfigError(f"the excitatory fraction f_exc must be in [0, 1], got {self.f_exc}")
+        if not self.inh_scale > 0:
+            raise ConfigError(f"inh_scale must be positive, got {self.inh_scale}")
+
+    def quantile(self, u: np.ndarray) -> np.ndarray:
+        """F_P^{-1}(u) for u in (0, 1)."""
+        u = np.asarray(u, dtype=float)
+        if self.kind == "gaussian":
+            return stats.norm.ppf(u)
+        if self.kind == "halfnormal":
+            return stats.norm.ppf((1.0 + u) / 2.0)
+        magnitude = stats.lognorm(s=self.sigma)
+        if self.kind == "lognormal":
+            return magnitude.ppf(u)
+        # E/I mixture: the lowest (1 - f_exc) mass is inhibitory (negative, largest magnitude first), the rest
+        # excitatory
+        f_inh = 1.0 - self.f_exc
+        out = np.empty_like(u)
+        inh = u < f_inh
+        out[inh] = -self.inh_scale * magnitude.ppf(1.0 - u[inh] / f_inh)
+        out[~inh] = magnitude.ppf((u[~inh] - f_inh) / self.f_exc)
+        return out
+
+    def label(self) -> str:
+        if self.kind == "lognormal":
+            return f"lognormal(sigma={self.sigma:g})"
+        if self.kind == "ei":
+            return f"E/I(f_exc={self.f_exc:g}, sigma={self.sigma:g})"
+        return self.kind
+
+
+def target_quantiles(dist: WeightDistribution, n: int) -> np.ndarray:
+    """The n midpoint quantiles F_P^{-1}((k + 1/2) / n), k = 0..n-1, sorted ascending: the weights of a perceptron
+    of n synapses whose empirical distribution is P."""
+    return dist.quantile((np.arange(n) + 0.5) / n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimal transport in one dimension
+
+
+def ot_map(w: np.ndarray, target_sorted: np.ndarray) -> np.ndarray:
+    """(OT map) The optimal transport of the empirical distribution of `w` onto `target_sorted` (n sorted values,
+    uniform weights): the k-th smallest w_i goes to the k-th smallest target. Ties in w are broken by index
+    (a stable sort), so the map is a permutation of the targets that preserves the rank order of w."""
+    w = np.asarray(w, dtype=float)
+    if w.shape != target_sorted.shape:
+        raise ValueError(f"weights {w.shape} and targets {target_sorted.shape} differ in shape")
+    out = np.empty_like(w)
+    out[np.argsort(w, kind="stable")] = target_sorted
+    return out
+
+
+def geodesic_step(w: np.ndarray, target_sorted: np.ndarray, eta: float) -> np.ndarray:
+    """(geodesic step) w <- (1 - eta) w + eta T(w): eta = 1 is the full projection onto the constraint."""
+    return (1.0 - eta) * w + eta * ot_map(w, target_sorted)
+
+
+def wasserstein2_sq(w: np.ndarray, target_sorted: np.ndarray) -> float:
+    """W2^2 between the empirical distribution of w and the targets (uniform weights): mean squared gap of the
+    sorted values (in 1-D the monotone coupling is optimal)."""
+    return float(np.mean((np.sort(w) - target_sorted) ** 2))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Theory
+
+
+def transport_from_normal(dist: WeightDistribution, z: np.ndarray) -> np.ndarray:
+    """T(z) = F_P^{-1}(Phi(z)), the monotone map from N(0, 1) to P, written with Phi(z) and Phi(-z) so that both
+    tails keep full precision (Phi(9) is 1.0 in double precision; Phi(-9) is not 0)."""
+    z = np.asarray(z, dtype=float)
+    lower, upper = stats.norm.cdf(z), stats.norm.sf(z)  # Phi(z), 1 - Phi(z)
+    if dist.kind == "gaussian":
+        return z
+    if dist.kind == "halfnormal":  # F^{-1}(u) = Phi^{-1}((1 + u) / 2) = isf((1 - u) / 2)
+        return stats.norm.isf(upper / 2.0)
+    if dist.kind == "lognormal":  # F^{-1}(Phi(z)) = exp(sigma z) exactly
+        return np.exp(dist.sigma * z)
+    magnitude = stats.lognorm(s=dist.sigma)
+    f_inh = 1.0 - dist.f_exc
+    out = np.empty_like(z)
+    inh = lower < f_inh
+    if f_inh > 0:  # inhibitory: -scale * ppf(1 - u / f_inh) = -scale * isf(u / f_inh)
+        out[inh] = -dist.inh_scale * magnitude.isf(lower[inh] / f_inh)
+    if dist.f_exc > 0:  # excitatory: ppf((u - f_inh) / f_exc) = isf((1 - u) / f_exc)
+        out[~inh] = magnitude.isf(upper[~inh] / dist.f_exc)
+    return out
+
+
+def _gauss_moments(dist: WeightDistribution, nodes: int = 64, pieces: int = 64) -> tuple[float, float]:
+    """E[Z T(Z)] and E[T(Z)^2] by composite Gauss-Legendre in z, split where T jumps (the E/I boundary) and
+    wide enough for the lognormal tail (the second moment's integrand peaks at z = 2 sigma)."""
+    hi = 10.0 + 2.0 * (dist.sigma if dist.kind in ("lognormal", "ei") else 0.0)
+    breaks = [-hi, hi]
+    if dist.kind == "ei" and 0.0 < dist.f_exc < 1.0:
+        breaks = [-hi, float(stats.norm.ppf(1.0 - dist.f_exc)), hi]
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    m_cross = m_second = 0.0
+    for a, b in zip(breaks[:-1], breaks[1:], strict=True):
+        edges = np.linspace(a, b, pieces + 1)
+        half = (edges[1:] - edges[:-1])[:, None] / 2
+        z = ((edges[1:] + edges[:-1])[:, None] / 2 + half * x[None, :]).ravel()
+        weight = (half * w[None, :]).ravel() * stats.norm.pdf(z)
+        t = transport_from_normal(dist, z)
+        m_cross += float(np.sum(weight * z * t))
+        m_second += float(np.sum(weight * t * t))
+    return m_cross, m_second
+
+
+def capacity_theory(dist: WeightDistribution) -> float:
+    """(capacity) alpha_c(P) = 2 E[Z T(Z)]^2 / E[T(Z)^2] with Z ~ N(0, 1) and T = F_P^{-1} o Phi. The
+    expectations are integrals over z (transport_from_normal, _gauss_moments); the same numbers as the integrals
+    over u in (0, 1) of Phi^{-1}(u) F_P^{-1}(u) and F_P^{-1}(u)^2 (tested on a quantile grid)."""
+    m_cross, m_second = _gauss_moments(dist)
+    return 2.0 * m_cross**2 / m_second  # Eq. (capacity)
+
+
+def cover_separable_probability(p: int, n: int) -> float:
+    """Cover (1965): the probability that p random patterns in general position in R^n with random labels are
+    linearly separable through the origin, C(p, n) / 2^p = 2^(1-p) sum_{k<n} binom(p-1, k). It is 1/2 at p = 2n."""
+    # 2^(1-p) sum_{k<n} binom(p-1, k) is the probability that a Binomial(p - 1, 1/2) is at most n - 1
+    return float(stats.binom.cdf(n - 1, p - 1, 0.5)) if p > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The algorithm
+
+
+@dataclass
+class PerceptronResult:
+    weights: np.ndarray  # (N,) final weights, exactly on the constraint (a permutation of the target quantiles)
+    solved: bool  # every pattern on the right side (y_mu w . xi_mu > 0) after the final projection
+    iterations: int
+    train_error: float  # fraction of patterns misclassified at the end
+    w2_to_target: float  # W2^2 of the weights before the final projection (how far training left them)
+
+
+def train_constrained_perceptron(
+    patterns: np.ndarray,
+    labels: np.ndarray,
+    dist: WeightDistribution | None,
+    rng: np.random.Generator,
+    lr: float = 0.5,
+    eta: float = 0.02,
+    margin: float = 0.5,
+    max_iter: int = 1000,
+) -> PerceptronResult:
+    """Gradient steps on the hinge loss, each followed by a geodesic step toward P (the paper's alternation of an
+    SGD step on the task with an optimal-transport step on the weights); dist None: unconstrained.
+
+    patterns: (P, N); labels: (P,) in {-1, +1}. Fields are h_mu = y_mu w . xi_mu / (|w| / sqrt N)
+    (normalized, so the margin is scale-free). Stops as soon as the projected weights classify every pattern."""
+    n_patterns, n = patterns.shape
+    target = target_quantiles(dist, n) if dist is not None else None
+    # start on the constraint: a random permutation of the targets (or a Gaussian vector when unconstrained)
+    w = rng.permutation(target) if target is not None else rng.standard_normal(n)
+    signed = patterns * labels[:, None]  # (P, N): y_mu xi_mu
+    scale = np.sqrt(n)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (reported in the result)
+        w_eval = ot_map(w, target) if target is not None else w
+        fields = signed @ w_eval / (np.linalg.norm(w_eval) / scale)  # (P,)
+        if np.all(fields > 0):
+            break
+        # hinge loss sum_mu max(0, margin - h_mu): its (sub)gradient at fixed norm is -sum over violators of y xi
+        violators = fields < margin
+        grad = -signed[violators].sum(axis=0) / scale
+        w = w - lr * grad * (np.linalg.norm(w) / np.sqrt(n)) / max(1, violators.sum()) ** 0.5
+        if target is not None:
+            w = geodesic_step(w, target, eta)  # (geodesic step)
+    w2 = wasserstein2_sq(w, target) if target is not None else 0.0
+    w_final = ot_map(w, target) if target is not None else w
+    fields = signed @ w_final
+    return PerceptronResult(
+        weights=w_final,
+        solved=bool(np.all(fields > 0)),
+        iterations=iterations,
+        train_error=float(np.mean(fields <= 0)),
+        w2_to_target=w2,
+    )
+
+
+def random_task(n_patterns: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """P Gaussian patterns in R^N with random +-1 labels (the capacity problem of Gardner 1988)."""
+    return rng.standard_normal((n_patterns, n)), rng.choice([-1.0, 1.0], size=n_patterns)
+
+
+def separable_lp(patterns: np.ndarray, labels: np.ndarray) -> bool:
+    """Exact feasibility of y_mu w . xi_mu >= 1 for all mu (a linear program): the unconstrained reference."""
+    from scipy.optimize import linprog
+
+    signed = patterns * labels[:, None]
+    n = patterns.shape[1]
+    res = linprog(np.zeros(n), A_ub=-signed, b_ub=-np.ones(len(labels)), bounds=[(None, None)] * n, method="highs")
+    return res.status == 0
+
+
+def success_curve(
+    dist: WeightDistribution | None,
+    n: int,
+    loads: np.ndarray,
+    trials: int,
+    seed: int,
+    solver: str = "ot",
+    **train_kwargs,
+) -> np.ndarray:
+    """Fraction of `trials` random tasks solved at each load alpha = P / N. solver "ot": the constrained
+    algorithm (dist None: unconstrained gradient steps); "lp": exact linear-programming feasibility
+    (unconstrained only)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(len(loads))
+    for i, alpha in enumerate(loads):
+        p = max(1, int(round(alpha * n)))
+        solved = 0
+        for _ in range(trials):
+            patterns, labels = random_task(p, n, rng)
+            if solver == "lp":
+                solved += separable_lp(patterns, labels)
+            else:
+                solved += train_constrained_perceptron(patterns, labels, dist, rng, **train_kwargs).solved
+        out[i] = solved / trials
+    return out
+
+
+def critical_load(loads: np.ndarray, success: np.ndarray) -> float:
+    """The load where the success fraction crosses 1/2, by linear interpolation between the two grid points
+    around the crossing (the first one going down); the ends of the grid when it never crosses."""
+    loads, success = np.asarray(loads, dtype=float), np.asarray(success, dtype=float)
+    if success[0] < 0.5:
+        return float(loads[0])
+    for i in range(1, len(loads)):
+        if success[i] < 0.5:
+            s0, s1 = success[i - 1], success[i]
+            return float(loads[i - 1] + (s0 - 0.5) / (s0 - s1) * (loads[i] - loads[i - 1]))
+    return float(loads[-1])
