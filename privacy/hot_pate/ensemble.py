@@ -16,17 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from core.data import encode_example, encode_prompt
-from core.losses import cross_entropy_sum, shift_for_causal_lm
-from core.train import LossOutput
 from privacy.aggregation import vote_histogram
 from privacy.hot_pate.sampling import ensemble_votes
-
-
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Summed next-token NLL over the answer tokens (prompt positions are masked in `labels`)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    logits, labels = shift_for_causal_lm(logits, batch["labels"])  # (B, T-1, V), (B, T-1)
-    return LossOutput(cross_entropy_sum(logits, labels))
 
 
 def encode_records(

@@ -29,6 +29,7 @@ import torch
 from core.data import Collator
 from core.errors import ConfigError
 from core.models import PRESETS, build_model, load_model
+from core.objectives import causal_lm_loss as lm_loss  # summed NLL of the answer tokens (prompt masked)
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.tokenizers import train_bpe
 from core.train import TrainConfig, Trainer
@@ -38,7 +39,6 @@ from privacy.hot_pate.ensemble import (
     encode_records,
     ensemble_generate,
     left_pad,
-    lm_loss,
     next_token_logprobs,
     noiseless_release,
     sequence_logprobs,
