@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,31 @@ def stable_config(config: dict[str, Any]) -> dict[str, Any]:
     return {group: {k: v for k, v in values.items() if k not in VOLATILE} for group, values in config.items()}
 
 
+def has_progress(out: Path) -> bool:
+    """Whether a run folder holds anything a rerun would lose: a completed step (a checkpoint, a log line of the
+    run or of a baseline trained inside the folder) or a result."""
+    if (out / "metrics.json").exists() or any(out.glob("**/checkpoints/step_*")):
+        return True
+    return any(log.stat().st_size > 0 for log in out.glob("**/log.jsonl"))
+
+
 def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Create `out` for this configuration, or accept it for resume when it holds the same configuration."""
+    """Create `out` for this configuration, or accept it for resume when it holds the same configuration.
+
+    A folder in which no step completed (a run that failed at its start, or was stopped before its first step)
+    is taken over by a corrected command; one with progress is refused unless --overwrite."""
     existing = out / "config.json"
     if existing.exists():
         try:
             previous = json.loads(existing.read_text())
-        except json.JSONDecodeError:
-            previous = None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = None  # a truncated or foreign file: it matches nothing
         if previous is not None and stable_config(previous) == stable_config(config):
             return
-        if not overwrite:
+        if has_progress(out) and not overwrite:
+            what = "a different configuration" if previous is not None else "an unreadable config.json"
             raise OutputDirError(
-                f"{out} holds a run with a different configuration ({existing}); choose another --out, "
+                f"{out} holds a run with {what} ({existing}); choose another --out, "
                 "or pass --overwrite to replace it"
             )
         shutil.rmtree(out)
@@ -98,8 +111,15 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
 
 
 def read_metrics(out: Path) -> dict[str, Any] | None:
+    """A complete run's metrics.json; None if absent or unreadable (then the run is not complete: it reruns)."""
     path = out / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"warning: {path} is unreadable (truncated?); the run is treated as not complete", file=sys.stderr)
+        return None
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], columns: list[str]) -> str:

@@ -15,6 +15,7 @@ text: the LLM recipe (core.pipeline) is one recipe among others, built on this s
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RunConfig, cache_root, parse, to_dict
-from core.errors import ConfigError, DistillError, NonFiniteLossError
+from core.errors import ConfigError, DistillError, NonFiniteLossError, OutputDirError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 
@@ -188,6 +189,35 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
         print_summary(done)
         return done
     created = not out.exists()
+    with _run_lock(out) if ctx.is_main_process else contextlib.nullcontext():
+        return _run_locked(recipe, ctx, config, created)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """One live run per run folder: a second one started with the same --out is refused at once."""
+    from filelock import FileLock, Timeout
+
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise OutputDirError(
+            f"another run is writing to {out} right now (it holds {lock_path}); wait for it to finish, "
+            "or choose another --out"
+        ) from None
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to the output folder {out} ({exc.strerror}); choose a writable --out") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe: Recipe, ctx: RunContext, config: dict[str, Any], created: bool) -> dict[str, Any]:
+    out = ctx.out
     try:
         if ctx.is_main_process:
             prepare_run_dir(out, config, ctx.run.overwrite)

@@ -10,6 +10,7 @@ changed setting trains a new model and never reuses a stale one. Final folders a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.config import ModelConfig
 from core.data import Collator, DataConfig, TaskData, encode_examples
-from core.errors import ModelError, VocabularyMismatchError
+from core.errors import ConfigError, ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.models import PRESETS, build_or_load, load_model, preset_config
 from core.objectives import causal_lm_loss
@@ -77,25 +78,47 @@ def train_cached(
     name = f"{kind}-{stable_hash({'cache_format': CACHE_FORMAT, **key})}"
     final, work = cache / "models" / name, cache / "work" / name
     if not (final / "train_result.json").exists():
-        accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")
-        model = build()
-        collate = collate or Collator(tokenizer.pad_token_id)
-        trainer = Trainer(model, loss_fn, features, collate, train_cfg, work, accelerator, desc=kind)
-        result = trainer.train()
-        if not trainer.finished:  # --stop-after: leave the work folder for the next invocation
-            raise SystemExit(f"[{kind}] stopped at step {trainer.step}; rerun to resume")
-        if accelerator.is_main_process:
-            with atomic_dir(final) as tmp:
-                accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                shutil.copy(work / "log.jsonl", tmp / "log.jsonl")
-                atomic_write_json(tmp / "cache_key.json", key)
-                atomic_write_json(tmp / "train_result.json", asdict(result))
-            shutil.rmtree(work, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        # One builder per entry: a second run that wants it waits here, then loads it (only the main process of a
+        # multi-process run locks; its other processes train with it).
+        lock = _entry_lock(final) if accelerator.is_main_process else contextlib.nullcontext()
+        with lock:
+            _train_entry(kind, key, build, features, tokenizer, train_cfg, accelerator, loss_fn, collate, final, work)
     model = load_model(final)
     result = TrainResult(**json.loads((final / "train_result.json").read_text()))
     return model, result, final
+
+
+def _entry_lock(final: Path):
+    from filelock import FileLock
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the cache folder {final.parent} ({exc.strerror}); pass a writable --cache-dir"
+        ) from exc
+    return FileLock(str(final) + ".lock")
+
+
+def _train_entry(kind, key, build, features, tokenizer, train_cfg, accelerator, loss_fn, collate, final, work):
+    if accelerator.num_processes == 1 and (final / "train_result.json").exists():
+        return  # another run built it while this one waited for the lock
+    accelerator.print(f"[{kind}] not cached: training it now ({train_cfg.steps} steps), cache {final}")
+    model = build()
+    collate = collate or Collator(tokenizer.pad_token_id)
+    trainer = Trainer(model, loss_fn, features, collate, train_cfg, work, accelerator, desc=kind)
+    result = trainer.train()
+    if not trainer.finished:  # --stop-after: leave the work folder for the next invocation
+        raise SystemExit(f"[{kind}] stopped at step {trainer.step}; rerun to resume")
+    if accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.copy(work / "log.jsonl", tmp / "log.jsonl")
+            atomic_write_json(tmp / "cache_key.json", key)
+            atomic_write_json(tmp / "train_result.json", asdict(result))
+        shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def get_teacher(

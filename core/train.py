@@ -40,7 +40,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from core.data import IGNORE_INDEX
 from core.errors import CheckpointError, ConfigError, NonFiniteLossError
-from core.io import atomic_dir, atomic_write_json
+from core.io import atomic_dir, atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -79,6 +79,12 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("--warmup-steps, --max-grad-norm and --weight-decay must be non-negative")
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every must be at least 1 (a line every N steps), got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be 0 (only at the end) or more, got {self.checkpoint_every}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"--stop-after must be at least 1, got {self.stop_after}")
 
 
 @dataclass
@@ -433,8 +439,19 @@ def _as_tuple(obj: Any) -> Any:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint, which the resumed run will write again."""
+    """On resume, drop log lines written after the checkpoint, which the resumed run will write again, and a torn
+    last line (what a kill during a write leaves), saying so."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"note: dropped an unreadable line {number} of {path} (torn by an interrupted write)", file=sys.stderr)
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from core.pipeline import cli
+from core.shell import cli
 from methods.taid.run import main as taid_main
 from methods.vanilla.run import main as vanilla_main
 
@@ -171,6 +171,7 @@ def test_taid_schedule_out_of_range(tmp_path, capsys):
 def test_output_folder_with_another_configuration(tmp_path, capsys):
     out = tmp_path / "o"
     _write(out / "config.json", json.dumps({"TrainConfig": {"steps": 999}}))
+    _write(out / "log.jsonl", '{"step": 1, "loss": 1.0}\n')  # a step completed there (an empty folder is reused)
     _fails(vanilla_main, [*TINY, "--out", str(out)], capsys, "different configuration", "--overwrite")
     assert json.loads((out / "config.json").read_text()) == {"TrainConfig": {"steps": 999}}  # untouched
 
@@ -237,3 +238,33 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, capsy
 
     kept = Path(line.split("Last good checkpoint: ")[1].split(". ")[0])
     assert kept.name == "step_0000001" and (kept / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, phrases",
+    [
+        (["--log-every", "0"], ["--log-every must be at least 1"]),
+        (["--checkpoint-every", "-1"], ["--checkpoint-every"]),
+        (["--max-new-tokens", "-1"], ["--max-new-tokens must be at least 1"]),
+        (["--stop-after", "0"], ["--stop-after must be at least 1"]),
+        (["--teacher-cache-k", "0"], ["--teacher-cache-k must be at least 1"]),
+        (["--chunk-size", "0"], ["--chunk-size must be at least 1"]),
+    ],
+)
+def test_out_of_range_flags_fail_before_anything_is_written(tmp_path, capsys, flags, phrases):
+    """Checked at parse time (issue 15: --log-every 0 used to fail after the teacher trained)."""
+    out = tmp_path / "out"
+    _fails(vanilla_main, [*TINY, *flags, "--out", str(out)], capsys, *phrases)
+    assert not out.exists()
+
+
+def test_interrupt_is_one_line_with_exit_130(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        cli(interrupted, [])
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "rerun" not in err or "run the same command again to resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -79,3 +79,40 @@ def test_corrupt_checkpoint_is_refused_with_its_name(tmp_path):
     (out / "checkpoints" / "step_0000004" / "optimizer.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"step_0000004/optimizer.pt is unreadable .* delete"):
         train(out, tokenizer, features, steps=10, batch_size=4)
+
+
+def test_two_runs_at_once_share_one_cached_baseline(tmp_path):
+    """Both runs want the same cached teacher and SFT student: one builds each entry, the other waits and loads it;
+    both finish, and the cache holds one copy of each (no duplicated log lines in it)."""
+    root = Path(__file__).resolve().parents[2]
+    tiny = ["--teacher-preset", "tiny", "--student", "tiny", "--teacher-steps", "30", "--steps", "20", "--eval-size",
+            "8", "--train-size", "500", "--batch-size", "8", "--warmup-steps", "2", "--variant", "sft"]  # fmt: skip
+    cache = tmp_path / "cache"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "methods.vanilla.run",
+                *tiny,
+                "--out",
+                str(tmp_path / f"run{i}"),
+                "--cache-dir",
+                str(cache),
+            ],  # fmt: skip
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    a, b = (json.loads((tmp_path / f"run{i}" / "metrics.json").read_text()) for i in range(2))
+    assert a["eval"] == b["eval"]
+    sft = sorted(p for p in (cache / "models").glob("sft-*") if p.is_dir())
+    assert len(sft) == 1 and len([p for p in (cache / "models").glob("teacher-*") if p.is_dir()]) == 1
+    assert not list((cache / "work").glob("*")) if (cache / "work").exists() else True  # no half-built entry left
+    steps = [json.loads(line)["step"] for line in (sft[0] / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))

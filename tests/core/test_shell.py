@@ -158,3 +158,33 @@ def test_benchmark_collects_the_row_of_a_non_lm_recipe(straight, tmp_path):
     assert by_name["mlp-kd"].status == "ok" and by_name["mlp-kd"].stat("accuracy").mean > 50
     assert by_name["sft"].status == "n/a"
     assert report.teacher["accuracy"].mean > 90
+
+
+def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "run"
+    with FileLock(str(tmp_path / ".run.lock")):  # what a live run holds
+        with pytest.raises(OutputDirError, match="another run is writing to"):
+            mlp_recipe.main([*FLAGS, "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert not out.exists()
+
+
+def test_torn_log_line_and_failed_start_do_not_block_the_rerun(straight, tmp_path, capsys):
+    root, metrics = straight
+    out, cache = tmp_path / "run", str(root / "cache")
+    # A folder left by a start that failed before its first step, with other settings: taken over.
+    out.mkdir()
+    (out / "config.json").write_text('{"truncated": ')
+    assert mlp_recipe.main([*FLAGS, "--out", str(out), "--cache-dir", cache, "--stop-after", "7"]) == {}
+    log = out / "log.jsonl"
+    with log.open("a") as handle:  # what a SIGKILL in the middle of a log write leaves
+        handle.write('{"step": 8, "lo')
+    resumed = mlp_recipe.main([*FLAGS, "--out", str(out), "--cache-dir", cache])
+    assert resumed["eval"] == metrics["eval"]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 41))
+    assert "dropped an unreadable line" in capsys.readouterr().err
+    # with a step done, a command with other settings is refused, not silently restarted
+    (out / "metrics.json").write_text("{")  # a truncated result: not complete, and not silently lost either
+    with pytest.raises(OutputDirError, match="different configuration"):
+        mlp_recipe.main([*FLAGS, "--out", str(out), "--cache-dir", cache, "--temperature", "3"])
