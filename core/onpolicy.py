@@ -105,25 +105,17 @@ def sample_examples(
     tokenizer,
     max_length: int,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    do_sample: bool = True,
-    seed: int | None = None,
-    mix_model: torch.nn.Module | None = None,
-    mix_alpha: float = 0.0,
+    **sampling: Any,
 ) -> list[Example]:
     """Sample a completion of each prompt from `model` and encode prompt + completion as training examples.
 
-    With `mix_model` and mix_alpha > 0 the completions come from the mixture (1 - mix_alpha) model + mix_alpha
-    mix_model (core.generate.sample_completions; MiniLLM's teacher-mixed sampling). Prompts are first cut
-    to max_length - max_new_tokens (from the left), so the completion is trained on in the very context it was
-    sampled in."""
+    `sampling`: the keyword arguments of core.generate.sample_completions (temperature, top_p, top_k, do_sample,
+    seed, and mix_model with mix_alpha for the mixture (1 - mix_alpha) model + mix_alpha mix_model: MiniLLM's
+    teacher-mixed sampling). Prompts are first cut to max_length - max_new_tokens (from the left), so the
+    completion is trained on in the very context it was sampled in."""
     prompts = [fit_prompt(p, max_length - max_new_tokens) for p in prompts]
-    completions = sample_completions(
-        model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens,
-        temperature, top_p, top_k, do_sample, seed, mix_model, mix_alpha,
-    )  # fmt: skip
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    completions = sample_completions(model, prompts, eos, pad, max_new_tokens, **sampling)
     return completion_features(prompts, completions, max_length)
 
 
