@@ -202,7 +202,7 @@ def evaluate(model: torch.nn.Module, features: list[dict[str, Any]], device) -> 
     model.eval()
     batch = {k: v.to(device) for k, v in collate(features).items()}
     logits = model(batch["input_ids"], batch["attention_mask"])
-    accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    accuracy = (logits.argmax(-1) == batch["labels"]).double().mean().item()
     nll = F.cross_entropy(logits.float(), batch["labels"]).item()
     return {"accuracy": 100.0 * accuracy, "nll": nll}
 
