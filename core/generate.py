@@ -17,6 +17,34 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.data import encode_prompt
 
 
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no fixed table, e.g. none in the config)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_budget(model: torch.nn.Module, max_length: int, max_new_tokens: int) -> int:
+    """How many prompt tokens a generation may keep: prompt + completion stay within --max-length, as a training
+    example does (prompt + target <= max_length), and within the model's positions. At least 1 (the BOS)."""
+    limit = max_length
+    positions = position_limit(model)
+    if positions is not None:
+        limit = min(limit, positions)
+    return max(1, limit - max_new_tokens)
+
+
+def cut_prompt(prompt_ids: Sequence[int], budget: int) -> list[int]:
+    """Cut a prompt from the left to `budget` tokens, keeping its first (BOS) token, as core.data.encode_example
+    cuts a training prompt (the end of a prompt matters most)."""
+    budget = max(1, budget)
+    ids = list(prompt_ids)
+    return ids if len(ids) <= budget else ids[:1] + ids[len(ids) - budget + 1 :]
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -186,10 +214,7 @@ def generate(
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
         encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         if max_prompt_tokens is not None:
-            encoded = [
-                ids[:1] + ids[len(ids) - max_prompt_tokens + 1 :] if len(ids) > max_prompt_tokens else ids
-                for ids in encoded
-            ]
+            encoded = [cut_prompt(ids, max_prompt_tokens) for ids in encoded]
         completions = sample_completions(
             model, encoded, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens,
             temperature=temperature, top_p=top_p, do_sample=do_sample,

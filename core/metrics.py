@@ -59,8 +59,11 @@ def perplexity(model, tokenizer, examples, max_length: int, batch_size: int = 64
     """exp(mean NLL per target token) of the examples' targets given their prompts."""
     was_training = model.training
     model.eval()
+    from core.generate import position_limit
+
     device = next(model.parameters()).device
-    features = encode_examples(tokenizer, examples, max_length)
+    positions = position_limit(model)  # a sequence never runs past the model's position table
+    features = encode_examples(tokenizer, examples, min(max_length, positions) if positions else max_length)
     collate = Collator(tokenizer.pad_token_id)
     nll, count = 0.0, 0
     for start in range(0, len(features), batch_size):
@@ -77,10 +80,18 @@ def evaluate_model(model, tokenizer, task, max_length: int, batch_size: int = 10
     """Greedy generations on the task's eval split, scored by the task's metrics, plus perplexity.
 
     Returns (scores, predictions)."""
-    from core.generate import generate
+    from core.data import encode_prompt
+    from core.generate import generate, prompt_budget
 
     prompts = [ex.prompt for ex in task.eval]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, batch_size=batch_size)
+    new_tokens = max_new_tokens or task.max_new_tokens
+    # Prompts are cut as training cuts them (from the left, BOS kept) so that prompt + completion fit --max-length
+    # and the model's positions; how many were cut is reported beside the scores.
+    budget = prompt_budget(model, max_length, new_tokens)
+    truncated = sum(len(encode_prompt(tokenizer, p)) > budget for p in prompts)
+    outputs = generate(
+        model, tokenizer, prompts, new_tokens, batch_size=batch_size, max_prompt_tokens=budget, progress=True
+    )
     predictions = [o.text for o in outputs]
     references = [ex.references for ex in task.eval]
     scores = score(task.metrics, predictions, references)
@@ -88,4 +99,5 @@ def evaluate_model(model, tokenizer, task, max_length: int, batch_size: int = 10
         idx = [i for i, ex in enumerate(task.eval) if ex.group == group]
         scores[f"exact_match/{group}"] = exact_match([predictions[i] for i in idx], [references[i] for i in idx])
     scores["perplexity"] = perplexity(model, tokenizer, task.eval, max_length, batch_size)
+    scores["prompts/truncated"] = float(truncated)  # a count; "/" keeps it out of the printed table
     return scores, predictions

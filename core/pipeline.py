@@ -24,6 +24,7 @@ from core.config import EvalConfig, ModelConfig
 from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_tokenizer_pair
 from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
 from core.errors import ConfigError
+from core.generate import position_limit
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.kdpath import KDPath, KDPathConfig
 from core.losses import get_divergence
@@ -43,7 +44,7 @@ def evaluate_cached(
 ) -> tuple[dict, list[str]]:
     """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
     settings = {
-        "format": 2,
+        "format": 3,  # 3: prompts cut to the --max-length budget, truncation counted
         "eval_size": data.eval_size,
         "max_new_tokens": evaluation.max_new_tokens,
         "task": task.name,
@@ -190,6 +191,13 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         model_cfg, data, task, teacher_tokenizer, teacher_tokenizer_key, cache, accelerator
     )
     student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
+    for role, model in (("teacher", teacher), ("student", student)):
+        positions = position_limit(model)
+        if positions is not None and positions < data.max_length:
+            raise ConfigError(
+                f"--max-length {data.max_length} exceeds the {role}'s {positions} positions; "
+                f"pass --max-length {positions} or less"
+            )
     if not method.cross_tokenizer:
         check_same_vocabulary(teacher, student, name)
     kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)

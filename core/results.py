@@ -57,8 +57,7 @@ def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
         if has_progress(out) and not overwrite:
             what = "a different configuration" if previous is not None else "an unreadable config.json"
             raise OutputDirError(
-                f"{out} holds a run with {what} ({existing}); choose another --out, "
-                "or pass --overwrite to replace it"
+                f"{out} holds a run with {what} ({existing}); choose another --out, or pass --overwrite to replace it"
             )
         shutil.rmtree(out)
     try:

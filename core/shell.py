@@ -209,7 +209,9 @@ def _run_lock(out: Path):
             "or choose another --out"
         ) from None
     except OSError as exc:
-        raise OutputDirError(f"cannot write to the output folder {out} ({exc.strerror}); choose a writable --out") from exc
+        raise OutputDirError(
+            f"cannot write to the output folder {out} ({exc.strerror}); choose a writable --out"
+        ) from exc
     try:
         yield
     finally:

@@ -450,7 +450,9 @@ def _truncate_log(path: Path, step: int) -> None:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            print(f"note: dropped an unreadable line {number} of {path} (torn by an interrupted write)", file=sys.stderr)
+            print(
+                f"note: dropped an unreadable line {number} of {path} (torn by an interrupted write)", file=sys.stderr
+            )
             continue
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             kept.append(line)

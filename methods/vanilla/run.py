@@ -14,7 +14,7 @@ from typing import Any
 
 from core.data import Example, encode_examples
 from core.errors import ConfigError
-from core.generate import generate
+from core.generate import generate, prompt_budget
 from core.io import atomic_write_json, stable_hash
 from core.losses import DIVERGENCES, get_divergence
 from core.method import Context, Method, MethodLoss
@@ -60,12 +60,18 @@ def label(cfg: VanillaConfig) -> str:
 def teacher_outputs(ctx: Context, n: int) -> list[Example]:
     """The teacher's greedy completions of the first n training prompts, cached beside the teacher."""
     prompts = [ex.prompt for ex in ctx.task.train[:n]]
-    key = stable_hash({"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.teacher_source})
+    budget = prompt_budget(ctx.teacher, ctx.data.max_length, ctx.task.max_new_tokens)
+    key = stable_hash(
+        {"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.teacher_source, "budget": budget}
+    )
     path = ctx.cache / "seqkd" / f"{key}.json"
     if path.exists():
         targets = json.loads(path.read_text())
     else:
-        outs = generate(ctx.teacher, ctx.tokenizer, prompts, ctx.task.max_new_tokens, batch_size=256, progress=True)
+        outs = generate(
+            ctx.teacher, ctx.tokenizer, prompts, ctx.task.max_new_tokens, batch_size=256, max_prompt_tokens=budget,
+            progress=True,
+        )  # fmt: skip
         targets = [o.text for o in outs]
         atomic_write_json(path, targets)
     return [Example(p, t, (t,)) for p, t in zip(prompts, targets)]

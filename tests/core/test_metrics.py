@@ -57,3 +57,33 @@ def test_per_group_exact_match_averages_to_the_total():
     assert groups == {"add", "pair", "reverse", "sort"} and len(predictions) == 24
     weighted = sum(scores[f"exact_match/{g}"] * sum(ex.group == g for ex in task.eval) for g in groups) / 24
     assert weighted == pytest.approx(scores["exact_match"])
+
+
+def test_evaluation_cuts_prompts_as_training_does_and_counts_them():
+    """A prompt far beyond the model's 32 positions (issue 14: GPT-2 crashed with IndexError in its position table,
+    and long prompts made empty outputs): cut from the left to --max-length minus the new tokens, BOS kept."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.data import TaskData, encode_prompt
+    from core.generate import cut_prompt, prompt_budget
+    from core.metrics import evaluate_model
+
+    task = load_task(DataConfig(train_size=50, eval_size=4))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 300)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    long_prompt = "sort: " + " ".join("abcdefghijkl"[i % 12] for i in range(400)) + " ="
+    assert len(encode_prompt(tokenizer, long_prompt)) > 300
+    short = task.eval[0]
+    evals = [Example(long_prompt, " a", (" a",)), short]
+    task = TaskData("ops", task.train, evals, ("exact_match", "rougeL"), max_new_tokens=6, source="test")
+    # --max-length 64 but only 32 positions: the budget is 32 - 6 = 26 prompt tokens
+    assert prompt_budget(model, 64, 6) == 26 and prompt_budget(model, 16, 6) == 10
+    scores, predictions = evaluate_model(model, tokenizer, task, max_length=64, max_new_tokens=6)
+    assert len(predictions) == 2 and scores["prompts/truncated"] == 1.0
+    # the cut keeps BOS and the end of the prompt, like core.data.encode_example
+    ids = encode_prompt(tokenizer, long_prompt)
+    cut = cut_prompt(ids, 26)
+    assert len(cut) == 26 and cut[0] == ids[0] and cut[1:] == ids[-25:]
