@@ -40,9 +40,17 @@ __all__ = ["BaselineSetup", "cli", "llm_recipe", "run_method"]
 
 
 def evaluate_cached(
-    name: str, model, tokenizer, task, data: DataConfig, evaluation: EvalConfig, folder: Path | None
+    name: str,
+    model,
+    tokenizer,
+    task,
+    data: DataConfig,
+    evaluation: EvalConfig,
+    folder: Path | None,
+    stats: dict | None = None,
 ) -> tuple[dict, list[str]]:
-    """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model."""
+    """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model. `stats`
+    receives how many prompts were cut to fit (core.metrics.evaluate_model)."""
     settings = {
         "format": 3,  # 3: prompts cut to the --max-length budget, truncation counted
         "eval_size": data.eval_size,
@@ -54,12 +62,17 @@ def evaluate_cached(
     path = folder / f"eval-{stable_hash(settings)}.json" if folder is not None else None
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
+        if stats is not None:
+            stats.update(stored.get("stats", {}))
         return stored["scores"], stored["predictions"]
+    found: dict = {}
     scores, predictions = evaluate_model(
-        model, tokenizer, task, data.max_length, evaluation.eval_batch_size, evaluation.max_new_tokens
+        model, tokenizer, task, data.max_length, evaluation.eval_batch_size, evaluation.max_new_tokens, stats=found
     )
+    if stats is not None:
+        stats.update(found)
     if path is not None:
-        atomic_write_json(path, {"scores": scores, "predictions": predictions})
+        atomic_write_json(path, {"scores": scores, "predictions": predictions, "stats": found})
     print(f"[{name}] " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), file=sys.stderr)
     return scores, predictions
 
@@ -251,6 +264,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
 
     if not accelerator.is_main_process:
         return Outcome(task.name, {"student": {}}, {})  # the shell writes nothing on other processes
+    cut: dict[str, dict] = {"teacher": {}, "sft_student": {}, "student": {}}  # prompts cut to fit, per model
     teacher_scores, teacher_pred = evaluate_cached(
         "teacher",
         teacher,
@@ -259,20 +273,26 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         data,
         evaluation,
         Path(teacher_info["source"]) if not model_cfg.teacher else None,
+        cut["teacher"],
     )
     sft_scores, sft_pred = evaluate_cached(
-        "sft", sft_model.to(accelerator.device), tokenizer, task, data, evaluation, sft_folder
+        "sft", sft_model.to(accelerator.device), tokenizer, task, data, evaluation, sft_folder, cut["sft_student"]
     )
     if built is None:
         student_scores, student_pred = sft_scores, sft_pred
+        cut["student"] = cut["sft_student"]
     else:
-        student_scores, student_pred = evaluate_cached(name, student, tokenizer, task, data, evaluation, None)
+        student_scores, student_pred = evaluate_cached(
+            name, student, tokenizer, task, data, evaluation, None, cut["student"]
+        )
     baseline_scores, baseline_preds = {}, {}
     for baseline, (model, _, folder) in baselines.items():
         key = f"{baseline}_student"
+        cut[key] = {}
         baseline_scores[key], baseline_preds[key] = evaluate_cached(
-            baseline.replace("_", "-"), model.to(accelerator.device), tokenizer, task, data, evaluation, folder
-        )
+            baseline.replace("_", "-"), model.to(accelerator.device), tokenizer, task, data, evaluation, folder,
+            cut[key],
+        )  # fmt: skip
 
     with atomic_dir(out / "student") as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
@@ -293,5 +313,9 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
             "teacher_params": count_parameters(teacher),
             "kd_path": kd.summary(),
         },
-        extra={"teacher": teacher_info, **({"tokenizers": tokenizer_info(pair)} if cross is not None else {})},
+        extra={
+            "teacher": teacher_info,
+            "evaluation": {"n": len(task.eval), "prompts": cut},
+            **({"tokenizers": tokenizer_info(pair)} if cross is not None else {}),
+        },
     )

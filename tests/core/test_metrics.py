@@ -81,8 +81,9 @@ def test_evaluation_cuts_prompts_as_training_does_and_counts_them():
     task = TaskData("ops", task.train, evals, ("exact_match", "rougeL"), max_new_tokens=6, source="test")
     # --max-length 64 but only 32 positions: the budget is 32 - 6 = 26 prompt tokens
     assert prompt_budget(model, 64, 6) == 26 and prompt_budget(model, 16, 6) == 10
-    scores, predictions = evaluate_model(model, tokenizer, task, max_length=64, max_new_tokens=6)
-    assert len(predictions) == 2 and scores["prompts/truncated"] == 1.0
+    stats = {}
+    scores, predictions = evaluate_model(model, tokenizer, task, max_length=64, max_new_tokens=6, stats=stats)
+    assert len(predictions) == 2 and stats == {"prompts_truncated": 1, "prompt_budget": 26}
     # the cut keeps BOS and the end of the prompt, like core.data.encode_example
     ids = encode_prompt(tokenizer, long_prompt)
     cut = cut_prompt(ids, 26)
