@@ -25,7 +25,7 @@ from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.metrics import perplexity
 from core.objectives import teacher_forward
-from core.onpolicy import ChunkedOnPolicyConfig, Resampler, derived_seed, record_generation_share
+from core.onpolicy import OnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.replay import ReplayBuffer
@@ -34,10 +34,11 @@ from methods.distillm.loss import SKEWED, AdaptiveOffPolicy, distillm_loss_sum
 
 
 @dataclass
-class DistiLLMConfig(ChunkedOnPolicyConfig):
+class DistiLLMConfig(OnPolicyConfig):
     """DistiLLM's hyper-parameters; defaults from the official code (jongwooko/distillm: arguments.py and
     scripts/gpt2/distillm/train_0.1B_1.5B.sh) unless the help says otherwise. The sampling flags (--temperature
-    and --top-p, official 1.0 both; --sample-max-new-tokens), --chunk-size and --compare are core.onpolicy's."""
+    and --top-p, official 1.0 both; --sample-max-new-tokens) and --compare are core.onpolicy's; --chunk-size is
+    the KD path's (core.kdpath)."""
 
     loss: str = field(
         default="skl",
@@ -116,7 +117,7 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         total, ce, kd = distillm_loss_sum(
-            logits, teacher_logits, batch["labels"], cfg.loss, cfg.alpha, cfg.kd_ratio, cfg.chunk_size
+            logits, teacher_logits, batch["labels"], cfg.loss, cfg.alpha, cfg.kd_ratio, ctx.kd.cfg.chunk_size
         )
         n = max(int((batch["labels"][:, 1:] != -100).sum()), 1)
         logs = {cfg.loss: kd.item() / n} | ({"ce": ce.item() / n} if cfg.kd_ratio < 1.0 else {})

@@ -21,17 +21,17 @@ from typing import Any
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.objectives import teacher_forward
-from core.onpolicy import ChunkedOnPolicyConfig, Resampler, derived_seed, record_generation_share
+from core.onpolicy import OnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.train import LossOutput
 from methods.gkd.loss import gkd_loss_sum
 
 
 @dataclass
-class GKDConfig(ChunkedOnPolicyConfig):
+class GKDConfig(OnPolicyConfig):
     """GKD's hyper-parameters; defaults: TRL's GKDConfig (huggingface/trl: trl/experimental/gkd/gkd_config.py).
-    The sampling flags (--temperature, --top-p, --sample-max-new-tokens), --chunk-size and --compare are
-    core.onpolicy's, shared by every on-policy method."""
+    The sampling flags (--temperature, --top-p, --sample-max-new-tokens) and --compare are core.onpolicy's, shared
+    by every on-policy method; --chunk-size is the KD path's (core.kdpath)."""
 
     lmbda: float = field(
         default=0.5, metadata={"help": "probability that a batch is replaced by the student's own samples (TRL 0.5)"}
@@ -85,7 +85,7 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
     def loss_fn(model, batch) -> LossOutput:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        return LossOutput(gkd_loss_sum(logits, teacher_logits, batch["labels"], cfg.beta, cfg.chunk_size))
+        return LossOutput(gkd_loss_sum(logits, teacher_logits, batch["labels"], cfg.beta, ctx.kd.cfg.chunk_size))
 
     def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
         resample.stats.flush(logs, keys=("gen_s", "student_batches", "teacher_batches"))
