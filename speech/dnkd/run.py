@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from core.errors import ConfigError
 from core.io import atomic_dir, atomic_write_text, stable_hash
+from core.plots import plot_log
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.train import LossOutput, TrainConfig
 from speech import data as sd
@@ -347,6 +348,8 @@ def body(ctx: RunContext) -> Outcome | None:
     if "ce" in cfg.compare_list:
         evals["ce_student"], outputs["ce"] = evaluate(ce_model, eval_fbank, references, vocab, max_new)
     save_model(student, str(ctx.out / "student.safetensors"))  # tied embeddings stored once
+    plot_log(ctx.out / "log.jsonl", ["loss", "tckd", "nckd", "nckd_defined"], ctx.out / "dnkd_terms.png",
+             title=f"DNKD on {task.name} (seed {train.seed})")  # fmt: skip
     lines = [json.dumps({"id": u.id, "speaker": u.speaker, "reference": u.target, **{k: v[i] for k, v in outputs.items()}},
                         ensure_ascii=False) for i, u in enumerate(task.eval)]  # fmt: skip
     atomic_write_text(ctx.out / "samples.jsonl", "\n".join(lines) + "\n")

@@ -159,6 +159,6 @@ def test_end_to_end_tiny_run(tmp_path):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 8
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 20 and all(math.isfinite(r["tckd"]) and math.isfinite(r["nckd"]) for r in logs)
-    assert not list(out.glob("**/checkpoints"))
+    assert (out / "dnkd_terms.png").is_file() and not list(out.glob("**/checkpoints"))
     # a second call with the same settings shows the finished run instead of training again
     assert main(argv)["eval"] == metrics["eval"]
