@@ -260,9 +260,11 @@ def fit_supervised(
     seed: int = 0,
     inits: list[np.ndarray] | None = None,
     n_starts: int | None = None,
+    fixed_E: float | None = None,
 ) -> Fit:
     """Fit Eq. (1) to measured (N, D, L): Huber loss on log L, L-BFGS-B from a grid of initializations (16, or
-    `n_starts` evenly spaced among them, or the given `inits`)."""
+    `n_starts` evenly spaced among them, or the given `inits`). `fixed_E` holds E at a known irreducible loss
+    (the entropy rate of a generated language) instead of fitting it."""
     N, D, L = (np.asarray(x, dtype=float) for x in (N, D, L))
     _check_points(N, D, L)
     logN, logD, logL = _as_t(np.log(N)), _as_t(np.log(D)), _as_t(np.log(L))
@@ -273,19 +275,25 @@ def fit_supervised(
         inits = _subset([np.array(x) for x in grid], n_starts)
 
     logN, logD, logL = logN.numpy(), logD.numpy(), logL.numpy()
+    bounds = list(SUP_BOUNDS)
+    if fixed_E is not None:
+        if not 0 < fixed_E < L.min():
+            raise ConfigError(f"a fixed E must be positive and below every measured loss, got {fixed_E}")
+        bounds[0] = (np.log(fixed_E), np.log(fixed_E))  # L-BFGS-B keeps a variable with equal bounds fixed
+        inits = [np.array([np.log(fixed_E), *x[1:]]) for x in inits]
 
     def objective(idx):
         return lambda theta: _sup_objective_and_grad(theta, logN[idx], logD[idx], logL[idx], delta)
 
     everything = np.arange(len(L))
-    theta, f = _best_of(objective(everything), inits, SUP_BOUNDS)
+    theta, f = _best_of(objective(everything), inits, bounds)
     fit = Fit(law=_sup_from_theta(theta), objective=f, n_points=len(L), n_inits=len(inits))
     rng = np.random.default_rng(seed)
     for _ in range(n_bootstrap):
         idx = rng.integers(0, len(L), len(L))
         # refit from the full fit's optimum and a few grid points: the resampled optimum lies near the full one
         starts = [theta, inits[len(inits) // 2]]
-        theta_b, _ = _best_of(objective(idx), starts, SUP_BOUNDS)
+        theta_b, _ = _best_of(objective(idx), starts, bounds)
         fit.bootstrap.append(_sup_from_theta(theta_b))
     return fit
 

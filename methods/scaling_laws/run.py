@@ -75,6 +75,9 @@ class GridConfig:
     free_exponents: bool = field(
         default=False, metadata={"help": "fit alpha', beta', gamma' of Eq. (8) too (default: tied to Eq. (1)'s)"}
     )
+    fix_entropy: bool = field(
+        default=False, metadata={"help": "hold E of Eq. (1) at the language's exact entropy rate instead of fitting it"}
+    )
     batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step of every model"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW, cosine) of every model"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps of every model"})
@@ -289,7 +292,14 @@ def body(ctx: RunContext) -> Outcome | None:
     # (3) fits: Eq. (1) on every supervised run; Eq. (8) on the distilled runs below the largest budget
     N, D, L = (np.array([r[k] for r in supervised], dtype=float) for k in ("N", "D", "L"))
     sup_fit = fit_supervised(
-        N, D, L, delta=cfg.huber_delta, n_bootstrap=cfg.bootstrap, seed=cfg.seed, n_starts=cfg.fit_starts
+        N,
+        D,
+        L,
+        delta=cfg.huber_delta,
+        n_bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+        n_starts=cfg.fit_starts,
+        fixed_E=H if cfg.fix_entropy else None,
     )
     LT = np.array([r["teacher"]["L"] for r in distilled])
     NS, DS, LS = (np.array([r[k] for r in distilled], dtype=float) for k in ("N", "D", "L"))

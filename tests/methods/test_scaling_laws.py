@@ -101,6 +101,16 @@ def test_fit_recovers_supervised_coefficients():
     assert lo <= hi
 
 
+def test_fit_with_known_E_keeps_it():
+    N = np.repeat(np.geomspace(1e3, 1e6, 4), 4)
+    D = np.tile(np.geomspace(1e5, 1e8, 4), 4)
+    fit = fit_supervised(N, D, SUP(N, D), fixed_E=1.5, inits=[np.array([0.0, 3.5, 0.3, 5.0, 0.35, 0.7])])
+    assert fit.law.E == pytest.approx(1.5, rel=1e-12)
+    np.testing.assert_allclose(fit.law(N, D), SUP(N, D), rtol=1e-3)
+    with pytest.raises(ConfigError, match="fixed E"):
+        fit_supervised(N, D, SUP(N, D), fixed_E=5.0)
+
+
 def test_fit_recovers_distillation_coefficients():
     rng = np.random.default_rng(1)
     true = _dist()
