@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.phis.data import load_digits_split
+from core.digits import load_digits_split
 
 TASKS = ("hier", "digits")
 DATA_SEED = 0  # the same data for every run; seeds vary the students

@@ -1,7 +1,6 @@
 """scikit-learn's bundled handwritten digits (no download) and three digit teachers with very different statistics.
 
-Used by methods/phis (feature teachers) and methods/kdexplainer (a classifier teacher). It belongs in core
-(e.g. core/vision.py) once a third vision package needs it; until then both packages import it from here.
+The digits themselves come from core.digits (shared with methods/kdexplainer and privacy/pate_digits.py).
 
     split:    1797 images of 8 x 8 pixels (intensity 0..16), 10 classes; a fixed stratified 80/20 split
     teachers: mlp   penultimate ReLU layer (128) of an MLP trained on the train split
@@ -13,44 +12,15 @@ Used by methods/phis (feature teachers) and methods/kdexplainer (a classifier te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from core.digits import Digits, load_digits_split  # noqa: F401  (re-exported for this package)
 from core.errors import DataError
 
 TEACHERS = ("mlp", "cnn", "poly")
-SPLIT_SEED = 0  # the train/test split is the same for every run (seeds vary the students, not the data)
-
-
-@dataclass
-class Digits:
-    x_train: torch.Tensor  # (N_train, 64), intensities scaled to [0, 1]
-    y_train: torch.Tensor  # (N_train,) long
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-
-def load_digits_split(test_fraction: float = 0.2) -> Digits:
-    """The digits of scikit-learn (bundled with the package), split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    try:
-        bunch = load_digits()
-    except Exception as exc:  # a broken scikit-learn install: its data file is missing or unreadable
-        raise DataError(f"cannot read scikit-learn's bundled digits ({exc}); reinstall scikit-learn") from exc
-    x = bunch.data.astype(np.float32) / 16.0
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=SPLIT_SEED, stratify=y)
-    return Digits(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te))
 
 
 class MLPTeacher(nn.Module):
