@@ -19,7 +19,7 @@ On a question set (the targets' questions, or everyone else's):
              probability of its answer is at least `confident`
 - degenerate / forget_degenerate: the share of greedy answers (to the retain / forget questions) that are empty
              or repeat themselves (a word three times in a row, or a word trigram twice)
-- retain_ppl: perplexity of the retain documents' targets (fluency on what should be kept)
+- retain_ppl: perplexity of the retain documents' targets (the first `max_ppl_docs`; fluency on what is kept)
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def evaluate_unlearning(
     max_new_tokens: int = 32,
     max_length: int = 256,
     confident: float = 0.5,
+    max_ppl_docs: int = 400,
 ) -> tuple[dict[str, float], dict[str, list[str]], np.ndarray]:
     """(metrics, generations per set, forget-set statistics for a later KS test) of one model."""
     metrics: dict[str, float] = {}
@@ -213,5 +214,5 @@ def evaluate_unlearning(
     if retain_model_stats is not None:
         metrics["forget_quality"] = forget_quality(forget_stats, retain_model_stats)
     metrics["model_utility"] = float(hmean(np.clip(utility, 1e-12, None))) if utility else 0.0
-    metrics["retain_ppl"] = perplexity(model, tokenizer, task.retain_docs, max_length)
+    metrics["retain_ppl"] = perplexity(model, tokenizer, task.retain_docs[:max_ppl_docs], max_length)
     return metrics, generations, forget_stats

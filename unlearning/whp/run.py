@@ -69,7 +69,9 @@ class UnlearnData:
     n_people: int = field(default=24, metadata={"help": "people: how many fictitious people"})
     n_targets: int = field(default=2, metadata={"help": "people: how many of them to unlearn"})
     data_seed: int = field(default=1234, metadata={"help": "people: seed of the generated people (fixed across seeds)"})
-    eval_size: int = field(default=400, metadata={"help": "evaluate at most this many questions per retain set"})
+    eval_size: int = field(
+        default=400, metadata={"help": "evaluate at most this many questions per retain set (and retain documents)"}
+    )
     max_length: int = field(default=256, metadata={"help": "truncate documents to this many tokens"})
     max_new_tokens: int = field(default=32, metadata={"help": "length of the greedy answers at evaluation"})
 
@@ -431,7 +433,9 @@ def body(ctx: RunContext) -> Outcome | None:
     base.to(device).eval()
 
     def evaluate(model, stats=None):
-        return evaluate_unlearning(model, tokenizer, task, stats, data.max_new_tokens, data.max_length, cfg.confident)
+        return evaluate_unlearning(
+            model, tokenizer, task, stats, data.max_new_tokens, data.max_length, cfg.confident, data.eval_size
+        )
 
     evals: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, list[str]]] = {}
