@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from core.digits import load_digits_arrays
 from core.errors import ConfigError
 from privacy.accounting import epsilon_of, gnmax_rdp
 from privacy.aggregation import noisy_argmax, vote_histogram
@@ -76,11 +77,7 @@ class DigitsSplit:
 
 
 def split_digits(seed: int, n_public: int = 400, n_test: int = 297) -> DigitsSplit:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
-    y = data.target.astype(np.int64)
+    x, y = load_digits_arrays()  # pixel intensities scaled to [0, 1]
     order = np.random.default_rng(seed).permutation(len(y))
     test, public, private = order[:n_test], order[n_test : n_test + n_public], order[n_test + n_public :]
     return DigitsSplit(x[private], y[private], x[public], y[public], x[test], y[test])

@@ -128,8 +128,8 @@ CLAIMS: dict[str, Claim] = {
     ),
     "minillm": Claim(
         "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (ICLR)",
-        "reverse-KL distillation by policy optimisation beats KD and SeqKD",
-        None,
+        "reverse-KL distillation by policy optimisation beats SFT, KD and SeqKD",
+        beats("minillm", ["kd-fkl", "seqkd", "sft"]),
     ),
     "fdistill": Claim(
         "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation (ACL)",
@@ -144,8 +144,13 @@ CLAIMS: dict[str, Claim] = {
     "delta_kd": Claim("see DESIGN.md", "recorded when the package lands", None),
     "phis": Claim(
         "Ranzinger et al. 2024, PHI-S: Distribution Balancing for Label-Free Multi-Teacher Distillation",
-        "PHI-S standardisation of the teachers' features beats the other normalisations",
-        None,
+        "PHI-S balances teachers of very different scale best: the lowest per-teacher normalized error",
+        beats("phis", [f"phis-{n}" for n in ("none", "global", "standard", "pca-w", "zca", "hca")], "mean_nerr", True),
+    ),
+    "kdexplainer": Claim(
+        "Xue et al. 2021, KDExplainer: A Task-oriented Attention Model for Explaining Knowledge Distillation (IJCAI)",
+        "under KD the routes of similar classes share more modules than under CE or label smoothing",
+        beats("kdexplainer", ["kdexplainer-ce", "kdexplainer-ls"], "routing_corr"),
     ),
     "scaling_laws": Claim(
         "Busbridge et al. 2025, Distillation Scaling Laws (ICML)",
@@ -166,9 +171,10 @@ CLAIMS: dict[str, Claim] = {
         None,
     ),
     "privacy/hot_pate": Claim(
-        "Cohen et al. 2023, Hot PATE: Private Aggregation of Distributions for Diverse Tasks",
-        "hot PATE keeps the diversity of the teachers' answers at a privacy cost at which cold PATE loses it",
-        None,
+        "Cohen et al. 2023, Hot PATE: Private Aggregation of Distributions for Diverse Tasks (arXiv:2312.02132)",
+        "coordinated ensemble sampling transfers the teachers' diversity at vote thresholds where independent (cold) "
+        "sampling transfers none, at the same privacy cost",
+        beats("privacy/hot_pate", ["privacy/cold_pate"], "diversity_at_T"),
     ),
 }
 

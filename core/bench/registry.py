@@ -50,17 +50,34 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod(
             "dskd", "methods.dskd.run", ("--variant", "dskd", "--student-vocab-size", "{vocab_size}", *NO_BASELINES)
         ),
-        BenchMethod("minillm", "methods.minillm.run"),
+        # MiniLLM starts from the SFT student trained on the same budget, as in its paper (so it sees twice the
+        # steps of the from-scratch rows); its own SFT/KD/SeqKD comparison students are the rows above.
+        BenchMethod("minillm", "methods.minillm.run", ("--compare", "", "--no-seqkd")),
         BenchMethod("fdistill", "methods.fdistill.run"),
         BenchMethod("sinkhorn", "methods.sinkhorn.run"),
         BenchMethod("delta_kd", "methods.delta_kd.run"),
-        BenchMethod("phis", "methods.phis.run", family="vision"),
-        BenchMethod("kdexplainer", "methods.kdexplainer.run", family="vision"),
+        # PHI-S and every normalization it is compared with, one row each (the run trains one student per row).
+        BenchMethod("phis", "methods.phis.run", ("--compare", ""), family="vision"),
+        *(
+            BenchMethod(f"phis-{norm}", "methods.phis.run", ("--normalization", norm, "--compare", ""), "vision")
+            for norm in ("none", "global", "standard", "pca-w", "zca", "hca")
+        ),
+        BenchMethod("kdexplainer", "methods.kdexplainer.run", ("--compare", "", "--no-vam"), family="vision"),
+        *(
+            BenchMethod(
+                f"kdexplainer-{loss}",
+                "methods.kdexplainer.run",
+                ("--loss", loss, "--compare", "", "--no-vam"),
+                "vision",
+            )  # fmt: skip
+            for loss in ("ce", "ls")
+        ),
         BenchMethod("scaling_laws", "methods.scaling_laws.run", family="analysis"),
         BenchMethod("disco", "methods.disco.run", family="analysis"),
         BenchMethod("speech/dnkd", "speech.dnkd.run", family="speech"),
         BenchMethod("unlearning/whp", "unlearning.whp.run", family="unlearning"),
         BenchMethod("privacy/hot_pate", "privacy.hot_pate.run", family="privacy"),
+        BenchMethod("privacy/cold_pate", "privacy.hot_pate.run", ("--sampler", "independent"), family="privacy"),
     )
 }
 
@@ -103,6 +120,15 @@ TASKS: dict[str, BenchTask] = {
             ("rougeL", "bleu", "perplexity"),
             data="commongen",
             vocab_size=8000,
+        ),
+        BenchTask(
+            "digits",
+            ("--task", "digits"),
+            ("mean_nerr", "max_nerr", "probe_acc", "routing_corr", "accuracy"),
+            family="vision",
+        ),  # fmt: skip
+        BenchTask(
+            "pate-corpus", (), ("diversity_at_T", "support", "tvd", "canary_exposure", "epsilon"), family="privacy"
         ),
         BenchTask("tofu", (), ("rougeL",), family="unlearning", data="tofu"),
         BenchTask("spoken-digits", (), ("bleu",), family="speech", data="fsdd"),
