@@ -414,7 +414,9 @@ def risk_report(root: str | Path) -> dict[str, Any]:
         raise ConfigError(f"no fdistill run with risks under {root}; run python -m methods.fdistill.run first")
     report: dict[str, Any] = {}
     for task, by_method in runs.items():
-        metric_names = list(next(iter(by_method.values()))[0]["eval"]["student"])
+        every_run = [m for ms in by_method.values() for m in ms]
+        first = every_run[0]["eval"]["student"]  # the metrics every run has, in the first run's order
+        metric_names = [k for k in first if all(k in m["eval"]["student"] for m in every_run)]
         header = ["variant", "seeds", "R_llh", "R_cvg", "distinct-2", *metric_names]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -435,7 +437,7 @@ def risk_report(root: str | Path) -> dict[str, Any]:
                         textcoords="offset points", xytext=(5, 5))  # fmt: skip
         sft = "; ".join(f"{k} {statistics.fmean(r[k] for r in sft_rows):.3f}" for k in metric_names)
         lines.append(f"\nSFT student (the warm start), mean over the runs above: {sft}")
-        ax.set_xlabel("coverage risk R_cvg (student NLL of teacher samples, per token)")
+        ax.set_xlabel("coverage risk R_cvg\n(student NLL of teacher samples, per token)")
         ax.set_ylabel("likelihood risk R_llh (teacher NLL\nof student samples, per token)")
         ax.set_title(f"f-DISTILL variants on {task} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
