@@ -168,7 +168,13 @@ CLAIMS: dict[str, Claim] = {
         "Eldan & Russinovich 2023, Who's Harry Potter? Approximate Unlearning in LLMs",
         "fine-tuning on generic targets from a reinforced model erases the target knowledge while general "
         "ability stays nearly intact",
-        None,
+        beats("unlearning/whp", ["unlearning/ga", "unlearning/gd"], "retain_acc"),
+    ),
+    "unlearning/causal": Claim(
+        "Liu, Zhang, Jaakkola & Chang 2024, Revisiting Who's Harry Potter (EMNLP)",
+        "a teacher averaged over name-replaced copies unlearns only the target, keeping knowledge shared with "
+        "other people",
+        beats("unlearning/causal", ["unlearning/whp", "unlearning/gd", "unlearning/npo"], "hard_retain_acc"),
     ),
     "privacy/hot_pate": Claim(
         "Cohen et al. 2023, Hot PATE: Private Aggregation of Distributions for Diverse Tasks (arXiv:2312.02132)",

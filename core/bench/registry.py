@@ -75,7 +75,11 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod("scaling_laws", "methods.scaling_laws.run", family="analysis"),
         BenchMethod("disco", "methods.disco.run", family="analysis"),
         BenchMethod("speech/dnkd", "speech.dnkd.run", family="speech"),
-        BenchMethod("unlearning/whp", "unlearning.whp.run", family="unlearning"),
+        # Every unlearning method of unlearning/whp, one row each, on the package's own budget.
+        *(
+            BenchMethod(f"unlearning/{m}", "unlearning.whp.run", ("--method", m, "--compare", ""), "unlearning")
+            for m in ("whp", "causal", "ga", "gd", "npo")
+        ),
         BenchMethod("privacy/hot_pate", "privacy.hot_pate.run", family="privacy"),
         BenchMethod("privacy/cold_pate", "privacy.hot_pate.run", ("--sampler", "independent"), family="privacy"),
     )
@@ -130,7 +134,39 @@ TASKS: dict[str, BenchTask] = {
         BenchTask(
             "pate-corpus", (), ("diversity_at_T", "support", "tvd", "canary_exposure", "epsilon"), family="privacy"
         ),
-        BenchTask("tofu", (), ("rougeL",), family="unlearning", data="tofu"),
+        BenchTask(
+            "people",
+            ("--task", "people"),
+            (
+                "retain_acc",
+                "forget_acc",
+                "hard_retain_acc",
+                "model_utility",
+                "forget_quality",
+                "fabrication",
+                "forget_degenerate",
+            ),
+            family="unlearning",
+        ),  # fmt: skip
+        BenchTask(
+            "tofu",
+            (
+                "--task",
+                "tofu",
+                "--data-dir",
+                "{data}/tofu",
+                "--tofu-split",
+                "forget01",
+                "--vocab-size",
+                "4000",
+                "--n-counterfactual",
+                "1",
+            ),
+            ("model_utility", "forget_quality", "forget_rougeL", "retain_rougeL"),
+            family="unlearning",
+            data="tofu",
+            vocab_size=4000,
+        ),  # fmt: skip
         BenchTask("spoken-digits", (), ("bleu",), family="speech", data="fsdd"),
     )
 }
