@@ -31,11 +31,13 @@ from methods.sinkhorn.loss import check_sinkhorn_settings, group_size_for, group
 
 @dataclass
 class SinKDConfig:
-    """SinKD's hyper-parameters. Defaults: the official scripts (2018cx/SinKD, script/student/sst-2.sh and
-    loss.py `Sinkhorn`), see the README's table."""
+    """SinKD's hyper-parameters. Defaults: the official scripts (2018cx/SinKD: script/student/sst-2.sh for alpha,
+    the generative-model scripts' T0/lossd.py for the KD temperature, loss.py `Sinkhorn`), see the README's table."""
 
     alpha: float = field(default=0.9, metadata={"help": "weight of KD; 1 - alpha weighs the CE (sst-2.sh: 0.9)"})
-    temperature: float = field(default=2.0, metadata={"help": "temperature of the KD term (sst-2.sh: 2)"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "temperature of the KD term (official T0/GPT-Neo lossd.py `KL`: 1)"}
+    )
     sinkhorn_temperature: float = field(
         default=2.0, metadata={"help": "temperature of the distributions the Sinkhorn term transports (loss.py: 2)"}
     )
