@@ -167,7 +167,13 @@ TASKS: dict[str, BenchTask] = {
             data="tofu",
             vocab_size=4000,
         ),  # fmt: skip
-        BenchTask("spoken-digits", (), ("bleu",), family="speech", data="fsdd"),
+        BenchTask(
+            "spoken-digits",
+            ("--task", "digits", "--data-dir", "{data}/fsdd/recordings"),
+            ("bleu", "chrf", "exact_match"),
+            family="speech",
+            data="fsdd",
+        ),  # fmt: skip
     )
 }
 
@@ -202,6 +208,7 @@ SUITES: dict[str, Suite] = {
             ("--steps", "2000", "--batch-size", "32", "--eval-size", "500", "--teacher-steps", "4000"),
             timeout_s=7200,
             about="real data from ../shared/data; embedded teacher and student presets trained on it",
+            family_args={"speech": ("--batch-size", "16")},
         ),
         Suite(
             "tiny",

@@ -311,3 +311,23 @@ def test_tiny_benchmark_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv)["tasks"] == result["tasks"]  # (the tree's git state may change meanwhile: others commit)
     assert capsys.readouterr().out.count("complete, skipped") == 2
+
+
+def test_in_run_claim_compares_the_students_a_run_trains_beside_its_own():
+    """beats_in_run judges a recipe whose baselines are not benchmark rows (DNKD's CE and kNN-KD students)."""
+    from core.bench.claims import beats_in_run
+    from core.bench.collect import Cell
+    from core.bench.registry import BenchTask
+
+    task = BenchTask("t", (), ("bleu",), family="speech")
+    cells = [
+        Cell("m", "t", seed, "ok", Path("."), {"eval": {"student": {"bleu": 10.0 + seed}, "ce_student": {"bleu": 1.0}}})
+        for seed in range(3)
+    ]
+    summary = Summary("m", "t", "ok", [0, 1, 2], [0, 1, 2], cells=cells)
+    verdict, evidence = beats_in_run("m", ["ce_student"])({"m": summary}, task)
+    assert verdict == YES and "ce_student 1.0 ± 0.0" in evidence  # 11.0 ± 1.0 against 1.0 ± 0.0: no overlap
+    verdict, _ = beats_in_run("m", ["ce_student", "knn_student"])({"m": summary}, task)
+    assert verdict == NOT_MEASURED  # a rival the runs never trained
+    verdict, _ = beats_in_run("m", ["ce_student"], lower_is_better=True)({"m": summary}, task)
+    assert verdict == NO
