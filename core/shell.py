@@ -29,7 +29,11 @@ from core.errors import ConfigError, DistillError, NonFiniteLossError, OutputDir
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 
-FAMILIES = ("lm", "speech", "unlearning", "privacy", "vision", "analysis")
+# What a recipe trains and is judged on; the benchmark runs a method only on tasks of its family.
+#   lm: a causal LM distilled on a text task      speech: speech translation      unlearning: forget/retain
+#   privacy: teacher ensembles under a budget      vision: image features/classes  analysis: grids of small models
+#   classification: a text classifier             transfer: pretrain on A, fine-tune on B, distill on B
+FAMILIES = ("lm", "speech", "unlearning", "privacy", "vision", "analysis", "classification", "transfer")
 
 
 @dataclass

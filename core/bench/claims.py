@@ -168,11 +168,24 @@ CLAIMS: dict[str, Claim] = {
         None,
     ),
     "sinkhorn": Claim(
-        "Cui et al. 2024, SinKD: Sinkhorn Distance Minimization for Knowledge Distillation",
-        "the Sinkhorn distance beats KL, reverse KL and JS as the distillation objective",
-        None,
+        "Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation (LREC-COLING)",
+        "adding the batch-wise Sinkhorn distance to KD beats KD with KL or reverse KL",
+        beats("sinkhorn", ["kd-fkl", "kd-rkl"]),
     ),
-    "delta_kd": Claim("see DESIGN.md", "recorded when the package lands", None),
+    "sinkhorn-cls": Claim(
+        "Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation (LREC-COLING), GLUE setting",
+        "on classification, SinKD beats KD with forward KL, reverse KL and JS",
+        beats_in_run("sinkhorn-cls", ["kd_fkl_student", "kd_rkl_student", "kd_jsd_student"], "accuracy"),
+    ),
+    "delta_kd": Claim(
+        "Cao et al. 2025, Delta Knowledge Distillation for Large Language Models (arXiv 2509.14526)",
+        "distilling the teacher's SFT shift onto the base student beats token-level KD on the task and keeps more "
+        "of what the student knew",
+        all_of(
+            beats_in_run("delta_kd", ["kd_fkl_student"], "exact_match"),
+            beats_in_run("delta_kd", ["kd_fkl_student"], "ppl_a", lower_is_better=True),
+        ),
+    ),
     "phis": Claim(
         "Ranzinger et al. 2024, PHI-S: Distribution Balancing for Label-Free Multi-Teacher Distillation",
         "PHI-S balances teachers of very different scale best: the lowest per-teacher normalized error",

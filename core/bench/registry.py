@@ -54,8 +54,9 @@ METHODS: dict[str, BenchMethod] = {
         # steps of the from-scratch rows); its own SFT/KD/SeqKD comparison students are the rows above.
         BenchMethod("minillm", "methods.minillm.run", ("--compare", "", "--no-seqkd")),
         BenchMethod("fdistill", "methods.fdistill.run"),
-        BenchMethod("sinkhorn", "methods.sinkhorn.run"),
-        BenchMethod("delta_kd", "methods.delta_kd.run"),
+        BenchMethod("sinkhorn", "methods.sinkhorn.run", NO_BASELINES),
+        BenchMethod("sinkhorn-cls", "methods.sinkhorn.classify", ("--compare", "fkl,rkl,jsd"), family="classification"),
+        BenchMethod("delta_kd", "methods.delta_kd.run", family="transfer"),
         # PHI-S and every normalization it is compared with, one row each (the run trains one student per row).
         BenchMethod("phis", "methods.phis.run", ("--compare", ""), family="vision"),
         *(
@@ -125,6 +126,8 @@ TASKS: dict[str, BenchTask] = {
             data="commongen",
             vocab_size=8000,
         ),
+        BenchTask("sentiment", (), ("accuracy", "nll"), family="classification"),
+        BenchTask("ops-a2b", (), ("exact_match", "rougeL", "perplexity", "ppl_a"), family="transfer"),
         BenchTask(
             "digits",
             ("--task", "digits"),

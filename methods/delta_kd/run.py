@@ -229,7 +229,7 @@ def body(ctx: RunContext) -> Outcome | None:
 
 RECIPE = Recipe(
     name="delta_kd",
-    family="lm",
+    family="transfer",
     configs=(DataConfig, DeltaModels, TrainConfig, DeltaConfig),
     body=body,
     task=lambda ctx: "ops-" + "+".join(ctx.cfg(DeltaConfig).ops("finetune")),

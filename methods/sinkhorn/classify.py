@@ -306,7 +306,7 @@ def body(ctx: RunContext) -> Outcome | None:
 
 RECIPE = Recipe(
     name="sinkhorn",
-    family="lm",
+    family="classification",
     configs=(PairData, PairModels, TrainConfig, SinKDClassifyConfig),
     body=body,
     task=lambda ctx: "pairs",
