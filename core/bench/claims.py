@@ -164,8 +164,11 @@ CLAIMS: dict[str, Claim] = {
     ),
     "fdistill": Claim(
         "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation (ACL)",
-        "symmetric divergences (JS, TVD) beat KL and reverse KL for sequence-level KD",
-        None,
+        "symmetric divergences (JS, TVD) beat KL and reverse KL for sequence-level KD from the same pre-distilled "
+        "student",
+        all_of(
+            beats("fdistill", ["fdistill-kl", "fdistill-rkl"]), beats("fdistill-tvd", ["fdistill-kl", "fdistill-rkl"])
+        ),
     ),
     "sinkhorn": Claim(
         "Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation (LREC-COLING)",

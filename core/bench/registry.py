@@ -53,7 +53,12 @@ METHODS: dict[str, BenchMethod] = {
         # MiniLLM starts from the SFT student trained on the same budget, as in its paper (so it sees twice the
         # steps of the from-scratch rows); its own SFT/KD/SeqKD comparison students are the rows above.
         BenchMethod("minillm", "methods.minillm.run", ("--compare", "", "--no-seqkd")),
-        BenchMethod("fdistill", "methods.fdistill.run"),
+        # f-DISTILL's variants start from the SFT student (the paper's pre-distillation): judged against each other.
+        BenchMethod("fdistill", "methods.fdistill.run"),  # JS, beta 0.5
+        *(
+            BenchMethod(f"fdistill-{d}", "methods.fdistill.run", ("--divergence", d))
+            for d in ("tvd", "kl", "rkl", "seqkd")
+        ),
         BenchMethod("sinkhorn", "methods.sinkhorn.run", NO_BASELINES),
         BenchMethod("sinkhorn-cls", "methods.sinkhorn.classify", ("--compare", "fkl,rkl,jsd"), family="classification"),
         BenchMethod("delta_kd", "methods.delta_kd.run", family="transfer"),
