@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from core.config import divergence_list
 from core.data import IGNORE_INDEX, Collator, encode_prompt
@@ -281,28 +283,32 @@ def teacher_examples(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 256,
+    top_k: int = 0,
+    purpose: str = "teacher-samples",
 ) -> list[Example]:
     """The teacher's completions of tokenized prompts as training examples, generated once and cached under the
     run's cache folder (keyed by the teacher, the prompts, max_length and the sampling settings). Sampled with a
     fixed `seed`, so every student seed trains on the same teacher outputs, like a dataset of teacher
-    generations."""
-    key = stable_hash(
-        {
-            "teacher": ctx.teacher_source,
-            "teacher_config": ctx.teacher.config.to_dict(),
-            "prompts": stable_hash([list(p) for p in prompts], 32),
-            "max_length": ctx.data.max_length,
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "seed": seed,
-        }
-    )
-    path = ctx.cache / "teacher-samples" / f"{key}.json"
+    generations. `top_k` (0: off) restricts sampling to the k most likely tokens (f-DISTILL samples with k = 30);
+    `purpose` names the random stream, so two methods that sample the same prompts draw independently."""
+    settings = {
+        "teacher": ctx.teacher_source,
+        "teacher_config": ctx.teacher.config.to_dict(),
+        "prompts": stable_hash([list(p) for p in prompts], 32),
+        "max_length": ctx.data.max_length,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    if top_k or purpose != "teacher-samples":  # keys of the plain case stay as they were
+        settings |= {"top_k": top_k, "purpose": purpose}
+    path = ctx.cache / "teacher-samples" / f"{stable_hash(settings)}.json"
     if path.exists():
         return json.loads(path.read_text())
     examples: list[Example] = []
-    for start in range(0, len(prompts), batch_size):
+    what = "sampling" if do_sample else "greedy decoding"
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"teacher {what}", file=sys.stderr, leave=False):
         examples += sample_examples(
             ctx.teacher,
             prompts[start : start + batch_size],
@@ -310,8 +316,9 @@ def teacher_examples(
             ctx.data.max_length,
             max_new_tokens,
             temperature=temperature,
+            top_k=top_k if do_sample else 0,
             do_sample=do_sample,
-            seed=derived_seed(seed, start, "teacher-samples"),
+            seed=derived_seed(seed, start, purpose),
         )
     if ctx.accelerator.is_main_process:
         atomic_write_json(path, examples)

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from core.data import encode_examples, encode_prompt
 from core.errors import ConfigError
-from core.io import atomic_write_json, stable_hash
 from core.method import Context, Method, MethodLoss
 from core.objectives import causal_lm_loss, teacher_forward
 from core.onpolicy import (
@@ -42,6 +40,7 @@ from core.onpolicy import (
     prompts_of,
     record_generation_share,
     sample_examples,
+    teacher_examples,
 )
 from core.pipeline import BaselineSetup, cli, get_sft_baseline, run_method
 from core.results import write_metrics
@@ -142,41 +141,11 @@ def teacher_samples(
     batch_size: int = 256,
 ) -> list[dict[str, list[int]]]:
     """The teacher's completions of tokenized prompts as training examples, generated once, offline (Section 2.3),
-    and cached under the cache root, keyed by the teacher (its source and config), the prompts and every sampling
-    setting: a new teacher or setting draws new samples, every student variant and seed reuses them."""
-    key = stable_hash(
-        {
-            "teacher": ctx.teacher_source,
-            "teacher_config": ctx.teacher.config.to_dict(),
-            "prompts": stable_hash([list(p) for p in prompts], 32),
-            "max_length": ctx.data.max_length,
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "top_k": top_k,
-            "temperature": temperature,
-            "seed": seed,
-        }
+    and cached (core.onpolicy.teacher_examples, keyed by the teacher, the prompts and every sampling setting): a
+    new teacher or setting draws new samples, every student variant and seed reuses them."""
+    return teacher_examples(
+        ctx, prompts, max_new_tokens, do_sample, temperature, seed, batch_size, top_k=top_k, purpose="fdistill-teacher"
     )
-    path = Path(ctx.cache) / "fdistill-teacher-samples" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    examples: list[dict[str, list[int]]] = []
-    what = "sampling" if do_sample else "greedy decoding"
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"teacher {what}", file=sys.stderr):
-        examples += sample_examples(
-            ctx.teacher,
-            prompts[start : start + batch_size],
-            ctx.tokenizer,
-            ctx.data.max_length,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k if do_sample else 0,
-            do_sample=do_sample,
-            seed=derived_seed(seed, start, "fdistill-teacher"),
-        )
-    if ctx.accelerator.is_main_process:
-        atomic_write_json(path, examples)
-    return examples
 
 
 def sample_length(ctx: Context, cfg: FDistillConfig) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
-import methods.fdistill.run as fdistill_run
+from core import onpolicy
 from core.errors import ConfigError
 from methods.fdistill.loss import (
     js_student_step,
@@ -226,7 +226,7 @@ def test_teacher_samples_are_cached_and_invalidated_by_a_new_teacher(tmp_path, m
         calls.append((len(prompts), kwargs["top_k"], kwargs["do_sample"]))
         return [{"input_ids": list(p) + [9], "labels": [-100] * len(p) + [9]} for p in prompts]
 
-    monkeypatch.setattr(fdistill_run, "sample_examples", fake_sample_examples)
+    monkeypatch.setattr(onpolicy, "sample_examples", fake_sample_examples)  # the shared teacher-sample cache
     prompts = [[1, 2], [1, 3, 4], [1]]
     ctx = _fake_ctx(tmp_path, {"hidden_size": 8})
     first = teacher_samples(ctx, prompts, 4, True, 30, 1.0, 0, batch_size=2)
@@ -237,7 +237,7 @@ def test_teacher_samples_are_cached_and_invalidated_by_a_new_teacher(tmp_path, m
     assert len(calls) == 4  # another teacher: generated again
     teacher_samples(ctx, prompts, 4, False, 30, 1.0, 0, batch_size=8)
     assert calls[-1] == (3, 0, False)  # greedy decoding is another cache entry, without top-k
-    assert len(list((tmp_path / "fdistill-teacher-samples").glob("*.json"))) == 3
+    assert len(list((tmp_path / "teacher-samples").glob("*.json"))) == 3
 
 
 @pytest.mark.parametrize(
@@ -284,7 +284,7 @@ def test_end_to_end_tvd_run_and_risk_report(tmp_path, monkeypatch):
     risks = saved["risks"]
     assert risks["n"] == 16 and risks["likelihood"]["per_token"] > 0 and risks["coverage"]["per_token"] > 0
     assert (out / "student" / "model.safetensors").exists()
-    assert len(list((tmp_path / "cache" / "fdistill-teacher-samples").glob("*.json"))) == 2  # train and eval prompts
+    assert len(list((tmp_path / "cache" / "teacher-samples").glob("*.json"))) == 2  # train and eval prompts
     report = main(["--risk-report", str(tmp_path / "runs")])
     assert set(report[saved["task"]]) == {"fdistill-tvd"}
     assert (tmp_path / "runs" / f"fdistill-risks-{saved['task']}.png").stat().st_size > 0
