@@ -95,7 +95,7 @@ def sample_completions(
     for m in models:
         m.eval()
     device = next(model.parameters()).device
-    input_ids, attention_mask = (t.to(device) for t in _left_padded(prompts, pad_token_id))
+    input_ids, attention_mask = (t.to(device) for t in left_padded(prompts, pad_token_id))
     width = input_ids.shape[1]
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
@@ -126,7 +126,9 @@ def sample_completions(
     return _cut_after_eos(out[:, width:].tolist(), eos_token_id)
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of prompts left-padded to the longest, so every row's next token is the last column."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -134,7 +136,7 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[t
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask
+    return (input_ids, attention_mask) if device is None else (input_ids.to(device), attention_mask.to(device))
 
 
 def _cut_after_eos(rows: list[list[int]], eos_token_id: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from core.data import encode_example, encode_prompt
+from core.generate import left_padded
 from privacy.aggregation import vote_histogram
 from privacy.hot_pate.sampling import ensemble_votes
 
@@ -25,16 +26,6 @@ def encode_records(
 ) -> list[dict[str, list[int]]]:
     """(prompt, answer) -> input_ids = BOS prompt answer EOS, labels on `answer EOS` only."""
     return [encode_example(tokenizer, p, " " + a, max_length) for p, a in records]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -95,7 +86,7 @@ def ensemble_generate(
         for _ in range(max_new_tokens):
             if not open_rows:
                 break
-            ids, mask = left_pad([prefixes[i] + batch[i].tokens for i in open_rows], pad, device)
+            ids, mask = left_padded([prefixes[i] + batch[i].tokens for i in open_rows], pad, device)
             log_probs = next_token_logprobs(models, ids, mask, temperature)  # (B', n, V)
             votes = ensemble_votes(log_probs, sampler, generator)  # (B', n)
             counts = vote_histogram(votes, vocab)  # (B', V)

@@ -28,6 +28,7 @@ import torch
 
 from core.data import Collator
 from core.errors import ConfigError
+from core.generate import left_padded
 from core.models import PRESETS, build_model, load_model
 from core.objectives import causal_lm_loss as lm_loss  # summed NLL of the answer tokens (prompt masked)
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
@@ -38,7 +39,6 @@ from privacy.hot_pate.corpus import CODE_TOPIC, DIGITS, TOPICS, Corpus, CorpusCo
 from privacy.hot_pate.ensemble import (
     encode_records,
     ensemble_generate,
-    left_pad,
     next_token_logprobs,
     noiseless_release,
     sequence_logprobs,
@@ -191,7 +191,7 @@ def utility(model, tokenizer, corpus: Corpus, ids: dict[str, list[int]], min_pro
     prompts = [p for p, _ in corpus.heldout]
     from core.data import encode_prompt
 
-    input_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
+    input_ids, mask = left_padded([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
     q = next_token_logprobs([model], input_ids, mask)[:, 0].exp().cpu().double()  # (P, V)
     tvd, valid, support, nll = [], [], [], []
     for row, (p, answer) in enumerate(corpus.heldout):

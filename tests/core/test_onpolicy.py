@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from core.data import IGNORE_INDEX, Collator, DataConfig, encode_example, encode_examples, encode_prompt, load_ops
 from core.errors import ConfigError
-from core.generate import _cut_after_eos, _left_padded, _sample_mixture, generate, nucleus
+from core.generate import _cut_after_eos, _sample_mixture, generate, left_padded, nucleus
 from core.models import build_model
 from core.objectives import causal_lm_loss
 from core.onpolicy import (
@@ -197,7 +197,7 @@ def test_mixture_sampler_at_alpha_0_and_1_is_each_model_alone(setup):
     alone = sample_completions(student, prompts, eos, pad, 6, seed=3)
     # The two-model KV-cache loop itself at alpha 0 (sample_completions hands alpha 0 to HF generate): same seed,
     # same draws, so exactly HF generate's tokens; this checks its positions, padding and caches.
-    input_ids, attention_mask = _left_padded(prompts, pad)
+    input_ids, attention_mask = left_padded(prompts, pad)
     student.eval(), teacher.eval()
     with seeded(3):
         loop = _sample_mixture(student, teacher, 0.0, input_ids, attention_mask, eos, pad, 6, 1.0, 1.0)
