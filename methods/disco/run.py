@@ -118,6 +118,9 @@ def body(ctx: RunContext) -> Outcome:
     theory = np.array([r["alpha_c_theory"] for r in rows.values()])
     rank = float(stats.spearmanr(measured, theory).statistic) if len(rows) > 2 else float("nan")
     student = {
+        # mean |measured - predicted| over the distributions: the theory's error, beside the distribution-blind
+        # prediction alpha_c = 2 (Gardner's unconstrained value) in the "gardner" row
+        "pred_err": float(np.mean(np.abs(measured - theory))),
         "alpha_c": float(measured.mean()),
         "alpha_c_theory": float(theory.mean()),
         "ratio": float(np.mean(measured / theory)),
@@ -127,14 +130,24 @@ def body(ctx: RunContext) -> Outcome:
     out = ctx.out
     (out / "curves.json").write_text(json.dumps({"curves": curves, "rows": rows}, indent=2))
     _plots(out, rows, curves, cfg)
-    evals = {"student": student, "unconstrained_lp_student": lp_row, "unconstrained_gd_student": gd_row}
+    gardner = {
+        "pred_err": float(np.mean(np.abs(measured - 2.0))),
+        "alpha_c": float(measured.mean()),
+        "alpha_c_theory": 2.0,
+    }
+    evals = {
+        "student": student,
+        "gardner_student": gardner,
+        "unconstrained_lp_student": lp_row,
+        "unconstrained_gd_student": gd_row,
+    }
     for label, row in rows.items():
         evals[_key(label) + "_student"] = row
     return Outcome(
         task=f"random-patterns-n{cfg.n}",
         eval=evals,
         train={"unit": "tasks", "tasks": (len(rows) + 2) * cfg.loads * cfg.trials},
-        columns=["alpha_c", "alpha_c_theory", "ratio"],
+        columns=["alpha_c", "alpha_c_theory", "ratio", "pred_err"],
     )
 
 

@@ -144,6 +144,10 @@ def test_end_to_end_tiny(tmp_path):
     ev = metrics["eval"]
     assert ev["gaussian_student"]["alpha_c_theory"] == pytest.approx(2.0, abs=1e-6)
     assert ev["student"]["alpha_c"] > 0
+    # the theory's error and the distribution-blind rival's, both |measured - predicted| averaged
+    rows = [ev["gaussian_student"], ev["lognormal_sigma_1_student"]]
+    assert ev["student"]["pred_err"] == pytest.approx(np.mean([abs(r["alpha_c"] - r["alpha_c_theory"]) for r in rows]))
+    assert ev["gardner_student"]["pred_err"] == pytest.approx(np.mean([abs(r["alpha_c"] - 2.0) for r in rows]))
     curves = json.loads((out / "curves.json").read_text())["curves"]
     assert curves["gaussian"]["success"][0] == 1.0  # the lowest load (0.2 x 2) is always solved
 
