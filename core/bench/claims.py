@@ -201,11 +201,16 @@ CLAIMS: dict[str, Claim] = {
     ),
     "scaling_laws": Claim(
         "Busbridge et al. 2025, Distillation Scaling Laws (ICML)",
-        "given an existing teacher, distillation beats supervised training of the same student up to a compute "
-        "budget, beyond which supervised training catches up",
-        None,
+        "the distillation law predicts distilled students' loss from teacher loss, student size and tokens (better "
+        "than the supervised law on held-out students)",
+        beats_in_run("scaling_laws", ["supervised_law_student"], "heldout_err_pct", lower_is_better=True),
     ),
-    "disco": Claim("see DESIGN.md", "recorded when the package lands", None),
+    "disco": Claim(
+        "Zhong et al. 2022, A theory of learning with constrained weight-distribution (NeurIPS)",
+        "capacity under a weight-distribution constraint falls with the distribution's distance from the Gaussian, "
+        "as the theory predicts (better than the distribution-blind value 2)",
+        beats_in_run("disco", ["gardner_student"], "pred_err", lower_is_better=True),
+    ),
     "speech/dnkd": Claim(
         "Zhang et al. 2023, Decouple Non-parametric Knowledge Distillation for End-to-end Speech Translation (ICASSP)",
         "distilling a kNN teacher built from the ST model's own decoder states, target and non-target KD decoupled, "

@@ -78,7 +78,7 @@ METHODS: dict[str, BenchMethod] = {
             )  # fmt: skip
             for loss in ("ce", "ls")
         ),
-        BenchMethod("scaling_laws", "methods.scaling_laws.run", family="analysis"),
+        BenchMethod("scaling_laws", "methods.scaling_laws.run", ("--fix-entropy",), family="analysis"),
         BenchMethod("disco", "methods.disco.run", family="analysis"),
         BenchMethod("speech/dnkd", "speech.dnkd.run", family="speech"),
         # Every unlearning method of unlearning/whp, one row each, on the package's own budget.
@@ -100,6 +100,7 @@ class BenchTask:
     family: str = "lm"  # only methods of this family run on it (a vision package never sees a text task)
     data: str | None = None  # folder under the data root that must exist; None: generated in-process
     vocab_size: int = 512
+    only: tuple[str, ...] = ()  # when set, only these methods run on it (an analysis task belongs to one method)
 
 
 TASKS: dict[str, BenchTask] = {
@@ -142,6 +143,8 @@ TASKS: dict[str, BenchTask] = {
         BenchTask(
             "pate-corpus", (), ("diversity_at_T", "support", "tvd", "canary_exposure", "epsilon"), family="privacy"
         ),
+        BenchTask("markov-scaling", (), ("heldout_err_pct", "fit_err_pct"), family="analysis", only=("scaling_laws",)),
+        BenchTask("random-patterns", (), ("pred_err", "theory_pearson", "alpha_c"), family="analysis", only=("disco",)),
         BenchTask(
             "people",
             ("--task", "people"),
@@ -206,9 +209,10 @@ SUITES: dict[str, Suite] = {
     for s in (
         Suite(
             "default",
-            ("ops",),
+            ("ops", "sentiment", "ops-a2b", "digits", "pate-corpus", "people", "markov-scaling", "random-patterns"),
             ("--steps", "400", "--batch-size", "32", "--eval-size", "200"),
-            about="the embedded task; the README's budget (400 steps of 32 examples, 200 held-out prompts)",
+            about="the embedded task of every family; LLM methods on the README's budget (400 steps of 32 examples, "
+            "200 held-out prompts), every other family on its package's defaults",
         ),
         Suite(
             "real",
@@ -256,4 +260,4 @@ def is_implemented(method: BenchMethod) -> bool:
 
 
 def applies(method: BenchMethod, task: BenchTask) -> bool:
-    return method.family == task.family
+    return method.family == task.family and (not task.only or method.name in task.only)
