@@ -17,6 +17,7 @@ from core.bench.registry import METHODS, SUITES, TASKS, BenchMethod, Suite
 from core.bench.runner import error_line, is_complete, plan, planned_config, run_all
 
 OPS = TASKS["ops"]
+ABSENT = BenchMethod("absent", "methods.absent.run")  # a registered method whose package does not exist (yet)
 ENV = {"machine": "x86_64 2 cpus, torch threads 1", "device": "cpu", "python": "3.11.9", "torch": "2.13.0",
        "transformers": "4.46.0", "accelerate": "1.0.0", "git": "abc1234"}  # fmt: skip
 
@@ -62,7 +63,7 @@ def hand_made(tmp_path):
         write_record(run_folder(out, "taid", "ops", seed), "failed", "RuntimeError: boom at step 3")
     write_run(out, "seqkd", 0, 45.0, 71.0, 2.1, 800.0, 25.0, 40.0, 700.0)
     write_record(run_folder(out, "seqkd", "ops", 1), "timeout", "timeout after 1800 s")  # seed 2: never ran
-    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid", "minillm")]
+    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid")] + [ABSENT]
     return out, methods
 
 
@@ -79,7 +80,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         "| seqkd | 45.0 | 71.0 | 2.10 | 1/3 | 800 | 25.0 | 40 | 700 "
         "| 1/3 seeds; seed 1 failed: timeout after 1800 s; seed 2 not run |",
         "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
-        "| minillm | - | - | - | 0/3 | - | - | - | - | not implemented |",
+        "| absent | - | - | - | 0/3 | - | - | - | - | not implemented |",
     ]
     assert bench_report.md_row(bench_report.teacher_row(rep)) == (
         "| teacher (reference) | 98.0 | 99.0 | 1.20 | - | 1082 | 777.0 | - | 654 | reference |"  # one teacher, once
@@ -94,7 +95,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         "exact_match: seqkd 45.0 vs kd-fkl 44.0 ± 4.0 (partly), sft 32.0 ± 2.0 (partly)",
     )
     assert claims["taid"] == (NOT_MEASURED, "taid: failed")
-    assert claims["minillm"] == ("not implemented", "")
+    assert claims["absent"] == ("not implemented", "")
     assert claims["sft"] == ("n/a", "")
 
 
@@ -111,7 +112,7 @@ def test_report_files(hand_made, tmp_path):
     with path.with_suffix(".csv").open() as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     assert float(rows["sft"]["exact_match_mean"]) == 32.0 and float(rows["sft"]["exact_match_std"]) == 2.0
-    assert rows["seqkd"]["exact_match_std"] == "" and rows["minillm"]["status"] == "not implemented"
+    assert rows["seqkd"]["exact_match_std"] == "" and rows["absent"]["status"] == "not implemented"
     data = json.loads(path.with_suffix(".json").read_text())
     assert data["tasks"]["ops"]["env"]["git"] == ["abc1234"]
     for name in ("quality-ops", "tradeoff-ops", "curves-ops"):
@@ -120,14 +121,16 @@ def test_report_files(hand_made, tmp_path):
 
 
 def test_tasks_without_runs_are_listed(tmp_path):
-    methods = [METHODS[m] for m in ("sft", "kd-fkl", "unlearning/whp")]
+    methods = [METHODS[m] for m in ("sft", "kd-fkl")] + [
+        BenchMethod("absent", "methods.absent.run", family="unlearning")
+    ]
     tasks = [TASKS["multi30k-de-en"], TASKS["tofu"]]
     reports = bench_report.build(tmp_path / "runs", methods, tasks, [0], tmp_path / "data")
     path = bench_report.write(reports, tmp_path / "BENCHMARKS.md", SUITES["real"], [0], "", "cmd")
     assert path.read_text().endswith(
         "## Tasks not run\n\n"
         f"- `multi30k-de-en`: no data: {tmp_path / 'data' / 'multi30k'} is absent.\n"
-        "- `tofu`: not applicable to any implemented method; it belongs to unlearning/whp (not implemented).\n"
+        "- `tofu`: not applicable to any implemented method; it belongs to absent (not implemented).\n"
     )
 
 
@@ -289,13 +292,14 @@ def test_bad_flags():
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_end_to_end(tmp_path, capsys):
+def test_tiny_benchmark_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(METHODS, "absent", ABSENT)  # every registered package exists now: one that does not
     out, path = tmp_path / "runs", tmp_path / "rep" / "BENCHMARKS.md"
-    argv = ["--suite", "tiny", "--methods", "sft", "kd-fkl", "minillm", "--out", str(out), "--report", str(path)]
+    argv = ["--suite", "tiny", "--methods", "sft", "kd-fkl", "absent", "--out", str(out), "--report", str(path)]
     result = main(argv)
     methods = {m["method"]: m for m in result["tasks"]["ops"]["methods"]}
     assert methods["sft"]["status"] == "ok" and methods["kd-fkl"]["status"] == "ok"
-    assert methods["minillm"]["status"] == "not implemented"
+    assert methods["absent"]["status"] == "not implemented"
     for name in ("sft", "kd-fkl"):  # the numbers are the run folder's
         saved = json.loads((run_folder(out, name, "ops", 0) / "metrics.json").read_text())
         assert methods[name]["values"]["exact_match"] == [saved["eval"]["student"]["exact_match"]]
@@ -304,7 +308,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, capsys):
         record = json.loads(record_path(run_folder(out, name, "ops", 0)).read_text())
         assert record["status"] == "ok" and record["command"].startswith(sys.executable)
     text = path.read_text()
-    assert "| minillm | - | - | - | 0/1 | - | - | - | - | not implemented |" in text
+    assert "| absent | - | - | - | 0/1 | - | - | - | - | not implemented |" in text
     assert (path.parent / "benchmarks-figures" / "curves-ops.png").exists()
     assert "No training curve for sft" in text  # its student is the cached SFT baseline
     # Run again: nothing is launched, the report is the same.

@@ -35,6 +35,7 @@ def test_run_dir_refuses_another_configuration(tmp_path):
     prepare_run_dir(out, {"TrainConfig": {"steps": 10, "stop_after": None}}, overwrite=False)
     # Same settings (a volatile one changed): accepted for resume.
     prepare_run_dir(out, {"TrainConfig": {"steps": 10, "stop_after": 3}}, overwrite=False)
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a step completed (an empty folder is reused)
     with pytest.raises(OutputDirError, match="different configuration.*--overwrite"):
         prepare_run_dir(out, {"TrainConfig": {"steps": 20, "stop_after": None}}, overwrite=False)
     prepare_run_dir(out, {"TrainConfig": {"steps": 20, "stop_after": None}}, overwrite=True)
