@@ -159,6 +159,15 @@ class KDPath:
         dense[mask] = rows
         return dense
 
+    def require_full_logits(self, method: str, chunked: bool = False) -> None:
+        """For a method whose own loss needs every teacher logit (it reads them through `teacher_logits`): --fused
+        cannot apply to it (and --chunk-size only where the method chunks its loss); refuse rather than ignore."""
+        if self.cfg.fused or (self.cfg.chunk_size is not None and not chunked):
+            flags = "--fused" if chunked else "--fused and --chunk-size"
+            raise ConfigError(
+                f"{method} computes its loss on full logits: {flags} do not apply to it (--teacher-cache does)"
+            )
+
     def summary(self) -> dict[str, Any]:
         """What metrics.json records: the path, and for the teacher cache its size per token and hit rate."""
         out: dict[str, Any] = {"path": self.name}

@@ -24,7 +24,6 @@ from core.data import encode_examples
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
 from core.metrics import perplexity
-from core.objectives import teacher_forward
 from core.onpolicy import OnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.plots import plot_log
@@ -83,6 +82,7 @@ class DistiLLMConfig(OnPolicyConfig):
 
 
 def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("DistiLLM", chunked=True)
     if cfg.val_size >= len(ctx.task.train):
         raise ConfigError(f"--val-size {cfg.val_size} leaves no training examples of {len(ctx.task.train)}")
     train_examples, val_examples = ctx.task.train[: -cfg.val_size], ctx.task.train[-cfg.val_size :]
@@ -114,7 +114,7 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
         return batch
 
     def loss_fn(model, batch) -> LossOutput:
-        teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
+        teacher_logits = ctx.kd.teacher_logits(batch, ctx.features)  # (B, T, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         total, ce, kd = distillm_loss_sum(
             logits, teacher_logits, batch["labels"], cfg.loss, cfg.alpha, cfg.kd_ratio, ctx.kd.cfg.chunk_size

@@ -20,7 +20,6 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.method import Context, Method, MethodLoss
-from core.objectives import teacher_forward
 from core.onpolicy import OnPolicyConfig, Resampler, derived_seed, record_generation_share
 from core.pipeline import cli, run_method
 from core.train import LossOutput
@@ -69,6 +68,7 @@ def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
 
 
 def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("GKD", chunked=True)
     resample = Resampler.of(ctx, cfg, "gkd-sample")
     seed = ctx.train.seed
 
@@ -83,7 +83,7 @@ def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
         return resample(model if source == "student" else ctx.teacher, batch, step, index)
 
     def loss_fn(model, batch) -> LossOutput:
-        teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
+        teacher_logits = ctx.kd.teacher_logits(batch, ctx.features)  # (B, T, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         return LossOutput(gkd_loss_sum(logits, teacher_logits, batch["labels"], cfg.beta, ctx.kd.cfg.chunk_size))
 

@@ -22,7 +22,6 @@ from core.config import divergence_list
 from core.errors import ConfigError
 from core.losses import cross_entropy_sum, forward_kl, shift_for_causal_lm
 from core.method import Context, Method, MethodLoss
-from core.objectives import teacher_forward
 from core.pipeline import cli, run_method
 from core.plots import plot_log
 from core.train import LossOutput
@@ -66,10 +65,11 @@ class SinKDConfig:
 
 
 def make_loss(ctx: Context, cfg: SinKDConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("SinKD")
     group = group_size_for(ctx.student.config.vocab_size, cfg.sinkhorn_group)
 
     def loss_fn(model, batch) -> LossOutput:
-        teacher_logits = teacher_forward(ctx.teacher, batch)[:, :-1]  # (B, T-1, V)
+        teacher_logits = ctx.kd.teacher_logits(batch, ctx.features)[:, :-1]  # (B, T-1, V)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = shift_for_causal_lm(logits, batch["labels"])  # (B, T-1, V), (B, T-1)
         valid = labels != -100

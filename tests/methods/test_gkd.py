@@ -149,3 +149,24 @@ def test_end_to_end_seq_kd_run_on_teacher_samples(tmp_path):
     main([*TINY, "--lmbda", "0", "--seq-kd", "--steps", "10", "--sample-max-new-tokens", "6", "--out", str(out)])
     log = _log(out)
     assert all(r["teacher_batches"] == 1 and r["student_batches"] == 0 and r["gen_s"] > 0 for r in log)
+
+
+def test_teacher_cache_serves_data_batches_and_on_policy_batches_miss(tmp_path):
+    """--teacher-cache reaches GKD: a data batch reads the cached teacher (exact at k >= vocabulary size, float16
+    storage aside), a batch of the student's own samples is not in the cache and runs the live teacher."""
+    short = [*TINY, "--steps", "3", "--eval-size", "4"]
+    main([*short, "--lmbda", "0", "--out", str(tmp_path / "live")])
+    cached = main(
+        [*short, "--lmbda", "0", "--teacher-cache", "--teacher-cache-k", "100000", "--out", str(tmp_path / "c")]
+    )
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("live", "c")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=3e-3)
+    assert cached["train"]["kd_path"]["cache"]["hit_rate"] == 1.0
+    on_policy = main([*short, "--lmbda", "1", "--sample-max-new-tokens", "4", "--teacher-cache", "--teacher-cache-k",
+                      "100000", "--out", str(tmp_path / "p")])  # fmt: skip
+    assert on_policy["train"]["kd_path"]["cache"]["hit_rate"] == 0.0
+    with pytest.raises(ConfigError, match="--fused do not apply"):
+        main([*short, "--fused", "--out", str(tmp_path / "f")])

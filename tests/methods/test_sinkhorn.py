@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import ot
@@ -226,7 +227,10 @@ def test_lm_objective_is_eq_4_in_sum_form():
     student, teacher = _FixedLM(torch.randn(2, 5, 9)), _FixedLM(torch.randn(2, 5, 9))
     labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 2, -100, -100]])
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5), "labels": labels}
-    ctx = SimpleNamespace(teacher=teacher, student=student)
+    from core.kdpath import KDPath, KDPathConfig
+
+    kd = KDPath(KDPathConfig(), teacher, Path("."), "test", 0)  # the plain path: the live teacher's logits
+    ctx = SimpleNamespace(teacher=teacher, student=student, kd=kd, features=[])
     cfg = SinKDConfig(alpha=0.7, temperature=2.0, sinkhorn_weight=0.3)
     out = make_loss(ctx, cfg).loss_fn(student, batch)
     s_logits, t_logits, shifted = student.table[:, :-1], teacher.table[:, :-1], labels[:, 1:]
