@@ -76,6 +76,7 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def make_loss(ctx: Context, cfg: DPKDConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("DPKD")  # a full-logit loss: --fused/--chunk-size refused, not ignored
     resample = Resampler.of(ctx, cfg, "dpkd-sample")
 
     # The teacher outputs y_t: one sample per training prompt the run will see, cached (fixed seed 0, so every

@@ -182,6 +182,7 @@ def student_half(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_loss(ctx: Context, cfg: FDistillConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("f-DISTILL")  # a full-logit loss: --fused/--chunk-size refused, not ignored
     if cfg.init == "sft":
         warm_start_from_sft(ctx)
     _RUNS["ctx"], _RUNS["cfg"] = ctx, cfg  # for the risk analysis after the run (main)

@@ -123,6 +123,7 @@ def label(cfg: MiniLLMConfig) -> str:
 
 
 def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
+    ctx.kd.require_full_logits("MiniLLM")  # a full-logit loss: --fused/--chunk-size refused, not ignored
     resample = Resampler.of(ctx, cfg, "minillm-sample")
 
     def prepare_batch(model, batch, step: int, index: int):
