@@ -76,7 +76,8 @@ class KDPath:
     ) -> None:
         self.cfg, self.teacher, self.cache_root = cfg, teacher, cache_root
         self.tokenizer_key, self.pad_token_id = tokenizer_key, pad_token_id
-        self._caches: dict[tuple[str, float], TeacherLogitCache] = {}
+        self._caches: dict[tuple[str, float], TeacherLogitCache] = {}  # by (data fingerprint, temperature)
+        self._opened: dict[tuple[int, float], tuple[Any, TeacherLogitCache]] = {}  # by (id of features, temperature)
         self._teacher_id: str | None = None
         self.hits = 0  # examples whose teacher rows came from the cache
         self.misses = 0  # examples the cache does not hold (the teacher ran for their batch)
@@ -89,6 +90,9 @@ class KDPath:
         """The teacher cache over `features` at `temperature`, built on first use (keyed by teacher and data)."""
         from core.logit_cache import data_fingerprint
 
+        seen = (id(features), temperature)  # per-step callers pass the same list: hash its examples only once
+        if seen in self._opened:
+            return self._opened[seen][1]
         key = (data_fingerprint(features), temperature)
         if key not in self._caches:
             if self._teacher_id is None:
@@ -104,6 +108,7 @@ class KDPath:
                 teacher_id=self._teacher_id,
                 progress=True,
             )
+        self._opened[seen] = (features, self._caches[key])  # holds `features`, so its id is not reused
         return self._caches[key]
 
     def covers(self, cache: TeacherLogitCache, batch: dict[str, torch.Tensor]) -> bool:

@@ -49,13 +49,13 @@ def _logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from log-probabilities; terms where p = 0 contribute 0 (xlogy convention)."""
     p = logp.exp()
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
-def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
+def log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
     if weight_p <= 0.0:
         return logq
@@ -66,12 +66,12 @@ def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.T
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p || q): (..., V) x (..., V) -> (...)."""
-    return _kl(_logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature))
+    return kl_from_logprobs(_logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature))
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(q || p): (..., V) x (..., V) -> (...)."""
-    return _kl(_logprobs(student_logits, temperature), _logprobs(teacher_logits, temperature))
+    return kl_from_logprobs(_logprobs(student_logits, temperature), _logprobs(teacher_logits, temperature))
 
 
 def generalized_jsd(
@@ -82,11 +82,11 @@ def generalized_jsd(
         raise ValueError(f"generalized JSD needs beta in [0, 1], got {beta}")
     logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
     if beta == 0.0:
-        return _kl(logp, logq)
+        return kl_from_logprobs(logp, logq)
     if beta == 1.0:
-        return _kl(logq, logp)
-    logm = _log_mix(logp, logq, beta)
-    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+        return kl_from_logprobs(logq, logp)
+    logm = log_mixture(logp, logq, beta)
+    return beta * kl_from_logprobs(logp, logm) + (1.0 - beta) * kl_from_logprobs(logq, logm)
 
 
 def total_variation(
@@ -105,7 +105,7 @@ def skew_kl(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew KL needs alpha in [0, 1), got {alpha}")
     logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
-    return _kl(logp, _log_mix(logp, logq, alpha))
+    return kl_from_logprobs(logp, log_mixture(logp, logq, alpha))
 
 
 def skew_reverse_kl(
@@ -115,7 +115,7 @@ def skew_reverse_kl(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew reverse KL needs alpha in [0, 1), got {alpha}")
     logp, logq = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
-    return _kl(logq, _log_mix(logp, logq, 1.0 - alpha))
+    return kl_from_logprobs(logq, log_mixture(logp, logq, 1.0 - alpha))
 
 
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {

@@ -11,6 +11,7 @@ Everything else is shared, so methods are compared on equal terms.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -91,6 +92,11 @@ class BaselineSetup:
     cache: Path
     accelerator: Accelerator
 
+    @functools.cached_property
+    def features(self) -> list[dict[str, list[int]]]:
+        """The training examples in the student's tokenization, encoded once for every baseline of the run."""
+        return encode_examples(self.tokenizer, self.task.train, self.data.max_length)
+
     def key(self) -> dict[str, Any]:
         return {
             "task": task_key(self.data, self.task),
@@ -105,9 +111,7 @@ class BaselineSetup:
             f"{kind}-{Path(self.model.student).name}",
             {**self.key(), **extra_key},
             lambda: build_or_load(self.model.student, self.tokenizer, seed=self.train.seed),
-            features
-            if features is not None
-            else encode_examples(self.tokenizer, self.task.train, self.data.max_length),
+            features if features is not None else self.features,
             self.tokenizer,
             self.train,
             self.cache,
@@ -125,12 +129,10 @@ def get_sft_baseline(setup: BaselineSetup):
 def get_kd_baseline(setup: BaselineSetup, divergence: str, kd: KDPath, teacher_source: str):
     """A word-level KD student (kd_ratio 1) with the named divergence, trained once per configuration on the run's
     KD path (a lossy teacher cache is part of its key; the exact fused and chunked paths are not)."""
-    features = encode_examples(setup.tokenizer, setup.task.train, setup.data.max_length)
     return setup.train_student(
         f"kd-{divergence}",
         {"teacher": teacher_source, "divergence": divergence, **kd.cfg.result_key()},
-        kd.loss(get_divergence(divergence), features=features),
-        features=features,
+        kd.loss(get_divergence(divergence), features=setup.features),
     )
 
 
@@ -225,7 +227,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         features = encode_pairs(tokenizer, teacher_tokenizer, task.train, data.max_length)
         collate = PairCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
     else:
-        features = encode_examples(tokenizer, task.train, data.max_length)
+        features = setup.features
         collate = Collator(tokenizer.pad_token_id)
     ctx = Context(
         accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, evaluation,

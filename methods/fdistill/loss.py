@@ -30,12 +30,10 @@ equations write: the sum over t becomes a token mean, which only rescales the gr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from core.losses import forward_kl, reverse_kl, total_variation
+from core.losses import forward_kl, kl_from_logprobs, log_mixture, reverse_kl, total_variation
 from core.objectives import shifted_targets
 
 
@@ -43,18 +41,9 @@ def _logprobs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-
-
 def _log_mixture(teacher_logp: torch.Tensor, student_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m with m = (1 - beta) p + beta q, in log space."""
-    if beta <= 0.0:
-        return teacher_logp
-    if beta >= 1.0:
-        return student_logp
-    return torch.logaddexp(teacher_logp + math.log1p(-beta), student_logp + math.log(beta))
+    """log m with m = (1 - beta) p + beta q (beta is the student's weight here: core.losses.log_mixture weighs p)."""
+    return log_mixture(teacher_logp, student_logp, 1.0 - beta)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,13 +65,13 @@ def rkl_step(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 def js_teacher_step(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """KL(p_t || m_t), m_t = (1 - beta) p_t + beta q_t: JS's term on teacher samples (Eq. 8, first sum)."""
     teacher_logp, student_logp = _logprobs(teacher_logits), _logprobs(student_logits)
-    return _kl(teacher_logp, _log_mixture(teacher_logp, student_logp, beta))  # Eq. (8)
+    return kl_from_logprobs(teacher_logp, _log_mixture(teacher_logp, student_logp, beta))  # Eq. (8)
 
 
 def js_student_step(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """KL(q_t || m_t), m_t = (1 - beta) p_t + beta q_t: JS's term on student samples (Eq. 8, second sum)."""
     teacher_logp, student_logp = _logprobs(teacher_logits), _logprobs(student_logits)
-    return _kl(student_logp, _log_mixture(teacher_logp, student_logp, beta))  # Eq. (8)
+    return kl_from_logprobs(student_logp, _log_mixture(teacher_logp, student_logp, beta))  # Eq. (8)
 
 
 def tvd_step(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
