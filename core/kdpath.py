@@ -12,6 +12,11 @@ The LLM recipe (core.pipeline) builds one `KDPath` per run and hands it to the m
 word-level KD baselines, so every KD student of a run takes the same path; metrics.json records which one ran
 (`train.kd_path`), with the cache's bytes per token and hit rate. A batch the cache does not hold (an on-policy
 batch of generated text) falls back to running the teacher, and counts as a miss.
+
+Training from the cache alone: once `loss` (or `teacher_logits`) has built the cache of every training set the run
+trains on, `KDPath.release_teacher()` drops the path's reference to the teacher, so its memory is freed where nothing
+else holds it (benchmarks/perf.py measures the cached step this way). A miss after that is a DataError, not a teacher
+forward: release only when every batch comes from the cached training data (not with on-policy methods).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 import torch
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from core.logit_cache import TeacherLogitCache, example_key, get_logit_cache, teacher_fingerprint
 from core.losses import Divergence, divergence_temperature
 from core.objectives import make_kd_loss, shifted_targets, teacher_forward
@@ -69,7 +74,7 @@ class KDPath:
     def __init__(
         self,
         cfg: KDPathConfig,
-        teacher: torch.nn.Module,
+        teacher: torch.nn.Module | None,
         cache_root: Path,
         tokenizer_key: str,
         pad_token_id: int,
@@ -95,10 +100,11 @@ class KDPath:
             return self._opened[seen][1]
         key = (data_fingerprint(features), temperature)
         if key not in self._caches:
+            teacher = self._live_teacher("building a teacher cache over new data")
             if self._teacher_id is None:
-                self._teacher_id = teacher_fingerprint(self.teacher)
+                self._teacher_id = teacher_fingerprint(teacher)
             self._caches[key] = get_logit_cache(
-                self.teacher,
+                teacher,
                 features,
                 self.cache_root,
                 tokenizer_key=self.tokenizer_key,
@@ -127,16 +133,19 @@ class KDPath:
         """Word-level KD (core.objectives.make_kd_loss) on this path. `features`: the data the loss trains on (the
         teacher cache is built over it); required with --teacher-cache."""
         cfg = self.cfg
-        live = make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)
         if not cfg.teacher_cache:
-            return live
+            return make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)
         if features is None:
             raise ValueError("KDPath.loss needs the training features when the teacher cache is on")
         cache = self.cache_for(features, divergence_temperature(divergence))
         cached = make_kd_loss(None, divergence, kd_ratio, cfg.chunk_size, cfg.fused, teacher_cache=cache)
 
         def loss_fn(model, batch) -> LossOutput:
-            return cached(model, batch) if self.covers(cache, batch) else live(model, batch)
+            if self.covers(cache, batch):
+                return cached(model, batch)
+            # Built per miss, not captured up front, so that release_teacher() leaves no reference in this closure.
+            teacher = self._live_teacher("a batch the teacher cache does not hold")
+            return make_kd_loss(teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)(model, batch)
 
         return loss_fn
 
@@ -153,7 +162,7 @@ class KDPath:
             raise ValueError("KDPath.teacher_logits needs the training features when the teacher cache is on")
         cache = self.cache_for(features, temperature)
         if not self.covers(cache, batch):
-            return teacher_forward(self.teacher, batch)
+            return teacher_forward(self._live_teacher("a batch the teacher cache does not hold"), batch)
         mask, _ = shifted_targets(batch["labels"])
         sparse = cache.sparse_teacher(batch, mask)  # (N, k), (N, k), (N,)
         vocab = cache.vocab_size
@@ -163,6 +172,20 @@ class KDPath:
         dense = torch.zeros(*mask.shape, vocab, dtype=rows.dtype, device=rows.device)  # (B, T, V)
         dense[mask] = rows
         return dense
+
+    def release_teacher(self) -> None:
+        """Drop this path's reference to the teacher, to train from the teacher cache alone (module docstring)."""
+        if not self.cfg.teacher_cache:
+            raise ConfigError("KDPath.release_teacher: without --teacher-cache every KD step runs the teacher")
+        self.teacher = None
+
+    def _live_teacher(self, need: str) -> torch.nn.Module:
+        if self.teacher is None:
+            raise DataError(
+                f"{need} needs the teacher, which KDPath.release_teacher() let go: release it only when the teacher "
+                "cache holds every training batch"
+            )
+        return self.teacher
 
     def require_full_logits(self, method: str, chunked: bool = False) -> None:
         """For a method whose own loss needs every teacher logit (it reads them through `teacher_logits`): --fused
