@@ -214,7 +214,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
                 f"pass --max-length {positions} or less"
             )
     if not method.cross_tokenizer:
-        check_same_vocabulary(teacher, student, name)
+        teacher = check_same_vocabulary(teacher, student, name, tokenizer)  # a padded head is cut to the ids
     kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)
     setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
     sft_model, sft_result, sft_folder = get_sft_baseline(setup)

@@ -27,7 +27,7 @@ from core.errors import ConfigError, ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.models import PRESETS, build_or_load, load_model, preset_config
 from core.objectives import causal_lm_loss
-from core.tokenizers import load_tokenizer, train_bpe
+from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
 from core.train import TrainConfig, Trainer, TrainResult
 
 # Bump when what a cached folder holds changes, so old caches are retrained rather than misread.
@@ -178,12 +178,63 @@ def prepare_teacher(teacher: PreTrainedModel, accelerator: Accelerator) -> PreTr
     return teacher.to(accelerator.device)
 
 
-def check_same_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, method: str) -> None:
-    """Same-vocabulary methods compare distributions id by id: the heads must cover the same vocabulary."""
-    tv, sv = teacher.config.vocab_size, student.config.vocab_size
-    if tv != sv:
+def check_same_vocabulary(
+    teacher: PreTrainedModel, student: PreTrainedModel, method: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """Same-vocabulary methods compare distributions id by id over the tokenizer's ids. Returns the teacher to use.
+
+    Checkpoints often pad their output head beyond the tokenizer (gpt2's 50,257 tokens in 50,304 rows: Pythia, Phi-2,
+    Qwen): the padded rows are never a real token. Such a teacher is accepted when both heads cover every id of
+    `tokenizer` and the teacher folder's own tokenizer (if it carries one) is `tokenizer`; its head is then cut to
+    the student's width, so every KD path (dense, chunked, fused, the teacher cache, a method's own teacher forward,
+    teacher sampling) sees the teacher's distribution renormalised over the real ids:
+    softmax(z[:V])_i = p_i / sum_{j<V} p_j. Cutting it once here, rather than slicing the logits at each of those
+    places, keeps them all equal; padding the student instead would teach it to put mass on ids no token has.
+    Refused (one line, pointing to the cross-tokenizer method) when the vocabularies really differ."""
+    tv, sv = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    hint = (
+        "Use a student built with the teacher's tokenizer, or a cross-tokenizer method "
+        "(methods/dskd: dual-space KD with cross-model attention)."
+    )
+    if tokenizer is not None:
+        n = len(tokenizer)
+        for role, rows in (("teacher", tv), ("student", sv)):
+            if rows < n:
+                raise VocabularyMismatchError(
+                    f"{method} needs teacher and student to share a vocabulary, but the {role} has {rows} output rows "
+                    f"for the tokenizer's {n} tokens. {hint}"
+                )
+        own = _folder_tokenizer(teacher)
+        if own is not None and not same_vocabulary(own, tokenizer):
+            raise VocabularyMismatchError(
+                f"{method} needs teacher and student to share a vocabulary, but the teacher folder "
+                f"{teacher.name_or_path} carries a tokenizer of other ids ({len(own)} tokens) than the run's "
+                f"({n} tokens). Pass --tokenizer {teacher.name_or_path} (or omit --tokenizer), or use a cross-tokenizer "
+                "method (methods/dskd)."
+            )
+    if tv == sv:
+        return teacher
+    if tokenizer is None or tv < sv:
         raise VocabularyMismatchError(
             f"{method} needs teacher and student to share a vocabulary, but the teacher has {tv} output rows and the "
-            f"student {sv}. Use a student built with the teacher's tokenizer, or a cross-tokenizer method "
-            "(methods/dskd: dual-space KD with cross-model attention)."
+            f"student {sv}. {hint}"
         )
+    if type(teacher).__name__ == "FullyShardedDataParallel":
+        raise ModelError(
+            f"the teacher's head has {tv} rows for {len(tokenizer)} tokens (padded); under FSDP it cannot be cut "
+            f"after sharding: save the teacher with model.resize_token_embeddings({sv}) and pass that folder"
+        )
+    # Rows >= len(tokenizer) are padding (checked above): cut them. Input ids never reach them, so cutting the input
+    # table too (resize_token_embeddings does both, tied or not) changes nothing the teacher computes on real ids.
+    teacher.resize_token_embeddings(sv)
+    return teacher.requires_grad_(False)  # the new head is a fresh Parameter
+
+
+def _folder_tokenizer(teacher: PreTrainedModel) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a teacher loaded from a folder, if it carries one."""
+    from core.tokenizers import TOKENIZER_FILES
+
+    folder = Path(str(getattr(teacher, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir() or not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(folder)
