@@ -25,7 +25,9 @@ class ModelConfig:
     teacher: str | None = field(
         default=None,
         metadata={
-            "help": "a local Hugging Face causal-LM folder; default: the embedded teacher, trained on first use and cached"
+            "help": "a local Hugging Face causal-LM folder, a local .gguf file, or a registered real model "
+            "(smollm2-135m-instruct: see core/pretrained.py); default: the embedded teacher, trained on first use "
+            "and cached"
         },
     )
     teacher_preset: str = field(
@@ -35,7 +37,18 @@ class ModelConfig:
     teacher_lr: float = field(default=1e-3, metadata={"help": "learning rate of the embedded teacher"})
     teacher_batch_size: int = field(default=64, metadata={"help": "batch size of the embedded teacher"})
     student: str = field(
-        default="student", metadata={"help": "student preset name or a local model folder to start from"}
+        default="student",
+        metadata={
+            "help": "student preset name, a local model folder to start from, or prune:K (K decoder layers of the "
+            "teacher, evenly spaced, first and last kept, with its embeddings, final norm and head)"
+        },
+    )
+    student_start: str = field(
+        default="init",
+        metadata={
+            "help": "init: the student (and every baseline) starts from --student; sft: from the cached SFT student "
+            "of the same settings, trained first (the on-policy papers' protocol: MiniLLM, DistiLLM, GKD, DPKD)"
+        },
     )
     tokenizer: str | None = field(
         default=None, metadata={"help": "tokenizer folder; default: the teacher's, or a BPE trained on the task"}
@@ -51,15 +64,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.teacher_steps < 1 or self.teacher_batch_size < 1:
             raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
-        if self.teacher is not None and not (Path(self.teacher) / "config.json").is_file():
+        from core.pretrained import is_real_model_spec, locate_gguf, parse_prune
+
+        if is_real_model_spec(self.teacher):
+            locate_gguf(self.teacher)  # a missing package or file is named now, with the command that fixes it
+        elif self.teacher is not None and not (Path(self.teacher) / "config.json").is_file():
             what = "does not exist" if not Path(self.teacher).exists() else "is not a model folder (no config.json)"
             raise ConfigError(
                 f"--teacher {self.teacher} {what}; pass a folder written by save_pretrained, or omit --teacher"
             )
-        if self.student not in PRESETS and not Path(self.student).exists():
+        if parse_prune(self.student) is None and self.student not in PRESETS and not Path(self.student).exists():
             raise ConfigError(
-                f"--student {self.student!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder"
+                f"--student {self.student!r} is neither a preset ({', '.join(PRESETS)}), prune:K, nor an existing folder"
             )
+        if self.student_start not in ("init", "sft"):
+            raise ConfigError(f"--student-start must be init or sft, got {self.student_start!r}")
         if self.teacher_preset not in PRESETS:
             raise ConfigError(
                 f"--teacher-preset {self.teacher_preset!r} is unknown; choose one of {', '.join(PRESETS)}"
@@ -99,12 +118,38 @@ class EvalConfig:
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "generation length at evaluation; default: the task's"}
     )
+    eval_decoding: str = field(
+        default="greedy",
+        metadata={
+            "help": "greedy, or sample: temperature 1, top-k 0, top-p 1, one pass per --eval-seeds seed, scores "
+            "averaged (the MiniLLM / DistiLLM / DSKD evaluation scripts' decoding)"
+        },
+    )
+    eval_seeds: str = field(
+        default="10,20,30,40,50",
+        metadata={"help": "--eval-decoding sample: the sampling seeds (the papers' scripts use 10,20,30,40,50)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.eval_decoding not in ("greedy", "sample"):
+            raise ConfigError(f"--eval-decoding must be greedy or sample, got {self.eval_decoding!r}")
+        try:
+            seeds = [int(s) for s in self.eval_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--eval-seeds must be comma-separated integers, got {self.eval_seeds!r}") from None
+        if not seeds:
+            raise ConfigError("--eval-seeds needs at least one seed (e.g. 10,20,30,40,50)")
         if self.eval_batch_size < 1:
             raise ConfigError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+
+def sampling_seeds(evaluation: EvalConfig) -> list[int] | None:
+    """The seeds of sampled evaluation, or None for greedy decoding."""
+    if evaluation.eval_decoding == "greedy":
+        return None
+    return [int(s) for s in evaluation.eval_seeds.split(",") if s.strip()]
 
 
 def cache_root(run: RunConfig) -> Path:

@@ -11,7 +11,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ class Example:
     prompt: str
     target: str
     references: tuple[str, ...]
-    group: str = ""  # a sub-task name (the embedded task's operation), for per-group exact match
+    group: str = ""  # a sub-task or evaluation-set name (ops' operation, dolly's set), for per-group scores
+    user: str = ""  # instruction tasks: the request as a chat user turn (core.data.chat_prompts formats it)
 
 
 @dataclass
@@ -45,7 +46,10 @@ class DataConfig:
     """Which task to run and how much of it."""
 
     task: str = field(
-        default="ops", metadata={"help": "task name: ops (embedded default), multi30k, commongen, instruct, hf"}
+        default="ops",
+        metadata={
+            "help": "task name: ops (embedded default), multi30k, commongen, instruct, dolly (the instruction papers' protocol), hf"
+        },
     )
     data_dir: str | None = field(
         default=None, metadata={"help": "folder or file of the real data (multi30k, commongen, instruct)"}
@@ -61,6 +65,20 @@ class DataConfig:
     eval_size: int = field(default=200, metadata={"help": "evaluate on at most this many held-out examples"})
     max_length: int = field(default=128, metadata={"help": "truncate prompt + completion to this many tokens"})
     data_seed: int = field(default=1234, metadata={"help": "seed of the generated task (fixed across student seeds)"})
+    eval_sets: str = field(
+        default="dolly",
+        metadata={
+            "help": "task dolly: the evaluation sets under --data-dir, comma-separated, each NAME or NAME:N (its first "
+            "N rows), e.g. dolly,self-inst,vicuna,sinst:200,dialog:200; --eval-size caps each set"
+        },
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata={
+            "help": "instruction prompts: chat (the teacher tokenizer's chat template), alpaca (the MiniLLM / "
+            "DistiLLM / DSKD template), auto (chat when the teacher's tokenizer has a template, else alpaca)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -71,6 +89,9 @@ class DataConfig:
             raise ConfigError(f"--train-size must be at least 1, got {self.train_size}")
         if self.max_length < 8:
             raise ConfigError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        if self.prompt_format not in ("auto", "chat", "alpaca"):
+            raise ConfigError(f"--prompt-format must be auto, chat or alpaca, got {self.prompt_format!r}")
+        eval_set_sizes(self.eval_sets)  # checks the syntax now, before any work
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,15 +268,32 @@ def instruction_prompt(instruction: str, context: str = "") -> str:
     return f"{head}. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def instruction_example(row: dict[str, Any], path: Path, lineno: int) -> Example:
+def _text_field(row: dict[str, Any], key: str, path: Path, lineno: int, references: bool = False) -> list[str]:
+    """A text field as a list of strings; answers may be a list of references (S-NI). Other types are refused."""
+    value = row[key]
+    if isinstance(value, str):
+        return [value]
+    if references and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    expected = "a string or a non-empty list of strings" if references else "a string"
+    raise DataError(
+        f"{path} line {lineno}: field {key!r} must be {expected}, got {type(value).__name__} ({str(value)[:40]!r}); "
+        "fix that line"
+    )
+
+
+def instruction_example(row: dict[str, Any], path: Path, lineno: int, group: str = "") -> Example:
     for layout, (inst_key, ctx_key, out_key) in INSTRUCTION_LAYOUTS.items():
         if inst_key in row and out_key in row:
+            instruction = _text_field(row, inst_key, path, lineno)[0]
+            context = _text_field(row, ctx_key, path, lineno)[0] if ctx_key and row.get(ctx_key) is not None else ""
             if layout == "self-instruct":
-                prompt = str(row[inst_key])
+                prompt = instruction
             else:
-                prompt = instruction_prompt(str(row[inst_key]), str(row.get(ctx_key) or ""))
-            answer = str(row[out_key]).strip()
-            return Example(prompt, answer, (answer,))
+                prompt = instruction_prompt(instruction, context)
+            answers = tuple(a.strip() for a in _text_field(row, out_key, path, lineno, references=True))
+            user = f"{instruction}\n\n{context}" if context.strip() else instruction
+            return Example(prompt, answers[0], answers, group=group, user=user)
     layouts = "; ".join(f"{name}: {', '.join(k for k in keys if k)}" for name, keys in INSTRUCTION_LAYOUTS.items())
     raise DataError(f"{path} line {lineno}: fields {sorted(row)} match no instruction layout ({layouts})")
 
@@ -285,6 +323,66 @@ def load_instruct(cfg: DataConfig) -> TaskData:
     train = _check_split(train[: cfg.train_size], "train", str(path))
     evals = _check_split(evals[: cfg.eval_size], "eval", str(path))
     return TaskData("instruct", train, evals, ("rougeL",), max_new_tokens=128, source=str(path))
+
+
+def eval_set_sizes(text: str) -> list[tuple[str, int | None]]:
+    """`dolly,sinst:200` -> [("dolly", None), ("sinst", 200)]; ConfigError names a malformed entry."""
+    sets = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, size = entry.partition(":")
+        if size and (not size.isdigit() or int(size) < 1):
+            raise ConfigError(f"--eval-sets entry {entry!r}: N in NAME:N must be a positive whole number")
+        sets.append((name, int(size) if size else None))
+    if not sets:
+        raise ConfigError("--eval-sets needs at least one set name (e.g. dolly)")
+    return sets
+
+
+# The instruction-following protocol of MiniLLM, DistiLLM and DSKD: train on Dolly, score ROUGE-L on Dolly's
+# held-out split and on other instruction sets. In ../shared/data/instruct_eval (SOURCES.md there): dolly/dev.jsonl
+# (1,000 rows) is our training set, dolly/valid.jsonl (500) the held-out split; self-inst, vicuna, sinst, dialog
+# hold valid.jsonl each.
+DOLLY_TRAIN = "dolly/dev.jsonl"
+
+
+def load_dolly(cfg: DataConfig) -> TaskData:
+    """Task dolly: --data-dir is the instruct_eval folder; train on dolly/dev.jsonl, evaluate on each --eval-sets
+    set's valid.jsonl (group = the set's name, so every score is also reported per set)."""
+    root = _require_dir(cfg, "the instruct_eval folder holding dolly/dev.jsonl and <set>/valid.jsonl")
+    train = [instruction_example(row, root / DOLLY_TRAIN, n) for n, row in read_jsonl(root / DOLLY_TRAIN)]
+    evals: list[Example] = []
+    for name, size in eval_set_sizes(cfg.eval_sets):
+        file = root / name / "valid.jsonl"
+        if not file.is_file():
+            have = sorted(p.name for p in root.iterdir() if (p / "valid.jsonl").is_file())
+            raise DataError(f"--eval-sets {name}: no {file} (sets here: {', '.join(have) or 'none'})")
+        rows = [instruction_example(row, file, n, group=name) for n, row in read_jsonl(file)]
+        limit = min(x for x in (size, cfg.eval_size, len(rows)) if x is not None)
+        evals += _check_split(rows[:limit], name, str(file))
+    train = _check_split(train[: cfg.train_size], "train", str(root / DOLLY_TRAIN))
+    return TaskData("dolly", train, evals, ("rougeL_stem", "rougeL"), max_new_tokens=256, source=str(root))
+
+
+def chat_prompts(task: TaskData, tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> TaskData:
+    """The task with instruction prompts in `tokenizer`'s chat template (one user turn, the template's default
+    system turn, the generation prompt), when `prompt_format` asks for it; other tasks pass unchanged."""
+    template = getattr(tokenizer, "chat_template", None)
+    if prompt_format == "chat" and not template:
+        raise ConfigError("--prompt-format chat: the teacher's tokenizer has no chat template; use alpaca")
+    if prompt_format == "alpaca" or not template or not any(ex.user for ex in task.train + task.eval):
+        return task
+
+    def chat(ex: Example) -> Example:
+        if not ex.user:
+            return ex
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ex.user}], tokenize=False, add_generation_prompt=True
+        )
+        return replace(ex, prompt=text)
+
+    return replace(task, train=[chat(ex) for ex in task.train], eval=[chat(ex) for ex in task.eval])
 
 
 def load_hf(cfg: DataConfig) -> TaskData:
@@ -341,6 +439,7 @@ TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
     "multi30k": load_multi30k,
     "commongen": load_commongen,
     "instruct": load_instruct,
+    "dolly": load_dolly,
     "hf": load_hf,
 }
 
@@ -358,7 +457,10 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """BOS (when the tokenizer has one) + the prompt's tokens. Training and generation both call this, so the
     model sees the same prefix in both."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    bos = tokenizer.bos_token_id
+    if bos is None or ids[:1] == [bos]:  # a chat template may begin with the BOS token itself (SmolLM2: <|im_start|>)
+        return ids
+    return [bos] + ids
 
 
 def encode_example(

@@ -209,8 +209,18 @@ def generate(
     top_p: float = 1.0,
     max_prompt_tokens: int | None = None,
     progress: bool = False,
+    top_k: int = 0,
+    seed: int | None = None,
 ) -> list[Generation]:
-    """Decode a completion for every text prompt, in batches, with the KV cache."""
+    """Decode a completion for every text prompt, in batches, with the KV cache. With `seed`, sampling is seeded
+    once for the whole call (the batches draw one after another from that stream)."""
+    if seed is not None:
+        device = next(model.parameters()).device
+        with seeded(seed, device):
+            return generate(
+                model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p,
+                max_prompt_tokens, progress, top_k,
+            )  # fmt: skip
     results: list[Generation] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
@@ -219,7 +229,7 @@ def generate(
             encoded = [cut_prompt(ids, max_prompt_tokens) for ids in encoded]
         completions = sample_completions(
             model, encoded, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens,
-            temperature=temperature, top_p=top_p, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, do_sample=do_sample,
         )  # fmt: skip
         for ids, completion in zip(encoded, completions):
             if completion and completion[-1] == tokenizer.eos_token_id:

@@ -33,6 +33,14 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     return 100.0 * sum(scores) / max(len(scores), 1)
 
 
+def rouge_l_stemmed(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """ROUGE-L F1 x100 as the MiniLLM / DistiLLM / DSKD evaluation scripts compute it: rouge-score's scorer with
+    the Porter stemmer, the best reference of each example, averaged over examples."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(predictions, references)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
 def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
     """sacrebleu wants one stream per reference slot; examples with fewer references get None there."""
     width = max(len(refs) for refs in references)
@@ -47,7 +55,13 @@ def chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(sacrebleu.corpus_chrf([p.strip() for p in predictions], _reference_streams(references)).score)
 
 
-TEXT_METRICS = {"exact_match": exact_match, "rougeL": rouge_l, "bleu": bleu, "chrf": chrf}
+TEXT_METRICS = {
+    "exact_match": exact_match,
+    "rougeL": rouge_l,
+    "rougeL_stem": rouge_l_stemmed,
+    "bleu": bleu,
+    "chrf": chrf,
+}
 
 
 def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -84,9 +98,14 @@ def evaluate_model(
     batch_size: int = 100,
     max_new_tokens: int | None = None,
     stats: dict | None = None,
+    sample_seeds: Sequence[int] | None = None,
 ):
-    """Greedy generations on the task's eval split, scored by the task's metrics, plus perplexity.
+    """Generations on the task's eval split, scored by the task's metrics, plus perplexity.
 
+    Greedy decoding by default; with `sample_seeds`, one sampled pass per seed at temperature 1, top-k 0, top-p 1
+    (the MiniLLM / DistiLLM / DSKD evaluation scripts' decoding) and each score is the mean over the passes (its
+    spread over seeds is in `stats["per_seed"]`); the predictions returned are the first pass's.
+    The task's first metric is also reported per group (ops: per operation; dolly: per evaluation set).
     Returns (scores, predictions); `stats`, when given, receives "prompts_truncated" and "prompt_budget"."""
     from core.data import encode_prompt
     from core.generate import generate, prompt_budget
@@ -97,16 +116,25 @@ def evaluate_model(
     # and the model's positions; how many were cut is reported beside the scores.
     budget = prompt_budget(model, max_length, new_tokens)
     truncated = sum(len(encode_prompt(tokenizer, p)) > budget for p in prompts)
-    outputs = generate(
-        model, tokenizer, prompts, new_tokens, batch_size=batch_size, max_prompt_tokens=budget, progress=True
-    )
-    predictions = [o.text for o in outputs]
     references = [ex.references for ex in task.eval]
-    scores = score(task.metrics, predictions, references)
-    for group in sorted({ex.group for ex in task.eval if ex.group}):
-        idx = [i for i, ex in enumerate(task.eval) if ex.group == group]
-        scores[f"exact_match/{group}"] = exact_match([predictions[i] for i in idx], [references[i] for i in idx])
+    groups = sorted({ex.group for ex in task.eval if ex.group})
+    passes: list[tuple[dict[str, float], list[str]]] = []
+    for seed in sample_seeds or [None]:
+        outputs = generate(
+            model, tokenizer, prompts, new_tokens, batch_size=batch_size, max_prompt_tokens=budget, progress=True,
+            do_sample=seed is not None, top_k=0, seed=seed,
+        )  # fmt: skip
+        predictions = [o.text for o in outputs]
+        found = score(task.metrics, predictions, references)
+        for group in groups:
+            idx = [i for i, ex in enumerate(task.eval) if ex.group == group]
+            picked = score(task.metrics[:1], [predictions[i] for i in idx], [references[i] for i in idx])
+            found[f"{task.metrics[0]}/{group}"] = picked[task.metrics[0]]
+        passes.append((found, predictions))
+    scores = {key: sum(p[0][key] for p in passes) / len(passes) for key in passes[0][0]}
     scores["perplexity"] = perplexity(model, tokenizer, task.eval, max_length, batch_size)
     if stats is not None:
         stats.update(prompts_truncated=truncated, prompt_budget=budget)
-    return scores, predictions
+        if sample_seeds:
+            stats["per_seed"] = {str(seed): found for seed, (found, _) in zip(sample_seeds, passes)}
+    return scores, passes[0][1]

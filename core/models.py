@@ -65,9 +65,20 @@ def load_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedM
 
 
 def build_or_load(
-    spec: str, tokenizer: PreTrainedTokenizerBase, seed: int, max_positions: int = 512
+    spec: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    max_positions: int = 512,
+    teacher_folder: str | Path | None = None,
 ) -> PreTrainedModel:
-    """`spec` is a preset name or a model folder."""
+    """`spec` is a preset name, a model folder, or prune:K (K layers of the model in `teacher_folder`)."""
+    from core.pretrained import parse_prune, prune_layers
+
+    k = parse_prune(spec)
+    if k is not None:
+        if teacher_folder is None:
+            raise ModelError(f"--student {spec} prunes the teacher, but this run has no teacher folder to prune")
+        return prune_layers(load_model(teacher_folder), k)
     if spec in PRESETS:
         return build_model(spec, tokenizer, seed, max_positions)
     if Path(spec).exists():

