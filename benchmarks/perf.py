@@ -2,7 +2,9 @@
 
     nox -s perf                                   # installs the `perf` extra (TRL) and runs this file
     python benchmarks/perf.py                     # everything (about 20-30 minutes on 2 CPU cores)
-    python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat (a smoke run)
+    python benchmarks/perf.py --only step,cache   # the KD step and the cache only (about 13 minutes)
+    python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat
+    python benchmarks/perf.py --smoke             # every case at toy sizes, in this process (seconds; a test)
 
 Writes benchmarks/perf_results.md (or --out) with the machine, versions and git revision, and prints it.
 
@@ -14,12 +16,18 @@ How it measures (CPU; see docs/performance.md):
   the peak of live tensors, not of the allocator's free lists. (tracemalloc does not see torch's allocations.)
 - time: each case first runs at a tiny size (to page in kernels), then `repeats` times at full size; the median;
 - step level: median time of an optimizer step after `warmup` steps, on the same models and batches for every loop;
-  tokens/s = input tokens of a step / that median.
+  tokens/s = input tokens of a step / that median. The KD rows train through the public path of every run: the
+  KD-path flags (--fused, --chunk-size, --teacher-cache, --teacher-cache-k) parsed into core.kdpath.KDPathConfig,
+  a KDPath built from it as core.pipeline builds it, its loss as methods.vanilla takes it, core.train.Trainer. The
+  cached rows build the cache before the timed run and then release the teacher (KDPath.release_teacher), so their
+  memory is that of a run that trains from the cache alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import platform
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +59,31 @@ CHILD_ENV = {
 TEACHER = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=704)
 STUDENT = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=352)
 BATCH, SEQ, PROMPT = 8, 128, 64  # each example: 64 prompt tokens (labels -100), then 64 completion tokens
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Models and batch of the step level."""
+
+    teacher: dict
+    student: dict
+    batch: int
+    seq: int
+    prompt: int  # the first `prompt` tokens of each example have labels -100
+
+
+SHAPES = {
+    "full": Shape(TEACHER, STUDENT, BATCH, SEQ, PROMPT),
+    # --smoke: toy sizes, so that a test runs every case in seconds (its numbers mean nothing)
+    "smoke": Shape(
+        dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+        dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32),
+        batch=2,
+        seq=16,
+        prompt=8,
+    ),
+}
+IN_PROCESS = False  # --smoke: run the cases in this process (no isolation; a check that they run, not a measurement)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,13 +126,13 @@ def _llama(vocab: int, dims: dict, seed: int):
         return LlamaForCausalLM(config)
 
 
-def _features(vocab: int, n: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Fixed-length examples: PROMPT prompt tokens (labels -100) + SEQ - PROMPT completion tokens; no padding."""
+def _features(vocab: int, n: int, shape: Shape = SHAPES["full"], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Fixed-length examples: `prompt` prompt tokens (labels -100) + `seq - prompt` completion tokens; no padding."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (n, SEQ), generator=gen).tolist()
-    return [{"input_ids": row, "labels": [-100] * PROMPT + row[PROMPT:]} for row in ids]
+    ids = torch.randint(1, vocab, (n, shape.seq), generator=gen).tolist()
+    return [{"input_ids": row, "labels": [-100] * shape.prompt + row[shape.prompt :]} for row in ids]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,35 +221,33 @@ def loss_case(path: str, vocab: int, tokens: int, divergence: str, repeats: int)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def step_case(loop: str, vocab: int, steps: int, warmup: int, k: int = 64) -> dict:
-    import torch
-
-    torch.set_num_threads(2)
+def step_case(loop: str, vocab: int, steps: int, warmup: int, flags: str = "", shape: str = "full") -> dict:
+    """One training run of `warmup + steps` optimizer steps, timed step by step. loop: `plain` (the PyTorch loop),
+    `trl` (TRL's GKDTrainer), `sft` (core.train on cross-entropy), or `kd`: core.train on the word-level KD loss of the
+    KD path that `flags` select, built as a run builds it (kd_path_loss)."""
+    dims = SHAPES[shape]
     n_steps = warmup + steps
-    features = _features(vocab, BATCH * n_steps)
-    student = _llama(vocab, STUDENT, seed=1)
-    needs_teacher = loop not in ("sft",)
-    teacher = _llama(vocab, TEACHER, seed=0).eval().requires_grad_(False) if needs_teacher else None
+    features = _features(vocab, dims.batch * n_steps, dims)
+    student = _llama(vocab, dims.student, seed=1)
+    teacher = None if loop == "sft" else _llama(vocab, dims.teacher, seed=0).eval().requires_grad_(False)
     stamps: list[tuple[float, float]] = []  # (wall, process CPU time) at the end of each optimizer step
-    cache_info = {}
+    kd = None
     with tempfile.TemporaryDirectory() as tmp:
-        if loop.startswith("cached"):
-            from core.logit_cache import get_logit_cache
-
-            cache = get_logit_cache(
-                teacher, features, tmp, tokenizer_key="bench", pad_token_id=0, k=k, teacher_id="bench-teacher"
-            )
-            cache_info = {"bytes_per_token": cache.bytes_per_token}
-            teacher = None  # training from the cache never runs the teacher
-            import gc
-
-            gc.collect()
         if loop == "plain":
-            run = _plain_loop(student, teacher, features, n_steps, stamps)
+            run = _plain_loop(student, teacher, features, n_steps, stamps, dims.batch)
         elif loop == "trl":
-            run = _trl_loop(student, teacher, features, n_steps, stamps, tmp)
+            run = _trl_loop(student, teacher, features, n_steps, stamps, tmp, dims)
+        elif loop == "sft":
+            from core.objectives import causal_lm_loss
+
+            run = _trainer_loop(student, causal_lm_loss, features, n_steps, stamps, tmp, dims.batch)
+        elif loop == "kd":
+            kd, loss_fn = kd_path_loss(flags, teacher, features, Path(tmp) / "cache")
+            teacher = None  # from here on only the KD path holds the teacher (and not even it with the cache)
+            gc.collect()
+            run = _trainer_loop(student, loss_fn, features, n_steps, stamps, tmp, dims.batch)
         else:
-            run = _our_loop(loop, student, teacher, features, n_steps, stamps, tmp, cache if cache_info else None)
+            raise ValueError(loop)
         with PeakMemory() as mem:
             run()
     intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][warmup - 1 :]
@@ -224,15 +256,32 @@ def step_case(loop: str, vocab: int, steps: int, warmup: int, k: int = 64) -> di
     return {
         "step_s": step_s,
         "cpu_s": statistics.median(cpu),
-        "tokens_per_s": BATCH * SEQ / step_s,
+        "tokens_per_s": dims.batch * dims.seq / step_s,
         "peak_rss_mb": mem.peak_mb,
         "peak_delta_mb": mem.delta_mb,
         "steps_timed": len(intervals),
-        **cache_info,
+        **({"kd_path": kd.summary()} if kd is not None else {}),
     }
 
 
-def _plain_loop(student, teacher, features, n_steps, stamps):
+def kd_path_loss(flags: str, teacher, features, cache_root: Path):
+    """The KD path and loss that a run given `flags` trains with: the flags parsed into KDPathConfig by the parser of
+    every run (core.config.parse), the KDPath built as core.pipeline._llm_body builds it, its forward-KL loss taken
+    as methods.vanilla takes it. With --teacher-cache the cache is built here (not timed) and the teacher released:
+    every batch comes from `features`, so the run trains from the cache alone."""
+    from core.config import parse
+    from core.kdpath import KDPath, KDPathConfig
+    from core.losses import get_divergence
+
+    (cfg,) = parse((KDPathConfig,), flags.split())
+    kd = KDPath(cfg, teacher, cache_root, "bench", pad_token_id=0)
+    loss_fn = kd.loss(get_divergence("fkl"), features=features)
+    if cfg.teacher_cache:
+        kd.release_teacher()
+    return kd, loss_fn
+
+
+def _plain_loop(student, teacher, features, n_steps, stamps, batch_size):
     """The KD loop a PyTorch user writes: full logits of both, forward KL on the completion tokens."""
     import torch
     import torch.nn.functional as F
@@ -241,7 +290,7 @@ def _plain_loop(student, teacher, features, n_steps, stamps):
 
     collate = Collator(pad_token_id=0)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    batches = [collate(features[i * BATCH : (i + 1) * BATCH]) for i in range(n_steps)]
+    batches = [collate(features[i * batch_size : (i + 1) * batch_size]) for i in range(n_steps)]
 
     def run() -> None:
         student.train()
@@ -262,24 +311,16 @@ def _plain_loop(student, teacher, features, n_steps, stamps):
     return run
 
 
-def _our_loop(loop, student, teacher, features, n_steps, stamps, tmp, cache):
+def _trainer_loop(student, loss_fn, features, n_steps, stamps, tmp, batch_size):
+    """core.train.Trainer, the loop of every run, on `loss_fn`."""
     from accelerate import Accelerator
 
     from core.data import Collator
-    from core.losses import get_divergence
-    from core.objectives import causal_lm_loss, make_kd_loss
     from core.train import TrainConfig, Trainer
 
-    fkl = get_divergence("fkl")
-    loss_fn = {
-        "ours": lambda: make_kd_loss(teacher, fkl),
-        "ours-chunked": lambda: make_kd_loss(teacher, fkl, chunk_size=512),
-        "ours-fused": lambda: make_kd_loss(teacher, fkl, fused=True),
-        "sft": lambda: causal_lm_loss,
-        "cached": lambda: make_kd_loss(None, fkl, fused=True, teacher_cache=cache),
-        "cached-unfused": lambda: make_kd_loss(None, fkl, teacher_cache=cache),
-    }[loop]()
-    cfg = TrainConfig(steps=n_steps, batch_size=BATCH, lr=1e-4, warmup_steps=0, checkpoint_every=0, log_every=1, seed=0)
+    cfg = TrainConfig(
+        steps=n_steps, batch_size=batch_size, lr=1e-4, warmup_steps=0, checkpoint_every=0, log_every=1, seed=0
+    )
     trainer = Trainer(
         student,
         loss_fn,
@@ -293,7 +334,7 @@ def _our_loop(loop, student, teacher, features, n_steps, stamps, tmp, cache):
     return trainer.train
 
 
-def _trl_loop(student, teacher, features, n_steps, stamps, tmp):
+def _trl_loop(student, teacher, features, n_steps, stamps, tmp, dims: Shape):
     """TRL's GKDTrainer off-policy: lmbda = 0 (no student samples), beta = 0 (forward KL), fixed completions."""
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -310,7 +351,7 @@ def _trl_loop(student, teacher, features, n_steps, stamps, tmp):
 
     args = GKDConfig(
         output_dir=str(Path(tmp) / "trl"),
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=dims.batch,
         gradient_accumulation_steps=1,
         max_steps=n_steps,
         learning_rate=1e-4,
@@ -321,7 +362,7 @@ def _trl_loop(student, teacher, features, n_steps, stamps, tmp):
         beta=0.0,
         temperature=1.0,
         seq_kd=False,
-        max_length=SEQ,
+        max_length=dims.seq,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
@@ -430,6 +471,8 @@ def cache_bytes_case(vocab: int, ks: list[int]) -> dict:
 
 
 def child(case: dict) -> dict:
+    if IN_PROCESS:
+        return run_case(dict(case))
     env = {**os.environ, **CHILD_ENV}
     env.setdefault("DISTILLAB_CACHE", str(Path(tempfile.gettempdir()) / "distillab-perf-cache"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
@@ -458,9 +501,13 @@ def _fmt(value, spec=".0f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def section_loss(quick: bool, repeats: int, log) -> list[str]:
-    vocabs = [8_192, 32_768] if quick else [8_192, 32_768, 151_936]
-    token_counts = [512] if quick else [512, 2_048]
+def _ratio(a: dict, b: dict, key: str) -> float | None:
+    return a[key] / b[key] if b[key] else None  # at toy sizes (--smoke) a peak can round to 0 MB
+
+
+def section_loss(quick: bool, repeats: int, log, smoke: bool = False) -> list[str]:
+    vocabs = [512] if smoke else [8_192, 32_768] if quick else [8_192, 32_768, 151_936]
+    token_counts = [64] if smoke else [512] if quick else [512, 2_048]
     paths = ["plain", "checkpointed", "chunked", "plain-hidden", "fused"]
     lines = [
         "## Loss level: forward + backward of the forward-KL sum (all positions valid)",
@@ -498,9 +545,9 @@ def section_loss(quick: bool, repeats: int, log) -> list[str]:
                 ok = "error" not in base
                 lines.append(
                     f"| {vocab:,} | {tokens:,} | {path} | {r['time_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_mb']:.0f} | "
-                    f"{_fmt(r['cpu_s'] / base['cpu_s'] if ok else None, '.2f')} | "
-                    f"{_fmt(r['time_s'] / base['time_s'] if ok else None, '.2f')} | "
-                    f"{_fmt(r['peak_mb'] / base['peak_mb'] if ok else None, '.3f')} |"
+                    f"{_fmt(_ratio(r, base, 'cpu_s') if ok else None, '.2f')} | "
+                    f"{_fmt(_ratio(r, base, 'time_s') if ok else None, '.2f')} | "
+                    f"{_fmt(_ratio(r, base, 'peak_mb') if ok else None, '.3f')} |"
                 )
     return lines
 
@@ -518,7 +565,7 @@ def _rounds(cases: dict[str, dict], rounds: int, log) -> dict[str, list[dict]]:
 
 
 def _median_ratio(a: list[dict], b: list[dict], key: str) -> float | None:
-    pairs = [x[key] / y[key] for x, y in zip(a, b) if "error" not in x and "error" not in y]
+    pairs = [x[key] / y[key] for x, y in zip(a, b) if "error" not in x and "error" not in y and y[key]]
     return statistics.median(pairs) if pairs else None
 
 
@@ -527,22 +574,33 @@ def _summary(results: list[dict], key: str, reduce=statistics.median) -> float |
     return reduce(values) if values else None
 
 
-def section_step(quick: bool, steps: int, warmup: int, rounds: int, log) -> list[str]:
-    vocabs = [8_192] if quick else [8_192, 32_768]
-    loops = ["plain", "trl", "ours", "ours-chunked", "ours-fused"]
+def _kd_loop(flags: str) -> tuple[str, dict]:
+    """A row of the step tables: the KD path a run given `flags` trains on."""
+    return f"kd {flags}".strip(), {"loop": "kd", "flags": flags}
+
+
+def section_step(quick: bool, steps: int, warmup: int, rounds: int, log, shape: str = "full") -> list[str]:
+    dims = SHAPES[shape]
+    vocabs = [512] if shape == "smoke" else [8_192] if quick else [8_192, 32_768]
+    loops = dict([("plain", {"loop": "plain"}), ("trl", {"loop": "trl"})])
+    if shape == "smoke" and importlib.util.find_spec("trl") is None:
+        del loops["trl"]  # an optional extra (pip install .[perf]); a full run shows the row's error instead
+    loops.update(_kd_loop(flags) for flags in ("", "--chunk-size 512", "--fused"))
     lines = [
         "## Step level: one optimizer step of forward-KL distillation",
         "",
-        f"Teacher {TEACHER['num_hidden_layers']} x {TEACHER['hidden_size']}, student {STUDENT['num_hidden_layers']} x "
-        f"{STUDENT['hidden_size']} (Llama, random init), batch {BATCH} x {SEQ} tokens ({PROMPT} prompt + "
-        f"{SEQ - PROMPT} completion, no padding), AdamW, clipping at 1, 2 threads. Each loop runs {rounds} times "
-        f"(round-robin, a fresh process each); each run times {steps} steps after {warmup} warm-up steps. Step = "
-        "median over runs of the median step; ratios = median over rounds of the ratio within a round, on CPU time "
-        "(process user + system time: robust to other processes on a shared machine) and on wall time. `plain`: the "
-        "loop a PyTorch user writes (full logits, F.kl_div); `trl`: TRL's GKDTrainer with lmbda 0, beta 0 (forward "
-        "KL on fixed completions); `ours*`: core.train.Trainer with core.objectives.make_kd_loss (default, "
-        "chunk_size=512, fused=True). Peak RSS = the training run's resident-set high-water mark (max over runs); "
-        "delta = above the resident set after the models and data were built.",
+        f"Teacher {dims.teacher['num_hidden_layers']} x {dims.teacher['hidden_size']}, student "
+        f"{dims.student['num_hidden_layers']} x {dims.student['hidden_size']} (Llama, random init), batch {dims.batch} x "
+        f"{dims.seq} tokens ({dims.prompt} prompt + {dims.seq - dims.prompt} completion, no padding), AdamW, clipping "
+        f"at 1, 2 threads. Each loop runs {rounds} times (round-robin, a fresh process each); each run times {steps} "
+        f"steps after {warmup} warm-up steps. Step = median over runs of the median step; ratios = median over rounds "
+        "of the ratio within a round, on CPU time (process user + system time: robust to other processes on a shared "
+        "machine) and on wall time. `plain`: the loop a PyTorch user writes (full logits, F.kl_div); `trl`: TRL's "
+        "GKDTrainer with lmbda 0, beta 0 (forward KL on fixed completions); `kd <flags>`: the KD step of a run given "
+        "those flags (`python -m methods.vanilla.run --variant kd <flags>`): the flags parsed into "
+        "core.kdpath.KDPathConfig, a KDPath built from it as core.pipeline does, its loss in core.train.Trainer. Peak "
+        "RSS = the training run's resident-set high-water mark (max over runs); delta = above the resident set after "
+        "the models and data were built.",
         "",
         "| vocab | loop | wall step (s) | tokens/s | CPU step (s) | x plain (CPU) | x trl (CPU) | x plain (wall) | "
         "x trl (wall) | peak RSS (MB) | peak delta (MB) |",
@@ -550,56 +608,69 @@ def section_step(quick: bool, steps: int, warmup: int, rounds: int, log) -> list
     ]
     for vocab in vocabs:
         cases = {
-            loop: {"kind": "step", "loop": loop, "vocab": vocab, "steps": steps, "warmup": warmup} for loop in loops
+            name: {"kind": "step", "vocab": vocab, "steps": steps, "warmup": warmup, "shape": shape, **loop}
+            for name, loop in loops.items()
         }
         results = _rounds(cases, rounds, log)
-        for loop in loops:
-            runs = results[loop]
+        for name, runs in results.items():
             step_s = _summary(runs, "step_s")
             if step_s is None:
-                lines.append(f"| {vocab:,} | {loop} | error | {runs[0].get('error', '')} | | | | | | | |")
+                lines.append(f"| {vocab:,} | {name} | error | {runs[0].get('error', '')} | | | | | | | |")
                 continue
+            trl = results.get("trl", [])
             lines.append(
-                f"| {vocab:,} | {loop} | {step_s:.3f} | {BATCH * SEQ / step_s:.0f} | {_summary(runs, 'cpu_s'):.3f} | "
+                f"| {vocab:,} | {name} | {step_s:.3f} | {dims.batch * dims.seq / step_s:.0f} | "
+                f"{_summary(runs, 'cpu_s'):.3f} | "
                 f"{_fmt(_median_ratio(results['plain'], runs, 'cpu_s'), '.2f')} | "
-                f"{_fmt(_median_ratio(results['trl'], runs, 'cpu_s'), '.2f')} | "
+                f"{_fmt(_median_ratio(trl, runs, 'cpu_s'), '.2f')} | "
                 f"{_fmt(_median_ratio(runs, results['plain'], 'tokens_per_s'), '.2f')} | "
-                f"{_fmt(_median_ratio(runs, results['trl'], 'tokens_per_s'), '.2f')} | "
+                f"{_fmt(_median_ratio(runs, trl, 'tokens_per_s'), '.2f')} | "
                 f"{_summary(runs, 'peak_rss_mb', max):.0f} | {_summary(runs, 'peak_delta_mb', max):.0f} |"
             )
     return lines
 
 
-def section_cache(quick: bool, steps: int, warmup: int, rounds: int, log) -> list[str]:
-    vocabs = [8_192] if quick else [8_192, 32_768]
-    loops = ["sft", "cached", "cached-unfused"]
+def _hit_rate(runs: list[dict]) -> str:
+    rates = {r["kd_path"]["cache"]["hit_rate"] for r in runs if "cache" in r.get("kd_path", {})}
+    return ", ".join(_fmt(rate, ".2f") for rate in sorted(rates, key=str)) or "-"
+
+
+def section_cache(quick: bool, steps: int, warmup: int, rounds: int, log, k: int = 64, shape: str = "full"):
+    vocabs = [512] if shape == "smoke" else [8_192] if quick else [8_192, 32_768]
+    loops = dict([("sft", {"loop": "sft"})])
+    loops.update(_kd_loop(f"--teacher-cache --teacher-cache-k {k}{fused}") for fused in (" --fused", ""))
     lines = [
         "## Teacher-logit cache",
         "",
-        "A KD step from the cache (k = 64; student fused, or full logits) against an SFT step of the same student in",
-        "the same loop (core.train), same setup and rounds as the step-level table. The cache is built before the",
-        "timed run (not timed).",
+        f"A KD step from the cache (`--teacher-cache --teacher-cache-k {k}`; with `--fused`, or full student logits)",
+        "against an SFT step of the same student in the same loop (core.train), same setup and rounds as the",
+        "step-level table. The cache is built before the timed run (not timed), then the KD path releases the teacher",
+        "(KDPath.release_teacher): the memory is that of a run that trains from the cache alone. Hit rate: the share",
+        "of training examples whose teacher rows came from the cache (KDPath.summary, as metrics.json records it).",
         "",
-        "| vocab | loop | wall step (s) | CPU step (s) | step / SFT step (CPU) | step / SFT step (wall) | peak RSS (MB) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| vocab | loop | wall step (s) | CPU step (s) | step / SFT step (CPU) | step / SFT step (wall) | peak RSS (MB) | "
+        "hit rate |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for vocab in vocabs:
         cases = {
-            loop: {"kind": "step", "loop": loop, "vocab": vocab, "steps": steps, "warmup": warmup} for loop in loops
+            name: {"kind": "step", "vocab": vocab, "steps": steps, "warmup": warmup, "shape": shape, **loop}
+            for name, loop in loops.items()
         }
         results = _rounds(cases, rounds, log)
-        for loop in loops:
-            runs = results[loop]
+        for name, runs in results.items():
             step_s = _summary(runs, "step_s")
             if step_s is None:
-                lines.append(f"| {vocab:,} | {loop} | error | {runs[0].get('error', '')} | | | |")
+                lines.append(f"| {vocab:,} | {name} | error | {runs[0].get('error', '')} | | | | |")
                 continue
             rel = _median_ratio(runs, results["sft"], "step_s")
             rel_cpu = _median_ratio(runs, results["sft"], "cpu_s")
             lines.append(
-                f"| {vocab:,} | {loop} | {step_s:.3f} | {_summary(runs, 'cpu_s'):.3f} | {_fmt(rel_cpu, '.2f')} | "
-                f"{_fmt(rel, '.2f')} | {_summary(runs, 'peak_rss_mb', max):.0f} |"
+                f"| {vocab:,} | {name} | {step_s:.3f} | {_summary(runs, 'cpu_s'):.3f} | {_fmt(rel_cpu, '.2f')} | "
+                f"{_fmt(rel, '.2f')} | {_summary(runs, 'peak_rss_mb', max):.0f} | {_hit_rate(runs)} |"
             )
+    if shape == "smoke":  # size and fidelity need a 151,936-token vocabulary and the embedded teacher: not toys
+        return lines
     ks = [8, 32, 64, 256]
     size = child({"kind": "cache_bytes", "vocab": 151_936, "ks": ks})
     log(f"cache bytes: {size}")
@@ -658,12 +729,15 @@ def header() -> list[str]:
                 break
     except OSError:
         pass
+    smoke = ["- --smoke: toy sizes, every case in this process: this checks that the cases run, it measures nothing"]
     return [
         "# distillab performance benchmark",
         "",
         f"`python benchmarks/perf.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
+        *(smoke if IN_PROCESS else []),
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; git {git}",
+        "- load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         f"- machine: {cpu}, {os.cpu_count()} CPUs visible, 2 threads per case, Linux {platform.release()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl_version}",
@@ -676,7 +750,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--only", default="loss,step,cache", help="comma-separated sections: loss, step, cache")
-    parser.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
+    parser.add_argument(
+        "--smoke", action="store_true", help="every case at toy sizes, in this process: checks that they run (seconds)"
+    )
+    parser.add_argument("--cache-k", type=int, default=64, help="cache section: the --teacher-cache-k measured")
     parser.add_argument("--repeats", type=int, default=3, help="loss level: repeats per case (the median is shown)")
     parser.add_argument("--steps", type=int, default=None, help="step level: timed steps per run (default 6)")
     parser.add_argument("--warmup", type=int, default=2, help="step level: untimed steps first")
@@ -689,9 +767,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(2)
         print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
         return
-    steps = args.steps or (3 if args.quick else 5)
-    repeats = 1 if args.quick else args.repeats
-    rounds = 1 if args.quick else args.rounds
+    global IN_PROCESS
+    IN_PROCESS = args.smoke
+    quick = args.quick or args.smoke
+    shape = "smoke" if args.smoke else "full"
+    steps = args.steps or (2 if args.smoke else 3 if args.quick else 5)
+    warmup = 1 if args.smoke else args.warmup
+    repeats = 1 if quick else args.repeats
+    rounds = 1 if quick else args.rounds
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -700,11 +783,17 @@ def main(argv: list[str] | None = None) -> None:
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     t0 = time.perf_counter()
     for section in sections:
-        body = {"loss": lambda: section_loss(args.quick, repeats, log),
-                "step": lambda: section_step(args.quick, steps, args.warmup, rounds, log),
-                "cache": lambda: section_cache(args.quick, steps, args.warmup, rounds, log)}[section]()  # fmt: skip
+        sections_by_name = {
+            "loss": lambda: section_loss(quick, repeats, log, smoke=args.smoke),
+            "step": lambda: section_step(quick, steps, warmup, rounds, log, shape),
+            "cache": lambda: section_cache(quick, steps, warmup, rounds, log, args.cache_k, shape),
+        }
+        body = sections_by_name[section]()
         lines += body + [""]
-    lines.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines.append(
+        f"Total benchmark time: {time.perf_counter() - t0:.0f} s; load average (1, 5, 15 min) at the end: {load}."
+    )
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from core.io import atomic_write_text

@@ -1,0 +1,41 @@
+"""benchmarks/perf.py at its smallest: every case runs, and the KD step goes through the public KD-path flags."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _perf():
+    spec = importlib.util.spec_from_file_location("perf", ROOT / "benchmarks" / "perf.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["perf"] = module  # a dataclass looks up its module while it is being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_smoke_run_measures_every_kd_path(tmp_path):
+    out = tmp_path / "perf.md"
+    _perf().main(["--smoke", "--out", str(out)])
+    text = out.read_text()
+    assert "error" not in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 512 | ")}
+    for loop in ("plain", "kd", "kd --chunk-size 512", "kd --fused", "sft"):
+        assert loop in rows, loop
+    for loop in ("kd --teacher-cache --teacher-cache-k 64 --fused", "kd --teacher-cache --teacher-cache-k 64"):
+        assert rows[loop].endswith("| 1.00 |"), rows[loop]  # hit rate: every training batch came from the cache
+
+
+def test_a_kd_step_case_trains_on_the_path_its_flags_select():
+    perf = _perf()
+    flags = "--teacher-cache-k 8 --teacher-cache --fused"
+    result = perf.step_case("kd", vocab=64, steps=1, warmup=1, flags=flags, shape="smoke")
+    # 2 steps x batch 2 = 4 examples, each looked up once per step, all in the cache built over them
+    assert result["kd_path"] == {
+        "path": "fused+cache(k=8)",
+        "cache": result["kd_path"]["cache"] | {"k": 8, "hit_rate": 1.0, "hits": 4, "misses": 0},
+    }
+    assert perf.step_case("kd", vocab=64, steps=1, warmup=1, flags="--chunk-size 3", shape="smoke")["kd_path"] == {
+        "path": "chunked"
+    }
