@@ -26,9 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.config import ModelConfig
 from core.data import Collator, DataConfig, Example, TaskData, encode_example
 from core.errors import ConfigError, VocabularyMismatchError
-from core.io import atomic_dir, stable_hash
+from core.io import atomic_dir
 from core.models import is_model_dir
-from core.teacher import get_tokenizer, task_key
+from core.teacher import bpe_key, get_tokenizer
 from core.tokenizers import TOKENIZER_FILES, load_tokenizer, same_vocabulary, train_bpe
 
 BYTE_LEVEL_VOCAB = 259  # 256 byte symbols + <pad>, <s>, </s>: a BPE with no merges, one token per byte
@@ -75,7 +75,7 @@ class TokenizerPair:
 
 def task_bpe(data: DataConfig, task: TaskData, vocab_size: int, cache: Path) -> tuple[PreTrainedTokenizerBase, str]:
     """A BPE trained on the task's training text, cached (same key as core.teacher.get_tokenizer's BPE)."""
-    key = stable_hash({"task": task_key(data, task), "vocab_size": vocab_size})
+    key = bpe_key(task, vocab_size)
     folder = cache / "tokenizers" / key
     if not (folder / "tokenizer.json").exists():
         tokenizer = train_bpe([ex.prompt + ex.target for ex in task.train], vocab_size)

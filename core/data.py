@@ -7,10 +7,14 @@ model is trained on; `references` are all the answers that count as correct at e
 
 from __future__ import annotations
 
+import functools
+import gzip
+import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from core.errors import ConfigError, DataError
+from core.io import stable_hash
 from core.losses import IGNORE_INDEX
 
 
@@ -39,6 +44,10 @@ class TaskData:
     metrics: tuple[str, ...]  # metric names computed by core.metrics.score
     max_new_tokens: int
     source: str  # where the data came from (a path, or "generated")
+    # per split: rows read, rows dropped for an empty prompt / an empty completion, rows kept (before --train-size
+    # and --eval-size); the LLM recipe adds "prompts_cut_to_bos" to "train" (encode_examples) and writes it all to
+    # metrics.json
+    report: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,7 +73,10 @@ class DataConfig:
     train_size: int | None = field(default=None, metadata={"help": "use at most this many training examples"})
     eval_size: int = field(default=200, metadata={"help": "evaluate on at most this many held-out examples"})
     max_length: int = field(default=128, metadata={"help": "truncate prompt + completion to this many tokens"})
-    data_seed: int = field(default=1234, metadata={"help": "seed of the generated task (fixed across student seeds)"})
+    data_seed: int = field(
+        default=1234,
+        metadata={"help": "seed of the generated task and of a held-out split (fixed across student seeds)"},
+    )
     eval_sets: str = field(
         default="dolly",
         metadata={
@@ -131,22 +143,35 @@ def _ops_example(rng: random.Random) -> Example:
     return Example(f"{op}: {args} =", " " + rng.choice(answers), tuple(" " + a for a in answers), group=op)
 
 
+# One prompt in OPS_EVAL_SHARE (chosen by a seeded hash of the prompt) is reserved for evaluation. Train and eval are
+# drawn from two streams of their own, train from unreserved prompts and eval from reserved ones: disjoint, and
+# each independent of the other's size, so changing --eval-size leaves the training data (and every cached model
+# trained on it) as they were.
+OPS_EVAL_SHARE = 10
+
+
+def _reserved_for_eval(prompt: str, data_seed: int) -> bool:
+    digest = hashlib.blake2b(f"{data_seed}:{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % OPS_EVAL_SHARE == 0
+
+
 def load_ops(cfg: DataConfig) -> TaskData:
-    """Generate the embedded task. Deterministic in `data_seed`; eval prompts never appear in training."""
-    rng = random.Random(cfg.data_seed)
-    eval_examples: list[Example] = []
-    seen: set[str] = set()
-    while len(eval_examples) < cfg.eval_size:
-        ex = _ops_example(rng)
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            eval_examples.append(ex)
+    """Generate the embedded task. Deterministic in `data_seed`; eval prompts never appear in training; the
+    training examples do not depend on --eval-size, nor the eval examples on --train-size."""
+    train_rng, eval_rng = random.Random(f"ops-train-{cfg.data_seed}"), random.Random(f"ops-eval-{cfg.data_seed}")
     n_train = cfg.train_size or 20_000
     train: list[Example] = []
     while len(train) < n_train:
-        ex = _ops_example(rng)
-        if ex.prompt not in seen:
+        ex = _ops_example(train_rng)
+        if not _reserved_for_eval(ex.prompt, cfg.data_seed):
             train.append(ex)
+    eval_examples: list[Example] = []
+    seen: set[str] = set()  # eval prompts are distinct (train prompts may repeat, as a larger corpus would)
+    while len(eval_examples) < cfg.eval_size:
+        ex = _ops_example(eval_rng)
+        if ex.prompt not in seen and _reserved_for_eval(ex.prompt, cfg.data_seed):
+            seen.add(ex.prompt)
+            eval_examples.append(ex)
     return TaskData("ops", train, eval_examples, ("exact_match", "rougeL"), max_new_tokens=12, source="generated")
 
 
@@ -164,36 +189,135 @@ def _require_dir(cfg: DataConfig, hint: str) -> Path:
     return path
 
 
-def read_lines(path: Path) -> list[str]:
+GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip file, whatever its name
+
+
+def data_file(path: Path) -> Path:
+    """`path`, or `path.gz` when only the compressed copy is there (Multi30k ships train.en.gz)."""
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.exists() and packed.is_file() else path
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file, read decompressed when it is gzip (told by its first
+    bytes, not its name). A byte that is not UTF-8 raises DataError naming the file, the line and the fix."""
+    path = data_file(path)
     if not path.is_file():
         raise DataError(f"missing data file {path}")
-    with path.open(encoding="utf-8") as handle:
-        return [line.rstrip("\n") for line in handle]
+    with path.open("rb") as probe:
+        packed = probe.read(2) == GZIP_MAGIC
+    if packed and path.suffix != ".gz":
+        print(f"[data] {path} is gzip-compressed: reading it decompressed", file=sys.stderr)
+    try:
+        with gzip.open(path) if packed else path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:  # utf-8-sig on the first line drops a byte-order mark (Windows editors write one)
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path} line {lineno}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8; "
+                        f"the file is in another encoding (Latin-1?): convert it, e.g. iconv -f latin1 -t utf-8 "
+                        f"{path} > {path.stem}.utf8{path.suffix}"
+                    ) from exc
+    except (OSError, EOFError) as exc:  # a damaged or cut-off gzip file (BadGzipFile is an OSError)
+        raise DataError(f"{path}: cannot be read{' as gzip' if packed else ''} ({exc}); replace the file") from exc
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (or its .gz), without line ends."""
+    return [line.rstrip("\r\n") for _, line in _text_lines(path)]
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Read a jsonl file; a malformed line raises DataError naming the file and the 1-based line number."""
-    if not path.is_file():
-        raise DataError(f"missing data file {path}")
+    """Read a jsonl file (or its .gz); a malformed line raises DataError naming the file and the 1-based line."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg}); fix or delete that line") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg}); fix or delete that line") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     return rows
 
 
-def _check_split(examples: list[Example], split: str, where: str) -> list[Example]:
+def _screen(items: Iterable[tuple[Example, str]], split: str, report: dict[str, dict[str, int]]) -> list[Example]:
+    """The usable examples of `items` (each with its prompt as written, before any template), in order. An example
+    with an empty prompt (nothing to condition on) or an empty completion (it would teach the end-of-sequence token
+    alone) is dropped and counted in report[split]."""
+    counts = report.setdefault(split, {"rows": 0, "empty_prompt": 0, "empty_completion": 0, "kept": 0})
+    kept = []
+    for ex, prompt in items:
+        no_prompt, no_completion = not prompt.strip(), not ex.target.strip()
+        counts["rows"] += 1
+        counts["empty_prompt"] += no_prompt
+        counts["empty_completion"] += no_completion
+        if not (no_prompt or no_completion):
+            kept.append(ex)
+    counts["kept"] += len(kept)
+    return kept
+
+
+def _check_split(
+    examples: list[Example], split: str, where: str, report: dict[str, dict[str, int]] | None = None
+) -> list[Example]:
     if not examples:
-        raise DataError(f"the {split} split from {where} has no examples; check the file or the split name")
+        why = f" to use {_dropped(report, split)}" if _dropped(report, split) else ""
+        raise DataError(f"the {split} split from {where} has no examples{why}; check the file or the split name")
     return examples
+
+
+def _dropped(report: dict[str, dict[str, int]] | None, split: str) -> str:
+    """'(of 3 rows, 1 have an empty prompt and 2 an empty completion)', or '' when no row was read."""
+    counts = (report or {}).get(split)
+    if not counts or not counts["rows"]:
+        return ""
+    return (
+        f"(of {counts['rows']} rows, {counts['empty_prompt']} have an empty prompt and {counts['empty_completion']} "
+        "an empty completion)"
+    )
+
+
+def report_line(report: dict[str, dict[str, int]]) -> str:
+    """One line on the rows dropped per split ("" when none were), for the run's log."""
+    parts = []
+    for split, c in report.items():
+        dropped = c.get("rows", 0) - c.get("kept", 0)
+        if dropped:
+            why = [f"{c[k]} {k.replace('_', ' ')}" for k in ("empty_prompt", "empty_completion") if c.get(k)]
+            parts.append(f"{split}: {dropped} of {c['rows']} rows dropped ({', '.join(why)})")
+    return "; ".join(parts)
+
+
+# A dataset with no evaluation split of its own gives one example in HOLDOUT_SHARE (at least 1, at most HOLDOUT_MAX)
+# to evaluation. Its size depends on the data alone, never on --eval-size, so that changing an evaluation setting
+# never changes the training data (and retrains nothing).
+HOLDOUT_SHARE, HOLDOUT_MAX = 10, 1000
+
+
+def hold_out(
+    examples: list[Example], data_seed: int, where: str, report: dict[str, dict[str, int]] | None = None
+) -> tuple[list[Example], list[Example]]:
+    """(train, held out): the held-out examples drawn with `data_seed`, in drawn order (so the first --eval-size of
+    them are a random sample); the rest train, in file order."""
+    if len(examples) < 2:
+        raise DataError(
+            f"{where} has {len(examples)} usable rows {_dropped(report, 'train')}; holding some out for evaluation "
+            "needs at least 2"
+        )
+    n_held = min(HOLDOUT_MAX, max(1, len(examples) // HOLDOUT_SHARE))
+    order = list(range(len(examples)))
+    random.Random(f"holdout-{data_seed}").shuffle(order)
+    held = set(order[:n_held])
+    print(
+        f"[data] {where}: no evaluation split, so {n_held} of its {len(examples)} usable rows are held out for "
+        "evaluation (drawn with --data-seed; never trained on)",
+        file=sys.stderr,
+    )
+    return [ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in order[:n_held]]
 
 
 def _aligned(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
@@ -202,7 +326,7 @@ def _aligned(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
         raise DataError(
             f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; line-aligned files must match line for line"
         )
-    return [(s.strip(), t.strip()) for s, t in zip(src, tgt) if s.strip() and t.strip()]
+    return [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
 
 
 def load_multi30k(cfg: DataConfig) -> TaskData:
@@ -214,39 +338,71 @@ def load_multi30k(cfg: DataConfig) -> TaskData:
             f"multi30k translates between en and de; got --source-lang {cfg.source_lang} --target-lang {cfg.target_lang}"
         )
     s, t = cfg.source_lang, cfg.target_lang
+    report: dict[str, dict[str, int]] = {}
 
     def split(prefix: str, limit: int | None) -> list[Example]:
-        pairs = _aligned(root / f"{prefix}.{s}", root / f"{prefix}.{t}")[:limit]
-        return [Example(f"{src} =", " " + tgt, (" " + tgt,)) for src, tgt in pairs]
+        pairs = _aligned(root / f"{prefix}.{s}", root / f"{prefix}.{t}")
+        examples = _screen(((Example(f"{src} =", " " + tgt, (" " + tgt,)), src) for src, tgt in pairs), prefix, report)
+        return _check_split(examples[:limit], prefix, str(root), report)
 
-    train = _check_split(split("train", cfg.train_size), "train", str(root))
-    evals = _check_split(split("val", cfg.eval_size), "val", str(root))
-    return TaskData(f"multi30k-{s}-{t}", train, evals, ("bleu", "chrf", "rougeL"), max_new_tokens=48, source=str(root))
+    train, evals = split("train", cfg.train_size), split("val", cfg.eval_size)
+    return TaskData(
+        f"multi30k-{s}-{t}",
+        train,
+        evals,
+        ("bleu", "chrf", "rougeL"),
+        max_new_tokens=48,
+        source=str(root),
+        report=report,
+    )
 
 
 def load_commongen(cfg: DataConfig) -> TaskData:
     """CommonGen: concept set -> sentence. Train on aligned src/tgt lines; evaluate against all references of a
     concept set (from commongen.dev.jsonl when present, else grouped from the dev lines)."""
     root = _require_dir(cfg, "a folder with commongen.train.src_alpha.txt and commongen.train.tgt.txt")
-    pairs = _aligned(root / "commongen.train.src_alpha.txt", root / "commongen.train.tgt.txt")[: cfg.train_size]
-    train = _check_split([Example(f"{src} =", " " + tgt, (" " + tgt,)) for src, tgt in pairs], "train", str(root))
+    report: dict[str, dict[str, int]] = {}
+    pairs = _aligned(root / "commongen.train.src_alpha.txt", root / "commongen.train.tgt.txt")
+    train = _screen(((Example(f"{src} =", " " + tgt, (" " + tgt,)), src) for src, tgt in pairs), "train", report)
+    train = _check_split(train[: cfg.train_size], "train", str(root), report)
     grouped: dict[str, list[str]] = {}
-    dev_jsonl = root / "commongen.dev.jsonl"
+    dev_jsonl = data_file(root / "commongen.dev.jsonl")
     if dev_jsonl.exists():
         for lineno, row in read_jsonl(dev_jsonl):
             if "concept_set" not in row or "scene" not in row:
                 raise DataError(f"{dev_jsonl} line {lineno}: expected fields 'concept_set' and 'scene'")
-            concepts = " ".join(part.split("_")[0] for part in row["concept_set"].split("#"))
-            grouped.setdefault(concepts, []).extend(row["scene"])
+            concept_set, scenes = row["concept_set"], row["scene"]
+            if not isinstance(concept_set, str):
+                raise DataError(
+                    f"{dev_jsonl} line {lineno}: field 'concept_set' must be a string like 'dog_N#run_V', got "
+                    f"{_kind(concept_set)}; fix that line"
+                )
+            if not isinstance(scenes, list) or not all(isinstance(x, str) for x in scenes):
+                raise DataError(
+                    f"{dev_jsonl} line {lineno}: field 'scene' must be a list of strings, got {_kind(scenes)}; "
+                    "fix that line"
+                )
+            concepts = " ".join(part.split("_")[0] for part in concept_set.split("#"))
+            grouped.setdefault(concepts, []).extend(scenes)
     else:
         for src, tgt in _aligned(root / "commongen.dev.src_alpha.txt", root / "commongen.dev.tgt.txt"):
             grouped.setdefault(src, []).append(tgt)
-    evals = [
-        Example(f"{src} =", " " + refs[0].strip(), tuple(" " + r.strip() for r in refs))
-        for src, refs in itertools.islice(grouped.items(), cfg.eval_size)
-    ]
-    evals = _check_split(evals, "dev", str(root))
-    return TaskData("commongen", train, evals, ("rougeL", "bleu"), max_new_tokens=32, source=str(root))
+
+    def dev_example(src: str, scenes: list[str]) -> Example:
+        refs = tuple(" " + r.strip() for r in scenes if r.strip()) or (" ",)  # (" ",): no reference, dropped below
+        return Example(f"{src} =", refs[0], refs)
+
+    evals = _screen(((dev_example(src, refs), src) for src, refs in grouped.items()), "dev", report)
+    evals = _check_split(evals[: cfg.eval_size], "dev", str(root), report)
+    return TaskData("commongen", train, evals, ("rougeL", "bleu"), max_new_tokens=32, source=str(root), report=report)
+
+
+def _kind(value: Any) -> str:
+    """How an error names a JSON value of the wrong type: 'null', 'number 12345', "list ['a', 'b']"."""
+    if value is None:
+        return "null"
+    kind = "number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value).__name__
+    return f"{kind} {str(value)[:40]}"
 
 
 # Instruction data in the three common field layouts. The prompt template is Alpaca's, which the MiniLLM,
@@ -299,30 +455,28 @@ def instruction_example(row: dict[str, Any], path: Path, lineno: int, group: str
 
 
 def load_instruct(cfg: DataConfig) -> TaskData:
-    """Instruction jsonl (Dolly, Alpaca or Self-Instruct fields). --data-dir is a folder with train.jsonl and one of
-    valid.jsonl / dev.jsonl / test.jsonl, or a single jsonl file whose last --eval-size rows are held out."""
+    """Instruction jsonl (Dolly, Alpaca or Self-Instruct fields; gzip read as is). --data-dir is a folder with
+    train.jsonl and one of valid.jsonl / dev.jsonl / test.jsonl, or a single jsonl file of which a seeded tenth is
+    held out for evaluation (core.data.hold_out)."""
     path = _require_dir(cfg, "a jsonl file, or a folder with train.jsonl and valid.jsonl")
+    report: dict[str, dict[str, int]] = {}
 
-    def examples(file: Path) -> list[Example]:
-        return [instruction_example(row, file, lineno) for lineno, row in read_jsonl(file)]
+    def examples(file: Path, split: str) -> list[Example]:
+        rows = [instruction_example(row, file, lineno) for lineno, row in read_jsonl(file)]
+        return _screen(((ex, ex.user) for ex in rows), split, report)
 
     if path.is_file():
-        rows = examples(path)
-        if len(rows) < 2:
-            raise DataError(f"{path} has {len(rows)} usable rows; a single file needs at least 2 to hold some out")
-        n_eval = min(cfg.eval_size, len(rows) // 2)
-        train, evals = rows[:-n_eval], rows[-n_eval:]
+        train, evals = hold_out(examples(path, "train"), cfg.data_seed, str(path), report)
     else:
-        train = examples(path / "train.jsonl")
-        eval_file = next(
-            (path / f"{n}.jsonl" for n in ("valid", "dev", "test") if (path / f"{n}.jsonl").exists()), None
-        )
+        train = examples(path / "train.jsonl", "train")
+        candidates = (data_file(path / f"{n}.jsonl") for n in ("valid", "dev", "test"))
+        eval_file = next((file for file in candidates if file.exists()), None)
         if eval_file is None:
             raise DataError(f"{path} has train.jsonl but no valid.jsonl, dev.jsonl or test.jsonl to evaluate on")
-        evals = examples(eval_file)
-    train = _check_split(train[: cfg.train_size], "train", str(path))
-    evals = _check_split(evals[: cfg.eval_size], "eval", str(path))
-    return TaskData("instruct", train, evals, ("rougeL",), max_new_tokens=128, source=str(path))
+        evals = examples(eval_file, "eval")
+    train = _check_split(train[: cfg.train_size], "train", str(path), report)
+    evals = _check_split(evals[: cfg.eval_size], "eval", str(path), report)
+    return TaskData("instruct", train, evals, ("rougeL",), max_new_tokens=128, source=str(path), report=report)
 
 
 def eval_set_sizes(text: str) -> list[tuple[str, int | None]]:
@@ -351,7 +505,9 @@ def load_dolly(cfg: DataConfig) -> TaskData:
     """Task dolly: --data-dir is the instruct_eval folder; train on dolly/dev.jsonl, evaluate on each --eval-sets
     set's valid.jsonl (group = the set's name, so every score is also reported per set)."""
     root = _require_dir(cfg, "the instruct_eval folder holding dolly/dev.jsonl and <set>/valid.jsonl")
+    report: dict[str, dict[str, int]] = {}
     train = [instruction_example(row, root / DOLLY_TRAIN, n) for n, row in read_jsonl(root / DOLLY_TRAIN)]
+    train = _screen(((ex, ex.user) for ex in train), "train", report)
     evals: list[Example] = []
     for name, size in eval_set_sizes(cfg.eval_sets):
         file = root / name / "valid.jsonl"
@@ -359,10 +515,13 @@ def load_dolly(cfg: DataConfig) -> TaskData:
             have = sorted(p.name for p in root.iterdir() if (p / "valid.jsonl").is_file())
             raise DataError(f"--eval-sets {name}: no {file} (sets here: {', '.join(have) or 'none'})")
         rows = [instruction_example(row, file, n, group=name) for n, row in read_jsonl(file)]
+        rows = _screen(((ex, ex.user) for ex in rows), name, report)
         limit = min(x for x in (size, cfg.eval_size, len(rows)) if x is not None)
-        evals += _check_split(rows[:limit], name, str(file))
-    train = _check_split(train[: cfg.train_size], "train", str(root / DOLLY_TRAIN))
-    return TaskData("dolly", train, evals, ("rougeL_stem", "rougeL"), max_new_tokens=256, source=str(root))
+        evals += _check_split(rows[:limit], name, str(file), report)
+    train = _check_split(train[: cfg.train_size], "train", str(root / DOLLY_TRAIN), report)
+    return TaskData(
+        "dolly", train, evals, ("rougeL_stem", "rougeL"), max_new_tokens=256, source=str(root), report=report
+    )
 
 
 def chat_prompts(task: TaskData, tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> TaskData:
@@ -386,52 +545,107 @@ def chat_prompts(task: TaskData, tokenizer: PreTrainedTokenizerBase, prompt_form
 
 
 def load_hf(cfg: DataConfig) -> TaskData:
-    """Any `datasets` dataset by hub name (needs the network) or local path (a save_to_disk folder, or a folder
-    or file of json/csv/parquet that `load_dataset` reads)."""
+    """Any `datasets` dataset by hub name (needs the network) or local path (a save_to_disk folder, a .jsonl file
+    (read here, gzip too, so that errors name the line), or a folder or file of json/csv/parquet that
+    `load_dataset` reads). A dataset with the training split alone gets a seeded held-out split (hold_out)."""
     import datasets
 
     if not cfg.dataset:
         raise ConfigError("task hf needs --dataset (a datasets name or a local path)")
     local = Path(cfg.dataset)
-    try:
-        if (local / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(local))
-        elif local.is_file():
-            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(local.suffix)
-            if kind is None:
-                raise DataError(f"--dataset {local}: cannot tell the format from the suffix {local.suffix!r}")
-            ds = datasets.load_dataset(kind, data_files={"train": str(local)})
-        else:
-            ds = datasets.load_dataset(cfg.dataset)
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"cannot load --dataset {cfg.dataset}: {exc}") from exc
+    # split name -> (prompts, responses, where row i is: for errors)
+    splits: dict[str, Callable[[], tuple[list, list, Callable[[int], str]]]] = {}
+    fields = (cfg.prompt_field, cfg.response_field)
+    if local.is_file() and (local.name.endswith((".jsonl", ".jsonl.gz"))):
 
-    def split(name: str, limit: int | None) -> list[Example]:
-        if name not in ds:
-            raise DataError(
-                f"--dataset {cfg.dataset} has no split {name!r} (it has {', '.join(ds)}); set --train-split / --eval-split"
+        def jsonl_split() -> tuple[list, list, Callable[[int], str]]:
+            rows = read_jsonl(local)
+            for lineno, row in rows:
+                for column in fields:
+                    if column not in row:
+                        raise DataError(
+                            f"{local} line {lineno} has no column {column!r} (it has {', '.join(row)}); "
+                            "set --prompt-field / --response-field"
+                        )
+            return (
+                [row[cfg.prompt_field] for _, row in rows],
+                [row[cfg.response_field] for _, row in rows],
+                lambda i: f"{local} line {rows[i][0]}",
             )
-        part = ds[name]
-        for column in (cfg.prompt_field, cfg.response_field):
-            if column not in part.column_names:
-                raise DataError(
-                    f"--dataset {cfg.dataset} split {name} has no column {column!r} (it has {', '.join(part.column_names)}); "
-                    "set --prompt-field / --response-field"
-                )
-        if limit is not None:
-            part = part.select(range(min(limit, len(part))))
-        return [
-            Example(str(p), " " + str(r).strip(), (" " + str(r).strip(),))
-            for p, r in zip(part[cfg.prompt_field], part[cfg.response_field])
-        ]
 
-    train = _check_split(split(cfg.train_split, cfg.train_size), cfg.train_split, cfg.dataset)
-    evals = _check_split(split(cfg.eval_split, cfg.eval_size), cfg.eval_split, cfg.dataset)
+        splits["train"] = jsonl_split
+    else:
+        try:
+            if (local / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(str(local))
+            elif local.is_file():
+                suffix = local.suffixes[-2] if local.suffix == ".gz" and len(local.suffixes) > 1 else local.suffix
+                kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
+                if kind is None:
+                    raise DataError(f"--dataset {local}: cannot tell the format from the suffix {local.suffix!r}")
+                ds = datasets.load_dataset(kind, data_files={"train": str(local)})
+            else:
+                ds = datasets.load_dataset(cfg.dataset)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cannot load --dataset {cfg.dataset}: {exc}") from exc
+
+        def dataset_split(name: str) -> tuple[list, list, Callable[[int], str]]:
+            part = ds[name]
+            for column in fields:
+                if column not in part.column_names:
+                    raise DataError(
+                        f"--dataset {cfg.dataset} split {name} has no column {column!r} (it has "
+                        f"{', '.join(part.column_names)}); set --prompt-field / --response-field"
+                    )
+            return (
+                part[cfg.prompt_field],
+                part[cfg.response_field],
+                lambda i: f"--dataset {cfg.dataset} split {name} row {i}",
+            )
+
+        splits = {name: functools.partial(dataset_split, name) for name in ds}
+
+    report: dict[str, dict[str, int]] = {}
+
+    @functools.cache  # --eval-split may name the training split: read (and count) it once
+    def examples(name: str) -> list[Example]:
+        prompts, responses, where = splits[name]()
+        items = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            for column, flag, value in (
+                (cfg.prompt_field, "--prompt-field", prompt),
+                (cfg.response_field, "--response-field", response),
+            ):
+                if not isinstance(value, str):
+                    raise DataError(
+                        f"{where(i)}: field {column!r} must be a string, got {_kind(value)}; fix the data, or pick "
+                        f"a text column with {flag}"
+                    )
+            answer = " " + response.strip()
+            items.append((Example(prompt, answer, (answer,)), prompt))
+        return _screen(items, name, report)
+
+    def missing(name: str) -> DataError:
+        return DataError(
+            f"--dataset {cfg.dataset} has no split {name!r} (it has {', '.join(splits)}); set --train-split / --eval-split"
+        )
+
+    if cfg.train_split not in splits:
+        raise missing(cfg.train_split)
+    if cfg.eval_split in splits:
+        train, evals = examples(cfg.train_split), examples(cfg.eval_split)
+    elif list(splits) == [cfg.train_split]:  # the training split alone: hold some of it out
+        train, evals = hold_out(examples(cfg.train_split), cfg.data_seed, f"--dataset {cfg.dataset}", report)
+    else:
+        raise missing(cfg.eval_split)
+    train = _check_split(train[: cfg.train_size], cfg.train_split, cfg.dataset, report)
+    evals = _check_split(evals[: cfg.eval_size], cfg.eval_split, cfg.dataset, report)
     return TaskData(
-        f"hf:{Path(cfg.dataset).name}", train, evals, ("rougeL", "exact_match"), max_new_tokens=64, source=cfg.dataset
-    )
+        f"hf:{Path(cfg.dataset).name}", train, evals, ("rougeL", "exact_match"), max_new_tokens=64, source=cfg.dataset,
+        report=report,
+    )  # fmt: skip
 
 
 TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
@@ -445,7 +659,11 @@ TASKS: dict[str, Callable[[DataConfig], TaskData]] = {
 
 
 def load_task(cfg: DataConfig) -> TaskData:
-    return TASKS[cfg.task](cfg)
+    """The task `cfg` names; the rows its loader dropped (empty prompt or completion) are reported on stderr."""
+    task = TASKS[cfg.task](cfg)
+    if line := report_line(task.report):
+        print(f"[data] {task.name}: {line}", file=sys.stderr)
+    return task
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,20 +688,57 @@ def encode_example(
 
     Prompt and target are tokenized separately so the boundary never merges into one token. Long prompts are
     cut from the left (the end of a prompt matters most), then the whole is cut to max_length."""
+    return _encode(tokenizer, prompt, target, max_length)[0]
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
+) -> tuple[dict[str, list[int]], bool, int]:
+    """(encode_example's features, whether the prompt was cut to its first token (BOS) alone, target length + EOS)."""
     prompt_ids = encode_prompt(tokenizer, prompt)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     keep_prompt = max(1, max_length - len(target_ids))
+    to_bos = keep_prompt == 1 and len(prompt_ids) > 1
     if len(prompt_ids) > keep_prompt:
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1 :]
     input_ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels}, to_bos, len(target_ids)
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int, stats: dict | None = None
 ) -> list[dict[str, list[int]]]:
-    return [encode_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples]
+    """encode_example over `examples`. A prompt cut down to BOS alone (the completion fills max_length) leaves an
+    example that no longer depends on its prompt: `stats`, when given, receives "prompts_cut_to_bos" (and a line
+    goes to stderr when there are any); when every example is cut so, nothing usable is left and DataError says
+    which --max-length keeps a prompt."""
+    features, n_cut, shortest = [], 0, None
+    for ex in examples:
+        feature, to_bos, n_target = _encode(tokenizer, ex.prompt, ex.target, max_length)
+        features.append(feature)
+        n_cut += to_bos
+        shortest = n_target if shortest is None else min(shortest, n_target)
+    if features and n_cut == len(features):
+        raise DataError(
+            f"--max-length {max_length} cuts the prompt of every one of the {n_cut} examples down to BOS alone: "
+            f"their completions fill it (the shortest is {shortest} tokens with EOS); pass --max-length "
+            f"{shortest + 2} or more, or shorten the completions"
+        )
+    if stats is not None:
+        stats["prompts_cut_to_bos"] = n_cut
+        if n_cut:
+            print(
+                f"[data] --max-length {max_length} cuts the prompt of {n_cut} of {len(features)} examples down to BOS "
+                "alone (their completions fill it); they train without their prompt: raise --max-length to keep it",
+                file=sys.stderr,
+            )
+    return features
+
+
+def examples_hash(examples: Sequence[Example]) -> str:
+    """A content hash of examples (every field), for cache keys: what a model trained on them depends on."""
+    return stable_hash([vars(ex) for ex in examples])  # vars: every field, without asdict's deep copies
 
 
 @dataclass

@@ -55,10 +55,8 @@ def evaluate_cached(
     receives how many prompts were cut to fit (core.metrics.evaluate_model)."""
     settings = {
         "format": 3,  # 3: prompts cut to the --max-length budget, truncation counted
-        "eval_size": data.eval_size,
         "max_new_tokens": evaluation.max_new_tokens,
         "task": task.name,
-        "n": len(task.eval),
         "max_length": data.max_length,
         "decoding": [evaluation.eval_decoding, sampling_seeds(evaluation)],
         "examples": stable_hash([[ex.prompt, list(ex.references)] for ex in task.eval]),  # chat format included
@@ -109,7 +107,9 @@ class BaselineSetup:
     @functools.cached_property
     def features(self) -> list[dict[str, list[int]]]:
         """The training examples in the student's tokenization, encoded once for every baseline of the run."""
-        return encode_examples(self.tokenizer, self.task.train, self.data.max_length)
+        return encode_examples(
+            self.tokenizer, self.task.train, self.data.max_length, self.task.report.setdefault("train", {})
+        )
 
     def key(self) -> dict[str, Any]:
         key = {
@@ -353,6 +353,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         },
         extra={
             "teacher": teacher_info,
+            "data": task.report,  # rows dropped per split (empty prompt or completion), prompts cut to BOS alone
             "student_start": model_cfg.student_start,
             "evaluation": {
                 "n": len(task.eval),

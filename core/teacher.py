@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.config import ModelConfig
-from core.data import Collator, DataConfig, TaskData, encode_examples
+from core.data import Collator, DataConfig, TaskData, encode_examples, examples_hash
 from core.errors import ConfigError, ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.models import PRESETS, build_or_load, load_model, preset_config
@@ -35,8 +35,15 @@ CACHE_FORMAT = 2
 
 
 def task_key(data: DataConfig, task: TaskData) -> dict[str, Any]:
-    """What identifies a task's data for caching: its settings and source (seeds of students excluded)."""
-    return {"task": task.name, "source": task.source, "data": asdict(data), "n_train": len(task.train)}
+    """What a model trained on the task depends on, and nothing else: the training examples (a content hash, so a
+    moved file or another --eval-size changes nothing) and how they are cut (--max-length)."""
+    return {"task": task.name, "train": examples_hash(task.train), "max_length": data.max_length}
+
+
+def bpe_key(task: TaskData, vocab_size: int) -> str:
+    """The cache key of a BPE trained on the task's training text (core.teacher.get_tokenizer, core.crosstok): that
+    text and the vocabulary size, nothing else."""
+    return stable_hash({"text": stable_hash([ex.prompt + ex.target for ex in task.train]), "vocab_size": vocab_size})
 
 
 def get_tokenizer(
@@ -47,7 +54,7 @@ def get_tokenizer(
         return load_tokenizer(cfg.tokenizer), f"path:{Path(cfg.tokenizer).resolve()}"
     if cfg.teacher:
         return load_tokenizer(cfg.teacher), f"path:{Path(cfg.teacher).resolve()}"
-    key = stable_hash({"task": task_key(data, task), "vocab_size": cfg.vocab_size})
+    key = bpe_key(task, cfg.vocab_size)
     folder = cache / "tokenizers" / key
     if not (folder / "tokenizer.json").exists():
         texts = [ex.prompt + ex.target for ex in task.train]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from core.data import IGNORE_INDEX, Collator, DataConfig, encode_example, load_task
+from core.data import IGNORE_INDEX, Collator, DataConfig, Example, encode_example, encode_examples, load_task
 from core.errors import ConfigError, DataError, ModelError
 from core.tokenizers import load_tokenizer, train_bpe
 from tests.conftest import shared_data
@@ -207,3 +207,208 @@ def test_real_tokenizer_folders(name, size):
 def test_real_multi30k_loads():
     task = load_task(DataConfig(task="multi30k", data_dir=str(shared_data("multi30k")), train_size=100, eval_size=10))
     assert len(task.train) == 100 and len(task.eval) == 10 and task.train[0].prompt.endswith(" =")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data read as it was written (issues 14 and 15): types, empty rows, encodings, gzip, held-out splits, cache keys
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _jsonl(path, rows):
+    return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_ops_train_split_ignores_eval_settings():
+    """Train and eval come from streams of their own: --eval-size 8 -> 9 adds one eval prompt and changes no
+    training example (so task_key and every cached model stay); --train-size changes no eval example."""
+    from core.teacher import task_key
+
+    cfg8, cfg9 = DataConfig(train_size=300, eval_size=8), DataConfig(train_size=300, eval_size=9)
+    a, b = load_task(cfg8), load_task(cfg9)
+    assert a.train == b.train and task_key(cfg8, a) == task_key(cfg9, b)
+    assert b.eval[:8] == a.eval and len(b.eval) == 9
+    more = load_task(DataConfig(train_size=600, eval_size=8))
+    assert more.eval == a.eval and more.train[:300] == a.train
+    big = load_task(DataConfig(train_size=3000, eval_size=300))
+    assert not {e.prompt for e in big.eval} & {e.prompt for e in big.train}
+    assert len({e.prompt for e in big.eval}) == 300  # eval prompts are distinct
+
+
+def test_task_key_holds_what_training_depends_on():
+    from core.teacher import bpe_key, task_key
+
+    cfg = DataConfig(train_size=200, eval_size=8)
+    task = load_task(cfg)
+    key = task_key(cfg, task)
+    assert set(key) == {"task", "train", "max_length"}
+    assert task_key(DataConfig(train_size=200, eval_size=8, max_length=64), task) != key
+    assert task_key(cfg, load_task(DataConfig(train_size=201, eval_size=8))) != key
+    assert task_key(cfg, load_task(DataConfig(train_size=200, eval_size=8, data_seed=7))) != key
+    # the BPE depends on the training text and the vocabulary size alone (not on --max-length)
+    assert bpe_key(task, 300) == bpe_key(load_task(DataConfig(train_size=200, eval_size=50, max_length=64)), 300)
+    assert bpe_key(task, 300) != bpe_key(task, 400)
+
+
+def test_hf_single_split_gets_a_seeded_hold_out(tmp_path, capsys):
+    """20 usable rows, one in HOLDOUT_SHARE = 10 held out: 2 rows evaluate, 18 train; the same with --eval-size 1
+    (it then evaluates on the first held-out row) and from a save_to_disk folder with a train split alone."""
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+    task = load_task(DataConfig(task="hf", dataset=str(path)))
+    assert "no evaluation split, so 2 of its 20 usable rows are held out" in capsys.readouterr().err
+    assert len(task.train) == 18 and len(task.eval) == 2
+    assert {e.prompt for e in task.train} | {e.prompt for e in task.eval} == {r["prompt"] for r in rows}
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.eval}
+    assert [e.prompt for e in task.train] == sorted((e.prompt for e in task.train), key=lambda p: int(p[1:]))
+    one = load_task(DataConfig(task="hf", dataset=str(path), eval_size=1))
+    assert one.train == task.train and one.eval == task.eval[:1]
+    other = load_task(DataConfig(task="hf", dataset=str(path), data_seed=7))
+    assert {e.prompt for e in other.eval} != {e.prompt for e in task.eval}  # 190 pairs: a collision is 1 in 190
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    saved = load_task(DataConfig(task="hf", dataset=str(tmp_path / "saved")))
+    assert saved.train == task.train and saved.eval == task.eval
+    # with other splits present, a missing eval split is named, not replaced by a hold-out
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(DataError, match="no split 'validation' \\(it has train, test\\)"):
+        load_task(DataConfig(task="hf", dataset=str(tmp_path / "two")))
+
+
+def test_instruct_single_file_hold_out_ignores_eval_size(tmp_path):
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(30)]
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    a = load_task(DataConfig(task="instruct", data_dir=str(path), eval_size=2))
+    b = load_task(DataConfig(task="instruct", data_dir=str(path), eval_size=3))
+    assert a.train == b.train and len(a.train) == 27 and b.eval[:2] == a.eval and len(b.eval) == 3  # 30 // 10 held
+
+
+@pytest.mark.parametrize(
+    "row, phrase",
+    [
+        ({"prompt": 12345, "response": "a"}, "field 'prompt' must be a string, got number 12345"),
+        ({"prompt": None, "response": "a"}, "field 'prompt' must be a string, got null"),
+        ({"prompt": "q", "response": ["a", "b"]}, "field 'response' must be a string, got list ['a', 'b']"),
+        ({"prompt": "q", "response": {"text": "a"}}, "field 'response' must be a string, got dict"),
+    ],
+)
+def test_hf_wrong_types_name_file_line_and_field(tmp_path, row, phrase):
+    path = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "q", "response": "a"}, row])
+    with pytest.raises(DataError, match=r"rows\.jsonl line 2: ") as info:
+        load_task(DataConfig(task="hf", dataset=str(path), eval_split="train"))
+    assert phrase in str(info.value)
+
+
+def test_hf_wrong_type_in_a_saved_dataset_names_split_and_row(tmp_path):
+    import datasets
+
+    rows = {"prompt": ["q0", None, "q2"], "response": ["a", "b", "c"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match="split train row 1: field 'prompt' must be a string, got null"):
+        load_task(DataConfig(task="hf", dataset=str(tmp_path / "saved"), eval_split="train"))
+
+
+def test_commongen_scene_must_be_a_list_of_strings(tmp_path):
+    _write(tmp_path / "commongen.train.src_alpha.txt", "dog run\n")
+    _write(tmp_path / "commongen.train.tgt.txt", "The dog runs.\n")
+    _jsonl(tmp_path / "commongen.dev.jsonl", [{"concept_set": "dog_N#run_V", "scene": "A dog runs."}])
+    with pytest.raises(DataError, match=r"commongen\.dev\.jsonl line 1: field 'scene' must be a list of strings"):
+        load_task(DataConfig(task="commongen", data_dir=str(tmp_path)))
+
+
+def test_empty_prompts_and_completions_are_dropped_counted_and_reported(tmp_path, capsys):
+    rows = [
+        {"prompt": "q0", "response": "a0"},
+        {"prompt": "  ", "response": "a1"},  # empty prompt
+        {"prompt": "q2", "response": " \n"},  # empty completion: it would teach EOS alone
+        {"prompt": "", "response": ""},  # both: counted under each, dropped once
+        {"prompt": "q4", "response": "a4"},
+    ]
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+    task = load_task(DataConfig(task="hf", dataset=str(path), eval_split="train"))
+    assert [e.prompt for e in task.train] == ["q0", "q4"]
+    assert task.report["train"] == {"rows": 5, "empty_prompt": 2, "empty_completion": 2, "kept": 2}
+    err = capsys.readouterr().err
+    assert "train: 3 of 5 rows dropped (2 empty prompt, 2 empty completion)" in err
+    _jsonl(path, rows[1:4])
+    with pytest.raises(DataError, match=r"has no examples to use \(of 3 rows, 2 have an empty prompt and 2 an empty"):
+        load_task(DataConfig(task="hf", dataset=str(path), eval_split="train"))
+
+
+def test_multi30k_empty_lines_are_counted(tmp_path):
+    _write(tmp_path / "train.en", "a dog\n\nthree\n")
+    _write(tmp_path / "train.de", "ein Hund\nzwei\n\n")
+    _write(tmp_path / "val.en", "a cat\n")
+    _write(tmp_path / "val.de", "eine Katze\n")
+    task = load_task(DataConfig(task="multi30k", data_dir=str(tmp_path)))
+    assert [e.prompt for e in task.train] == ["a dog ="]
+    assert task.report["train"] == {"rows": 3, "empty_prompt": 1, "empty_completion": 1, "kept": 1}
+
+
+def test_prompts_cut_to_bos_are_counted_and_all_cut_is_refused():
+    tokenizer = train_bpe(["reverse: a b c = c b a", "x y z w v u"] * 5, 300)
+    long_target = " x y z w v u"
+    n_long = len(tokenizer(long_target, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    # encode_example keeps max(1, max_length - n_long) prompt tokens: at max_length = n_long + 1 that is BOS alone
+    max_length = n_long + 1
+    examples = [
+        Example("reverse: a b c =", long_target, (long_target,)),
+        Example("reverse: a b c =", " c", (" c",)),  # 2 target tokens (c, EOS): the prompt keeps max_length - 2
+    ]
+    stats: dict = {}
+    features = encode_examples(tokenizer, examples, max_length, stats)
+    assert stats == {"prompts_cut_to_bos": 1}
+    assert features[0]["labels"][:2] == [IGNORE_INDEX, features[0]["input_ids"][1]]  # BOS, then the target at once
+    assert features[0]["input_ids"][0] == tokenizer.bos_token_id
+    with pytest.raises(DataError, match=f"every one of the 1 examples .* pass --max-length {n_long + 2} or more"):
+        encode_examples(tokenizer, examples[:1], max_length)
+    kept = encode_examples(tokenizer, examples[:1], n_long + 2, stats)  # the suggested length keeps one prompt token
+    assert kept[0]["labels"][:2] == [IGNORE_INDEX, IGNORE_INDEX] and stats == {"prompts_cut_to_bos": 0}
+
+
+def test_latin1_jsonl_names_file_line_and_fix(tmp_path):
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"}).encode()
+    path = tmp_path / "d.jsonl"
+    # '{"instruction": "caf' is 20 bytes, so Latin-1's e-acute (0xe9) is byte 21 of line 2
+    path.write_bytes(good + b"\n" + '{"instruction": "café", "input": "", "output": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: byte 0xe9 at column 21 is not UTF-8.*iconv -f latin1"):
+        load_task(DataConfig(task="instruct", data_dir=str(path)))
+    _write(tmp_path / "train.en", "a dog\n")
+    (tmp_path / "train.de").write_bytes("Grüße\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.de line 1: byte 0xfc"):
+        load_task(DataConfig(task="multi30k", data_dir=str(tmp_path)))
+
+
+def test_gzip_is_read_whatever_its_name(tmp_path, capsys):
+    import gzip
+
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(10)]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    plain = _write(tmp_path / "plain.jsonl", text.decode())
+    (tmp_path / "packed.jsonl").write_bytes(gzip.compress(text))
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text)  # a byte-order mark, as Windows editors write
+    expected = load_task(DataConfig(task="instruct", data_dir=str(plain)))
+    for name in ("packed.jsonl", "packed.jsonl.gz", "bom.jsonl"):
+        task = load_task(DataConfig(task="instruct", data_dir=str(tmp_path / name)))
+        assert task.train == expected.train and task.eval == expected.eval
+    err = capsys.readouterr().err
+    assert "packed.jsonl is gzip-compressed: reading it decompressed" in err and "packed.jsonl.gz is gzip" not in err
+    hf = load_task(DataConfig(task="hf", dataset=str(tmp_path / "packed.jsonl.gz"), prompt_field="instruction",
+                              response_field="output"))  # fmt: skip
+    assert [e.prompt for e in hf.train] == [e.user for e in expected.train]
+    (tmp_path / "cut.jsonl").write_bytes(gzip.compress(text)[:-12])  # a download cut short
+    with pytest.raises(DataError, match=r"cut\.jsonl: cannot be read as gzip"):
+        load_task(DataConfig(task="instruct", data_dir=str(tmp_path / "cut.jsonl")))
+
+
+def test_multi30k_reads_the_gz_files_it_ships(tmp_path):
+    import gzip
+
+    for split, n in (("train", 3), ("val", 2)):
+        (tmp_path / f"{split}.en.gz").write_bytes(gzip.compress("".join(f"a dog {i}\n" for i in range(n)).encode()))
+        _write(tmp_path / f"{split}.de", "".join(f"ein Hund {i}\n" for i in range(n)))
+    task = load_task(DataConfig(task="multi30k", data_dir=str(tmp_path)))
+    assert task.train[2].prompt == "a dog 2 =" and task.eval[1].target == " ein Hund 1"
