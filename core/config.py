@@ -7,8 +7,9 @@ command line from them with transformers' HfArgumentParser, so `kd_ratio` is bot
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ class ModelConfig:
             raise ConfigError(
                 f"--vocab-size must be at least 300 (256 byte symbols + specials + merges), got {self.vocab_size}"
             )
+        if not self.teacher_lr > 0:
+            raise ConfigError(f"--teacher-lr must be positive, got {self.teacher_lr}")
 
 
 @dataclass
@@ -178,7 +181,22 @@ def parse(
     *instances, remaining = parsed
     if remaining:
         raise ConfigError(f"unknown argument(s) {' '.join(remaining)}; run with --help for the flags this script takes")
+    for instance in instances:
+        check_numbers(instance)
     return tuple(instances)
+
+
+def check_numbers(settings: Any) -> None:
+    """The ranges every settings dataclass shares, checked once here rather than in each __post_init__: no setting
+    of this project means anything at nan or infinity (argparse's float() accepts both), and a seed is
+    non-negative (core.onpolicy.derived_seed and numpy refuse negative seeds, mid-run)."""
+    for f in fields(settings):
+        value, flag = getattr(settings, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        is_seed = f.name == "seed" or f.name.endswith("_seed")
+        if is_seed and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{flag} must be a non-negative integer (a seed), got {value}")
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

@@ -65,6 +65,15 @@ def atomic_dir(final: str | os.PathLike, keep_existing: bool = False) -> Iterato
         raise
 
 
+def free_space(folder: str | os.PathLike) -> str:
+    """Free space on the disk that holds `folder` (or its nearest existing parent), in words."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """A short content hash of a JSON-serialisable object (keys sorted), used as a cache key."""
     import hashlib

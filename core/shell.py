@@ -16,6 +16,8 @@ text: the LLM recipe (core.pipeline) is one recipe among others, built on this s
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import sys
 import time
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RunConfig, cache_root, parse, to_dict
-from core.errors import ConfigError, DistillError, NonFiniteLossError, OutputDirError
-from core.io import atomic_dir, atomic_write_json, stable_hash
+from core.errors import ConfigError, DistillError, NonFiniteLossError, OutputDirError, ResourceError, out_of_memory
+from core.io import atomic_dir, atomic_write_json, free_space, stable_hash
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 
 # What a recipe trains and is judged on; the benchmark runs a method only on tasks of its family.
@@ -237,9 +239,14 @@ def _run_locked(recipe: Recipe, ctx: RunContext, config: dict[str, Any], created
     except NonFiniteLossError:
         raise  # keeps its checkpoints: the message names the last good one
     except DistillError:
-        if created and out.exists() and not (out / "checkpoints").exists():
-            shutil.rmtree(out, ignore_errors=True)
+        _drop_unstarted(out, created)
         raise
+    except OSError as exc:  # a write refused in the cache or the run folder, wherever the body made it
+        error = _unwritable(exc, ctx)
+        if error is None:
+            raise
+        _drop_unstarted(out, created)
+        raise error from exc
     if outcome is None:
         return {}
     if not ctx.is_main_process:
@@ -269,6 +276,36 @@ def _run_locked(recipe: Recipe, ctx: RunContext, config: dict[str, Any], created
     print_summary(metrics)
     print(f"run folder: {out}", file=sys.stderr)
     return metrics
+
+
+def _drop_unstarted(out: Path, created: bool) -> None:
+    """Remove a run folder this call created when no step completed in it (a failed start leaves nothing)."""
+    if created and out.exists() and not (out / "checkpoints").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# Refused writes: read-only or not permitted, a path through a file, a full disk or quota.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _unwritable(exc: OSError, ctx: RunContext) -> DistillError | None:
+    """One line for a write refused inside the cache (--cache-dir) or the run folder (--out), else None. Caught once
+    here, it covers every place a recipe writes there (tokenizers, teachers, baselines, teacher caches, a family's
+    own cache files), however the write was made."""
+    if exc.errno not in _UNWRITABLE | _FULL or not exc.filename:
+        return None
+    path = Path(os.fsdecode(exc.filename)).absolute()
+    for root, flag, what in ((ctx.cache, "--cache-dir", "cache folder"), (ctx.out, "--out", "run folder")):
+        root = root.absolute()
+        if path == root or root in path.parents:
+            if exc.errno in _FULL:
+                return ResourceError(
+                    f"the disk of the {what} {root} is full ({exc.strerror} writing {path}; {free_space(root)} free); "
+                    f"free space there or pass another {flag}, then rerun the same command"
+                )
+            return ConfigError(f"cannot write the {what} {root} ({exc.strerror}: {path}); pass a writable {flag}")
+    return None
 
 
 def _device_name(run: RunConfig) -> str:
@@ -321,3 +358,16 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
+    except (RuntimeError, MemoryError) as exc:
+        # A training step that runs out of memory says so itself (core.train, naming --batch-size); this is the rest:
+        # evaluation by generation, sampling outside a step, building a cache.
+        error = out_of_memory(
+            exc,
+            "outside a training step (evaluation, generation or building a cache)",
+            "lower --eval-batch-size (prompts per generation batch) or --max-new-tokens, or the batch size of the "
+            "step printed above",
+        )
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from core.data import IGNORE_INDEX
-from core.errors import CheckpointError, ConfigError, NonFiniteLossError
-from core.io import atomic_dir, atomic_write_json, atomic_write_text
+from core.errors import CheckpointError, ConfigError, DistillError, NonFiniteLossError, ResourceError, out_of_memory
+from core.io import atomic_dir, atomic_write_json, atomic_write_text, free_space
 
 
 @dataclass
@@ -204,6 +204,13 @@ class Trainer:
             )
         if not features:
             raise ConfigError("there are no training examples")
+        if cfg.batch_size > len(features):
+            flag = "--teacher-batch-size" if desc.startswith("teacher") else "--batch-size"  # the embedded teacher's
+            raise ConfigError(
+                f"[{desc}] a batch of {cfg.batch_size} examples is larger than the {len(features)} training examples "
+                f"(every step would repeat examples, at the memory cost of the full batch); pass {flag} "
+                f"{len(features)} or less"
+            )
         self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
         self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
         self.throughput_fn, self.unit = throughput_fn, unit
@@ -224,6 +231,7 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+        self._bar = None  # the progress bar while training (closed before an error line)
         self.step = 0
         self.tokens = 0  # throughput units processed (an LM's non-padding input tokens): the tokens/s numerator
         self.target_tokens = 0  # units of the loss normalizer (an LM's valid target tokens)
@@ -254,6 +262,25 @@ class Trainer:
             for old in sorted(p for p in self.ckpt_root.glob("step_*") if p != final)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)  # keep the newest two
         self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint_or_explain(self) -> None:
+        """save_checkpoint; a write that fails (a full disk: OSError, or safetensors' SafetensorError) is one line that
+        names the folder and its free space. The half-written checkpoint is dropped whole (core.io.atomic_dir), so
+        the previous one stays loadable and the same command resumes from it."""
+        try:
+            self.save_checkpoint()
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+                raise
+            if self._bar is not None:
+                self._bar.close()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()[:160]
+            last = self.latest_checkpoint()
+            raise ResourceError(
+                f"[{self.desc}] cannot write the checkpoint of step {self.step} into {self.ckpt_root} ({reason}; "
+                f"{free_space(self.ckpt_root)} free there); free space on that disk or choose another --out or "
+                f"--cache-dir, then rerun the same command: it resumes from {last or 'the start (no checkpoint yet)'}"
+            ) from exc
 
     def load_checkpoint(self, path: Path) -> None:
         def load(name: str) -> Any:
@@ -314,6 +341,27 @@ class Trainer:
         ]
 
     def train(self) -> TrainResult:
+        """Train to cfg.steps (or leave after --stop-after steps). Running out of memory is one line that names the
+        step and the setting to lower; the checkpoints written so far stay."""
+        try:
+            return self._train()
+        except DistillError:
+            raise
+        except (RuntimeError, MemoryError) as exc:
+            teacher = " (the embedded teacher: --teacher-batch-size)" if self.desc.startswith("teacher") else ""
+            error = out_of_memory(
+                exc,
+                f"in [{self.desc}] at step {self.step + 1} ({self.micro} examples per micro-batch)",
+                f"lower --batch-size{teacher}, or raise --grad-accum to split each step into smaller micro-batches "
+                "(the same loss and gradient)",
+            )
+            if error is None:
+                raise
+            if self._bar is not None:
+                self._bar.close()  # so the error starts on a line of its own
+            raise error from exc
+
+    def _train(self) -> TrainResult:
         acc, cfg = self.accelerator, self.cfg
         resume = self.latest_checkpoint()
         if resume is not None:
@@ -328,7 +376,7 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         first_loss = last_loss = float("nan")
-        bar = tqdm(
+        self._bar = bar = tqdm(
             total=cfg.steps,
             initial=self.step,
             desc=self.desc,
@@ -410,7 +458,7 @@ class Trainer:
                     handle.write(json.dumps(record) + "\n")
             stopping = cfg.stop_after is not None and self.step - start_step >= cfg.stop_after
             if self.step == cfg.steps or stopping or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                self.save_checkpoint()
+                self._save_checkpoint_or_explain()
             if stopping and self.step < cfg.steps:
                 break
         bar.close()

@@ -2,13 +2,16 @@
 status 2 through the command-line entry point, and leaves no partial output behind."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from core.shell import cli
 from methods.taid.run import main as taid_main
 from methods.vanilla.run import main as vanilla_main
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--teacher-preset", "tiny", "--student", "tiny", "--teacher-steps", "30", "--steps", "6", "--eval-size", "8",
         "--train-size", "500", "--batch-size", "8", "--warmup-steps", "1"]  # fmt: skip
 
@@ -19,7 +22,9 @@ def _fails(main, argv, capsys, *phrases):
         cli(main, argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    line = lines[0]
     for phrase in phrases:
         assert phrase in line, f"{phrase!r} not in {line!r}"
     assert "Traceback" not in err
@@ -267,3 +272,175 @@ def test_interrupt_is_one_line_with_exit_130(capsys):
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted; run the same command again to resume from the last checkpoint"
+
+
+def test_batch_larger_than_the_training_set(tmp_path, capsys):
+    """--batch-size 100000 on 500 examples: refused before the run's first step, not an out-of-memory traceback."""
+    out = tmp_path / "o"
+    _fails(
+        vanilla_main, [*TINY, "--batch-size", "100000", "--out", str(out)], capsys, "larger than the", "--batch-size"
+    )
+    assert not out.exists()
+
+
+OOM_ERRORS = [  # what torch raises when memory runs out: CUDA/MPS, and the CPU allocator's two wordings
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.80 GiB"),
+    lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 28800000000 bytes."),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory"),
+]
+
+
+@pytest.mark.parametrize("make_error", OOM_ERRORS)
+def test_out_of_memory_in_training_names_the_batch_settings(tmp_path, capsys, monkeypatch, make_error):
+    from core.train import Trainer
+
+    original = Trainer._micro_batches
+
+    def run_out(self, step):
+        if self.desc.startswith("teacher"):  # the cached teacher trains; the run's first student runs out
+            return original(self, step)
+        raise make_error()
+
+    monkeypatch.setattr(Trainer, "_micro_batches", run_out)
+    # The first student to train runs out: the SFT baseline, or the run's own student where an earlier test cached it.
+    line = _fails(vanilla_main, [*TINY, "--out", str(tmp_path / "o")], capsys, "out of memory in [", "] at step 1")
+    assert "(8 examples per micro-batch)" in line and "lower --batch-size" in line and "--grad-accum" in line
+
+
+def test_out_of_memory_in_evaluation_names_the_evaluation_settings(tmp_path, capsys, monkeypatch):
+    import core.pipeline
+
+    def run_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.80 GiB")
+
+    monkeypatch.setattr(core.pipeline, "evaluate_model", run_out)
+    _fails(vanilla_main, [*TINY, "--out", str(tmp_path / "o")], capsys, "out of memory", "--eval-batch-size")
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+def test_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch, kind):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import core.train
+
+    out = tmp_path / "o"
+    real_save = core.train.save_model
+
+    def full_disk(model, path):
+        if str(out) in path and "step_0000004" in path:  # the run's second checkpoint (every 2 steps)
+            real_save(model, path)  # half of it lands on disk first, as on a disk that fills up mid-write
+            if kind == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            said = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            raise SafetensorError(f"Error while serializing: {said}")  # what safetensors raises on a full disk
+        return real_save(model, path)
+
+    monkeypatch.setattr(core.train, "save_model", full_disk)
+    flags = [*TINY, "--checkpoint-every", "2", "--out", str(out)]
+    line = _fails(vanilla_main, flags, capsys, "cannot write the checkpoint of step 4", str(out / "checkpoints"))
+    assert "free there" in line and "No space left on device" in line
+    assert "resumes from" in line and "step_0000002" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]  # no half-written folder
+    monkeypatch.setattr(core.train, "save_model", real_save)  # space freed: the same command resumes and finishes
+    metrics = vanilla_main(flags)
+    assert metrics["train"]["steps"] == 6
+    assert f"resumed from {out / 'checkpoints' / 'step_0000002'} (step 2)" in capsys.readouterr().out
+
+
+def test_cache_folder_through_a_file(tmp_path, capsys):
+    """A --cache-dir that cannot be created (a file in its path) is one line at its first write (the tokenizer)."""
+    _write(tmp_path / "file", "x")
+    out = tmp_path / "o"
+    _fails(
+        vanilla_main,
+        [*TINY, "--cache-dir", str(tmp_path / "file" / "cache"), "--out", str(out)],
+        capsys,
+        "cannot write the cache folder",
+        "--cache-dir",
+    )
+    assert not out.exists()
+
+
+def test_read_only_cache_folder(tmp_path):
+    """A real read-only cache: the CLI runs as an unprivileged user (root writes anywhere) on a cache it cannot
+    write; one line, exit 2, no traceback, no run folder left."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the CLI as another user")
+    base = Path(tempfile.mkdtemp(prefix="distillab-ro-"))
+    try:
+        base.chmod(0o777)
+        cache, home = base / "cache", base / "home"
+        cache.mkdir(mode=0o755)  # root's: read-only to the user below
+        home.mkdir(mode=0o777)
+        env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home), "HF_HOME": str(home / "hf")}
+        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        done = subprocess.run(
+            [*nobody, sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in done.stderr
+        assert f"cannot write the cache folder {cache}" in errors[0] and "--cache-dir" in errors[0]
+        assert not (base / "run").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_refused_write_anywhere_in_the_cache_is_one_line(tmp_path, capsys):
+    """Whatever writes into the cache (a family's own files: speech's espeak audio), a refused write is caught once
+    by the shell: the body here fails as a read-only cache makes any write fail."""
+    import errno
+
+    from core.shell import Recipe, run_recipe
+    from core.train import TrainConfig
+
+    def body(ctx):
+        raise PermissionError(errno.EACCES, "Permission denied", str(ctx.cache / "espeak" / "a.wav"))
+
+    recipe = Recipe(name="writer", family="speech", configs=(TrainConfig,), body=body)
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
+    _fails(lambda a: run_recipe(recipe, a), argv, capsys, "cannot write the cache folder", "Permission denied")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "script, flag, value, phrase",
+    [
+        # argparse's float() takes "nan" and "inf": no setting means anything there (core.config.check_numbers)
+        ("methods.vanilla.run", "--lr", "nan", "must be a positive number"),
+        ("methods.vanilla.run", "--weight-decay", "inf", "must be a finite number"),
+        ("methods.vanilla.run", "--max-grad-norm", "nan", "must be a finite number"),
+        ("methods.vanilla.run", "--temperature", "inf", "must be a finite number"),
+        ("methods.vanilla.run", "--teacher-lr", "0", "must be positive"),
+        ("methods.vanilla.run", "--teacher-lr", "-0.001", "must be positive"),
+        ("methods.vanilla.run", "--teacher-lr", "inf", "must be a finite number"),
+        ("methods.gkd.run", "--temperature", "inf", "must be a finite number"),
+        ("methods.minillm.run", "--lm-coef", "nan", "must be a finite number"),
+        ("methods.kdexplainer.run", "--kd-temperature", "inf", "must be a finite number"),
+        ("speech.dnkd.run", "--beta", "nan", "must be a finite number"),
+        ("unlearning.whp.run", "--retain-strength", "inf", "must be a finite number"),
+        ("privacy.hot_pate.run", "--weight-decay", "inf", "must be a finite number"),
+        # a negative seed fails mid-run in core.onpolicy.derived_seed and numpy's generators
+        ("methods.vanilla.run", "--seed", "-1", "must be a non-negative integer (a seed)"),
+        ("methods.vanilla.run", "--data-seed", "-3", "must be a non-negative integer (a seed)"),
+        ("unlearning.whp.run", "--data-seed", "-1", "must be a non-negative integer (a seed)"),
+        ("methods.scaling_laws.run", "--language-seed", "-1", "must be a non-negative integer (a seed)"),
+    ],
+)
+def test_flags_out_of_range_are_refused_at_parse_time(tmp_path, capsys, script, flag, value, phrase):
+    """Issue 15 item 7: each flag's invalid range, found by reading the settings, is one line naming the flag."""
+    import importlib
+
+    main = importlib.import_module(script).main
+    out = tmp_path / "o"
+    _fails(main, [flag, value, "--out", str(out)], capsys, flag, phrase)
+    assert not out.exists()
