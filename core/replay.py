@@ -7,7 +7,8 @@ first-in-first-out buffer and trains on random draws from it instead of sampling
 Items are encoded examples in the layout of core.data (`{"input_ids": [...], "labels": [...]}`, prompt masked),
 so a draw is batched by core.data.Collator like any data. The buffer is a plain Python object with
 `state_dict` / `load_state_dict` (lists of ints only), so the training loop checkpoints it with the run and a
-resumed run draws from exactly the buffer an uninterrupted run would have.
+resumed run draws from exactly the buffer an uninterrupted run would have. Under several processes each keeps a
+buffer of its own samples; core.train checkpoints each process's and restores it on that process.
 """
 
 from __future__ import annotations

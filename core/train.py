@@ -6,8 +6,9 @@ What it guarantees:
   result does not depend on how the batch was split (tests/core/test_train.py checks 8 x 1 == 1 x 8);
 - the order of examples is a pure function of (seed, step), so a resumed run sees exactly the batches an
   uninterrupted run would have seen;
-- checkpoints (model, optimizer, scheduler, RNG, method state) are written to a temporary folder and renamed,
-  so a kill mid-write leaves the previous checkpoint intact; resume restores all of it;
+- checkpoints (model, optimizer, scheduler, and each process's RNG and method state) are written to a temporary
+  folder and renamed, so a kill mid-write leaves the previous checkpoint intact; resume restores all of it, each
+  process its own RNG and method state (another number of processes is refused);
 - a NaN or infinite loss stops the run, names the step and keeps the last good checkpoint.
 
 A method supplies `loss_fn(model, batch) -> LossOutput` returning the SUM of its per-unit loss (and any logs);
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object, send_to_device
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -246,6 +248,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
+        per_process = self._gather_process_states()  # a collective: every process takes part, the main one writes
         if self.accelerator.is_main_process:
             final = self.ckpt_root / f"step_{self.step:07d}"
             with atomic_dir(final) as tmp:
@@ -253,8 +256,10 @@ class Trainer:
                 save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-                torch.save({name: obj.state_dict() for name, obj in self.state.items()}, tmp / "method_state.pt")
+                # Lists indexed by process: each process resumes its own RNG and method state (a replay buffer of
+                # its own samples), not the main process's.
+                torch.save([p["rng"] for p in per_process], tmp / "rng.pt")
+                torch.save([p["method_state"] for p in per_process], tmp / "method_state.pt")
                 atomic_write_json(
                     tmp / "trainer_state.json",
                     {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens},
@@ -312,10 +317,9 @@ class Trainer:
             )
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
-        rng = load("rng.pt")
+        rng, method_state = self._own_process_states(path, load("rng.pt"), load("method_state.pt"))
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))
-        method_state = load("method_state.pt")
         for name, obj in self.state.items():
             if name not in method_state:
                 raise CheckpointError(f"checkpoint {path} has no state for {name!r}; it was written by another method")
@@ -325,6 +329,34 @@ class Trainer:
             int(state["tokens"]),
             int(state["target_tokens"]),
         )
+
+    def _gather_process_states(self) -> list[dict[str, Any]]:
+        """Every process's RNG and method state, indexed by process (on every process)."""
+        mine = {
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "method_state": {name: obj.state_dict() for name, obj in self.state.items()},
+        }
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        # Pickled across processes: a CUDA tensor would be unpickled onto the sender's device, so send CPU copies.
+        return gather_object([send_to_device(mine, "cpu")])
+
+    def _own_process_states(self, path: Path, rngs: Any, method_states: Any) -> tuple[dict, dict]:
+        """This process's entries of a checkpoint's per-process RNG and method state. A checkpoint written before
+        these were saved per process holds one dict each (the main process's): read as one process's."""
+        legacy = isinstance(rngs, dict)
+        rngs, method_states = ([rngs], [method_states]) if legacy else (rngs, method_states)
+        world = self.accelerator.num_processes
+        if len(rngs) != world or len(method_states) != world:
+            held = f"{len(rngs)} process{'es' if len(rngs) > 1 else ''}" + (
+                " (an older checkpoint, which kept the main process's only)" if legacy else ""
+            )
+            raise CheckpointError(
+                f"checkpoint {path} holds the RNG and method state of {held} and this run has {world}; each process "
+                f"resumes its own, so resume with --num_processes {len(rngs)} or delete {self.ckpt_root} to start over"
+            )
+        rank = self.accelerator.process_index
+        return rngs[rank], method_states[rank]
 
     # -- the loop ------------------------------------------------------------------------------------------------
 

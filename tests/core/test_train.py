@@ -1,6 +1,7 @@
 """The training loop: token normalization under accumulation, exact resume, data order, non-finite loss."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,26 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path):
     straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 11))
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+
+
+def test_a_checkpoint_of_the_older_one_dict_layout_still_resumes(tmp_path):
+    tokenizer, features = _setup()
+    _train(tmp_path / "straight", tokenizer, features, steps=6, batch_size=4)
+    _train(tmp_path / "split", tokenizer, features, steps=6, batch_size=4, stop_after=3)
+    ckpt = tmp_path / "split" / "checkpoints" / "step_0000003"
+    rngs = torch.load(ckpt / "rng.pt", weights_only=True)
+    method_states = torch.load(ckpt / "method_state.pt", weights_only=True)
+    assert len(rngs) == len(method_states) == 1  # today's layout: one entry per process
+    # The layout before per-process state: one dict each (the main process's), here with RNG states of seed 123,
+    # which neither the model's initialisation (seed 0) nor the loop would produce.
+    seeded = {"torch": torch.Generator().manual_seed(123).get_state(), "python": random.Random(123).getstate()}
+    torch.save(seeded, ckpt / "rng.pt")
+    torch.save(method_states[0], ckpt / "method_state.pt")
+    _train(tmp_path / "split", tokenizer, features, steps=6, batch_size=4)
+    # Plain LM training draws no random numbers: after the resume both RNGs hold the checkpoint's state.
+    assert torch.equal(torch.get_rng_state(), seeded["torch"]) and random.getstate() == seeded["python"]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
