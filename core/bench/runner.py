@@ -43,7 +43,8 @@ def build_argv(method: BenchMethod, task: BenchTask, suite: Suite, seed: int, fo
                data_root: Path) -> list[str]:  # fmt: skip
     fill = {"vocab_size": str(task.vocab_size), "data": str(data_root)}
     args = [a.format(**fill) for a in (*method.args, *task.args)]
-    return [*args, *suite.budget(task.family), *shlex.split(extra), "--seed", str(seed), "--out", str(folder)]
+    budget = [*suite.budget(task.family), *suite.start_args(method)]
+    return [*args, *budget, *shlex.split(extra), "--seed", str(seed), "--out", str(folder)]
 
 
 def plan(suite: Suite, methods: list[BenchMethod], tasks: list[BenchTask], seeds: list[int], out: Path,

@@ -234,9 +234,12 @@ def _pieces(argv: list[str]):
 def with_sft_start(argv: list[str]) -> list[str]:
     """The flags with --student set to the cached SFT student of the same settings (trained now if missing), unless
     --student names a folder or --no-from-sft is given."""
-    shell, setup = _pieces(argv)
-    if not shell.cfg(MiniLLMConfig).from_sft or setup.model.student not in PRESETS:
+    parsed = parse_recipe(RECIPE, argv)
+    model_cfg = parsed.cfg(ModelConfig)
+    # --student-start sft: the run shell starts every student from the SFT student itself (any --student)
+    if not parsed.cfg(MiniLLMConfig).from_sft or model_cfg.student not in PRESETS or model_cfg.student_start == "sft":
         return argv
+    shell, setup = _pieces(argv)
     _, _, folder = get_sft_baseline(setup)
     print(f"[minillm] every student starts from the SFT student {folder}", file=sys.stderr)
     return [*argv, "--student", str(folder)]

@@ -60,16 +60,20 @@ def label(cfg: VanillaConfig) -> str:
 def teacher_outputs(ctx: Context, n: int) -> list[Example]:
     """The teacher's greedy completions of the first n training prompts, cached beside the teacher."""
     prompts = [ex.prompt for ex in ctx.task.train[:n]]
-    budget = prompt_budget(ctx.teacher, ctx.data.max_length, ctx.task.max_new_tokens)
+    # The completion is a training target: prompt + completion must fit --max-length, so the teacher writes at most
+    # half of it (MiniLLM's SeqKD data: 256 new tokens in 512), or the task's own length when that is shorter.
+    new_tokens = min(ctx.task.max_new_tokens, ctx.data.max_length // 2)
+    budget = prompt_budget(ctx.teacher, ctx.data.max_length, new_tokens)
     key = stable_hash(
-        {"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.teacher_source, "budget": budget}
-    )
+        {"prompts": prompts, "teacher": ctx.teacher.config.to_dict(), "source": ctx.teacher_source, "budget": budget,
+         "new_tokens": new_tokens}
+    )  # fmt: skip
     path = ctx.cache / "seqkd" / f"{key}.json"
     if path.exists():
         targets = json.loads(path.read_text())
     else:
         outs = generate(
-            ctx.teacher, ctx.tokenizer, prompts, ctx.task.max_new_tokens, batch_size=256, max_prompt_tokens=budget,
+            ctx.teacher, ctx.tokenizer, prompts, new_tokens, batch_size=256, max_prompt_tokens=budget,
             progress=True,
         )  # fmt: skip
         targets = [o.text for o in outs]
