@@ -36,6 +36,7 @@ from core.objectives import causal_lm_loss
 from core.pretrained import parse_prune, resolve_model_folder
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
+from core.tokenizers import with_bos_on_plain_calls
 from core.train import TrainConfig, Trainer
 
 __all__ = ["BaselineSetup", "cli", "llm_recipe", "run_method"]
@@ -169,6 +170,14 @@ def get_method_baseline(baseline: Baseline, ctx: Context, setup: BaselineSetup, 
     return setup.train_student(baseline.name, extra_key, built.loss_fn, features=ctx.features, collate=collate)
 
 
+def resolved_teacher(model_cfg: ModelConfig, cache: Path) -> ModelConfig:
+    """The settings with a registered teacher name or .gguf file replaced by its safetensors folder (converted
+    once, cached); a folder or the embedded teacher pass unchanged."""
+    if model_cfg.teacher:
+        return replace(model_cfg, teacher=resolve_model_folder(model_cfg.teacher, cache))
+    return model_cfg
+
+
 def tokenizer_info(pair) -> dict[str, Any]:
     """What metrics.json records of a cross-tokenizer run's two tokenizers."""
     return {
@@ -211,8 +220,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         )
     name, out, cache = shell.name, shell.out, shell.cache
     accelerator = shell.accelerator
-    if model_cfg.teacher:  # a registered name or a .gguf file becomes a safetensors folder (converted once, cached)
-        model_cfg = replace(model_cfg, teacher=resolve_model_folder(model_cfg.teacher, cache))
+    model_cfg = resolved_teacher(model_cfg, cache)
     task = load_task(data)
     if cross is not None:  # the student's tokenizer is `tokenizer`; the teacher trains and decodes with its own
         pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
@@ -343,7 +351,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
 
     with atomic_dir(out / "student") as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with_bos_on_plain_calls(tokenizer).save_pretrained(tmp)  # plain tokenizer(prompt) starts as training did
     samples = [
         {"prompt": ex.prompt, "references": list(ex.references), "teacher": t, "sft_student": s, "student": p}
         | {key: preds[i] for key, preds in baseline_preds.items()}

@@ -237,7 +237,7 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         if report.initial:
             quality = [cell_text(report.initial.get(m), m) for m in task.metrics]
             rows.append(["student before training (reference)", *quality, "-", *["-"] * len(COST_KEYS), "reference"])
-        rows += [method_row(s, task) for s in report.summaries]
+        rows += [method_row(s, task) for s in report.summaries if s.status != NOT_APPLICABLE]  # other families
         lines += md_table(columns(task), rows)
         lines += ["", f"### Claims on {task.name}", "", env_line(report), ""]
         claim_rows = [[c["method"], c["paper"], c["claim"], c["verdict"], c["evidence"]] for c in report.claims]

@@ -157,8 +157,9 @@ def warm_start_from_sft(ctx: Context) -> None:
     student: our stand-in for the paper's pre-distillation (Section 2.3), which every variant starts from."""
     _, tokenizer_key = get_tokenizer(ctx.model, ctx.data, ctx.task, ctx.cache)
     setup = BaselineSetup(
-        ctx.tokenizer, tokenizer_key, ctx.task, ctx.data, ctx.model, ctx.train, ctx.cache, ctx.accelerator
-    )
+        ctx.tokenizer, tokenizer_key, ctx.task, ctx.data, ctx.model, ctx.train, ctx.cache, ctx.accelerator,
+        ctx.teacher_source,
+    )  # fmt: skip
     sft_model, _, _ = get_sft_baseline(setup)
     ctx.student.load_state_dict(sft_model.state_dict())
 

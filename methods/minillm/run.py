@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from core.config import EvalConfig, ModelConfig
-from core.data import Collator, DataConfig, encode_examples, encode_prompt, load_task
+from core.data import Collator, DataConfig, chat_prompts, encode_examples, encode_prompt, load_task
 from core.errors import ConfigError
 from core.kdpath import KDPath, KDPathConfig
 from core.losses import forward_kl
@@ -50,7 +50,15 @@ from core.onpolicy import (
     sample_completions,
     teacher_examples,
 )
-from core.pipeline import BaselineSetup, cli, get_kd_baseline, get_method_baseline, get_sft_baseline, llm_recipe
+from core.pipeline import (
+    BaselineSetup,
+    cli,
+    get_kd_baseline,
+    get_method_baseline,
+    get_sft_baseline,
+    llm_recipe,
+    resolved_teacher,
+)
 from core.results import write_metrics
 from core.shell import parse_recipe, run_recipe
 from core.teacher import get_teacher, get_tokenizer
@@ -225,9 +233,13 @@ def _pieces(argv: list[str]):
     """The parsed settings, task, tokenizer, teacher and baseline setup of a run's flags (cached models load)."""
     shell = parse_recipe(RECIPE, argv)
     data, model_cfg, train_cfg = shell.cfg(DataConfig), shell.cfg(ModelConfig), shell.cfg(TrainConfig)
+    model_cfg = resolved_teacher(model_cfg, shell.cache)
     task = load_task(data)
     tokenizer, tokenizer_key = get_tokenizer(model_cfg, data, task, shell.cache)
-    setup = BaselineSetup(tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, shell.cache, shell.accelerator)
+    task = chat_prompts(task, tokenizer, data.prompt_format)  # as the recipe formats them (one tokenizer)
+    setup = BaselineSetup(
+        tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, shell.cache, shell.accelerator, model_cfg.teacher
+    )
     return shell, setup
 
 
