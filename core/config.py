@@ -7,6 +7,7 @@ command line from them with transformers' HfArgumentParser, so `kd_ratio` is bot
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -170,8 +171,8 @@ def parse(
             doc = (cls.__doc__ or "").strip()
             generated = doc.startswith(f"{cls.__name__}(")  # dataclass's own stand-in for a missing docstring
             first = doc.splitlines()[0] if doc and not generated else ""
-            cls._argument_group_name = f"{cls.__name__}: {first}" if first else cls.__name__
-    parser = HfArgumentParser(types, prog=prog, description=description)
+            cls._argument_group_name = f"{first.rstrip('.:')} ({cls.__name__})" if first else cls.__name__
+    parser = HfArgumentParser(types, prog=prog, description=description, formatter_class=_HelpFormatter)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -184,6 +185,11 @@ def parse(
     for instance in instances:
         check_numbers(instance)
     return tuple(instances)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description (a run script's docstring) keeps its lines and indented commands; each flag shows its
+    default (HfArgumentParser's own choice)."""
 
 
 def check_numbers(settings: Any) -> None:

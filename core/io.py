@@ -18,6 +18,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets what open() would have given it
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -48,6 +49,7 @@ def atomic_dir(final: str | os.PathLike, keep_existing: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _follow_umask(tmp)
         if keep_existing:
             try:
                 os.rename(tmp, final)  # fails if final exists and is not empty: then the other writer won
@@ -63,6 +65,23 @@ def atomic_dir(final: str | os.PathLike, keep_existing: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give a finished folder and everything in it the modes mkdir() and open() would have: mkdtemp makes the folder
+    0700, and libraries that write atomically themselves (transformers' save_pretrained) leave 0600 files."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def free_space(folder: str | os.PathLike) -> str:

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from core.config import EvalConfig, ModelConfig, RunConfig
 from core.data import DataConfig, TaskData
 from core.kdpath import KDPath
+from core.shell import module_doc
 from core.train import LossFn, PrepareBatch, Stateful, TrainConfig, count_label_tokens
 
 
@@ -93,7 +94,11 @@ class Method:
     # teacher and student each with their own tokenizer (flags of core.crosstok.CrossTokenizerConfig); batches
     # carry both tokenizations (core.crosstok.PairCollator). A method without it needs one shared vocabulary.
     cross_tokenizer: bool = False
-    description: str = ""  # one paragraph for --help
+    description: str = ""  # for --help; default: the docstring of the run script (the module of make_loss)
+
+    def __post_init__(self) -> None:
+        if not self.description:
+            self.description = module_doc(self.make_loss)
 
     def run_name(self, settings: Any) -> str:
         return self.label(settings) if self.label else self.name

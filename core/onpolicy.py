@@ -188,7 +188,10 @@ class OnPolicyConfig:
     sample_max_new_tokens: int | None = field(
         default=None, metadata={"help": "tokens sampled per completion; default: --max-new-tokens, else the task's"}
     )
-    compare: str = field(default="fkl,rkl", metadata={"help": "word-level KD baselines trained on the same budget"})
+    compare: str = field(
+        default="fkl,rkl",
+        metadata={"help": "word-level KD baselines, each a student trained on the same budget (cached); '' for none"},
+    )
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

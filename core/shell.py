@@ -156,7 +156,8 @@ def make_accelerator(run: RunConfig):
 
 def parse_recipe(recipe: Recipe, argv: list[str] | None) -> RunContext:
     """Parse the flags into a RunContext (no folder created, nothing imported that the recipe does not need)."""
-    instances = parse((*recipe.configs, RunConfig), argv, description=recipe.description or None)
+    description = recipe.description or module_doc(recipe.body)
+    instances = parse((*recipe.configs, RunConfig), argv, prog=_prog(), description=description or None)
     configs = {type(c): c for c in instances}
     run = configs.pop(RunConfig)
     seeds = [c.seed for c in instances if hasattr(c, "seed")]
@@ -165,6 +166,19 @@ def parse_recipe(recipe: Recipe, argv: list[str] | None) -> RunContext:
     task = recipe.task(ctx) if recipe.task else "default"
     ctx.out = Path(run.out or Path("runs") / ctx.name / task / f"seed{ctx.seed}")
     return ctx
+
+
+def module_doc(obj: Any) -> str:
+    """The docstring of the module that defines `obj`: a run script's says what it does and shows the commands."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    return (getattr(module, "__doc__", None) or "").strip()
+
+
+def _prog() -> str | None:
+    """`python -m methods.taid.run` for --help's usage line when the script runs as a module (argparse's default is
+    the file name, run.py, which every package shares)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else None
 
 
 def run_config(recipe: Recipe, ctx: RunContext) -> dict[str, Any]:
@@ -271,11 +285,24 @@ def _run_locked(recipe: Recipe, ctx: RunContext, config: dict[str, Any], created
     if outcome.columns is not None:
         metrics["summary_columns"] = list(outcome.columns)
     write_metrics(out, metrics)
+    png = _plot_training(out, ctx.name)
     for folder in sorted(out.glob("**/checkpoints")):  # the student's and any baseline's trained in the run folder
         shutil.rmtree(folder, ignore_errors=True)
     print_summary(metrics)
+    if png is not None:
+        print(f"plot: {png}", file=sys.stderr)
     print(f"run folder: {out}", file=sys.stderr)
     return metrics
+
+
+def _plot_training(out: Path, name: str) -> Path | None:
+    """training.png beside log.jsonl: the loss, learning rate and gradient norm of every step of the run's own
+    training (every family's Trainer writes log.jsonl into the run folder); None when the run trained nothing there."""
+    if not (out / "log.jsonl").is_file():
+        return None
+    from core.plots import plot_log
+
+    return plot_log(out / "log.jsonl", ["loss", "lr", "grad_norm"], out / "training.png", f"{name}: training")
 
 
 def _drop_unstarted(out: Path, created: bool) -> None:

@@ -65,3 +65,28 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """True when two tokenizers map every token string to the same id."""
     return a.get_vocab() == b.get_vocab()
+
+
+def with_bos_on_plain_calls(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer to save beside a trained student: a plain call, tokenizer(text), prepends BOS as training did.
+
+    The project encodes every prompt as BOS + tokens (core.data.encode_prompt, with add_special_tokens=False), but a
+    trained BPE's or gpt2's own post-processor adds nothing, so `model.generate(**tokenizer(prompt))` on a reloaded
+    student would lack the first token it always saw. The copy returned adds BOS in its post-processor, which only
+    calls with special tokens read (the project's never do). Unchanged when the tokenizer has no BOS or adds it
+    already (Llama's)."""
+    import copy
+
+    from tokenizers import processors
+
+    bos, token = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is None or not tokenizer.is_fast or tokenizer("a b")["input_ids"][:1] == [bos]:
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    backend = out.backend_tokenizer
+    add = processors.TemplateProcessing(single=f"{token} $A", pair=f"{token} $A $B", special_tokens=[(token, bos)])
+    # gpt2's ByteLevel post-processor (offset trimming) is kept, with BOS after it.
+    backend.post_processor = (
+        add if backend.post_processor is None else processors.Sequence([backend.post_processor, add])
+    )
+    return out

@@ -5,8 +5,12 @@
     python -m methods.taid.run --teacher-preset teacher-large   # a larger capacity gap
     python -m methods.taid.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
-Writes the run folder (metrics.json, log.jsonl with t per step, student/) and taid_schedule.png (t and the loss
-over training).
+Before TAID's student, a first run trains three comparison students on the same budget (cached, so later runs of
+the same settings reuse them): SFT, and word-level KD with each --compare divergence (FKL, RKL). --compare ""
+keeps only the SFT baseline.
+
+Writes the run folder (metrics.json, log.jsonl with t per step, student/, training.png) and taid_schedule.png (t and
+the loss over training).
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ class TAIDConfig:
         default="ce",
         metadata={"help": "loss value the schedule reads: ce (official: -sum p_t log q) or kl (KL(p_t || q))"},
     )
-    compare: str = field(default="fkl,rkl", metadata={"help": "word-level KD baselines trained on the same budget"})
+    compare: str = field(
+        default="fkl,rkl",
+        metadata={"help": "word-level KD baselines, each a student trained on the same budget (cached); '' for none"},
+    )
 
     def __post_init__(self) -> None:
         check_schedule(self.t_start, self.t_end, self.alpha, self.beta)
