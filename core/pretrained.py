@@ -185,11 +185,11 @@ def prune_layers(model: PreTrainedModel, k: int) -> PreTrainedModel:
     keep = kept_layers(len(layers), k)
     kept = torch.nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(kept):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_index
+        # The KV cache is indexed by position in the stack: every module of the layer that carries one (Llama's
+        # self_attn, GPT-2's attn and crossattention, the layer itself) gets the layer's new position.
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
     base = student.base_model
     name = next(n for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), torch.nn.ModuleList))
     setattr(base, name, kept)
