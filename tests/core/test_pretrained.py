@@ -163,6 +163,23 @@ def test_gguf_teacher_converts_once_to_the_weights_written(tmp_path, monkeypatch
     assert not torch.equal(load_model(changed).lm_head.weight, converted.lm_head.weight)
 
 
+def test_cli_run_with_a_gguf_teacher_and_a_pruned_student(tmp_path, capsys):
+    """End to end: --teacher PATH.gguf is converted into the run's cache, its tokenizer is the run's, and
+    --student prune:2 keeps layers 0 and 2 of its 3 (the saved student says so); prune:4 of 3 is one line."""
+    path = write_gguf(tmp_path / "t.gguf", tiny_llama(seed=0, layers=3))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = ["--teacher", str(path), "--steps", "2", "--eval-size", "4", "--train-size", "64", "--batch-size", "8",
+            "--warmup-steps", "1", "--max-length", "48", "--cache-dir", str(cache)]  # fmt: skip
+    _fails(vanilla_main, [*argv, "--student", "prune:4", "--out", str(out)], capsys, "prune:4", "3 decoder layers")
+    assert not out.exists()
+    vanilla_main([*argv, "--student", "prune:2", "--out", str(out)])
+    source = Path(json.loads((out / "metrics.json").read_text())["teacher"]["source"])
+    assert source.parent == cache / "gguf" and (source / "model.safetensors").is_file()
+    student = load_model(out / "student")
+    assert student.config.pruned_from_layers == [0, 2] and student.config.vocab_size == len(TOKENS)
+    assert load_tokenizer(out / "student").get_vocab() == load_tokenizer(source).get_vocab()  # the teacher's BPE
+
+
 def test_unreadable_or_missing_gguf_is_one_line(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
@@ -466,6 +483,20 @@ def test_rouge_l_stem_by_hand():
 # ----------------------------------------------------------------------------------------------------------------
 # (g) sampled evaluation
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_decoding_and_start_flags():
+    from core.config import EvalConfig, sampling_seeds
+
+    assert sampling_seeds(EvalConfig()) is None  # greedy by default
+    assert sampling_seeds(EvalConfig(eval_decoding="sample")) == [10, 20, 30, 40, 50]  # the papers' seeds
+    assert sampling_seeds(EvalConfig(eval_decoding="sample", eval_seeds="1, 2,")) == [1, 2]
+    for bad, match in [({"eval_decoding": "beam"}, "greedy or sample"), ({"eval_seeds": "1,x"}, "integers"),
+                       ({"eval_seeds": ","}, "at least one seed")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            EvalConfig(**bad)
+    with pytest.raises(ConfigError, match="--student-start must be init or sft"):
+        ModelConfig(student_start="teacher")
 
 
 def test_sampled_evaluation_averages_the_seeded_passes(tmp_path, bpe):
