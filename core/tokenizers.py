@@ -74,13 +74,16 @@ def with_bos_on_plain_calls(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
     trained BPE's or gpt2's own post-processor adds nothing, so `model.generate(**tokenizer(prompt))` on a reloaded
     student would lack the first token it always saw. The copy returned adds BOS in its post-processor, which only
     calls with special tokens read (the project's never do). Unchanged when the tokenizer has no BOS or adds it
-    already (Llama's)."""
+    already (Llama's), and when it has a chat template: its prompts are the template's text, which begins with the
+    BOS token itself (SmolLM2's <|im_start|>), so training added none and neither must a plain call."""
     import copy
 
     from tokenizers import processors
 
     bos, token = tokenizer.bos_token_id, tokenizer.bos_token
-    if bos is None or not tokenizer.is_fast or tokenizer("a b")["input_ids"][:1] == [bos]:
+    if bos is None or not tokenizer.is_fast or getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if tokenizer("a b")["input_ids"][:1] == [bos]:
         return tokenizer
     out = copy.deepcopy(tokenizer)
     backend = out.backend_tokenizer
