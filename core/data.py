@@ -686,51 +686,43 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """input_ids = prompt + target + EOS; labels copy the target and EOS and are IGNORE_INDEX on the prompt.
 
-    Prompt and target are tokenized separately so the boundary never merges into one token. Long prompts are
-    cut from the left (the end of a prompt matters most), then the whole is cut to max_length."""
+    Prompt and target are tokenized separately so the boundary never merges into one token. When the two do not
+    fit max_length, the prompt keeps at least min(its length, max_length // 2) tokens, cut from the left with BOS
+    kept (the end of a prompt matters most), and the completion is cut from its end to the rest: a completion is
+    never trained without its prompt. MiniLLM / DistiLLM / DSKD truncate the same way (prompts to 256 of 512)."""
     return _encode(tokenizer, prompt, target, max_length)[0]
 
 
 def _encode(
     tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int
-) -> tuple[dict[str, list[int]], bool, int]:
-    """(encode_example's features, whether the prompt was cut to its first token (BOS) alone, target length + EOS)."""
+) -> tuple[dict[str, list[int]], bool]:
+    """(encode_example's features, whether the completion was cut short: its EOS did not fit)."""
     prompt_ids = encode_prompt(tokenizer, prompt)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    keep_prompt = max(1, max_length - len(target_ids))
-    to_bos = keep_prompt == 1 and len(prompt_ids) > 1
+    keep_prompt = max(1, max_length - len(target_ids), min(len(prompt_ids), max_length // 2))
     if len(prompt_ids) > keep_prompt:
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep_prompt + 1 :]
     input_ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}, to_bos, len(target_ids)
+    return {"input_ids": input_ids, "labels": labels}, len(prompt_ids) + len(target_ids) > max_length
 
 
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int, stats: dict | None = None
 ) -> list[dict[str, list[int]]]:
-    """encode_example over `examples`. A prompt cut down to BOS alone (the completion fills max_length) leaves an
-    example that no longer depends on its prompt: `stats`, when given, receives "prompts_cut_to_bos" (and a line
-    goes to stderr when there are any); when every example is cut so, nothing usable is left and DataError says
-    which --max-length keeps a prompt."""
-    features, n_cut, shortest = [], 0, None
+    """encode_example over `examples`. `stats`, when given, receives "completions_cut": how many completions lost
+    their end (and EOS) to --max-length; a line goes to stderr when there are any."""
+    features, n_cut = [], 0
     for ex in examples:
-        feature, to_bos, n_target = _encode(tokenizer, ex.prompt, ex.target, max_length)
+        feature, cut = _encode(tokenizer, ex.prompt, ex.target, max_length)
         features.append(feature)
-        n_cut += to_bos
-        shortest = n_target if shortest is None else min(shortest, n_target)
-    if features and n_cut == len(features):
-        raise DataError(
-            f"--max-length {max_length} cuts the prompt of every one of the {n_cut} examples down to BOS alone: "
-            f"their completions fill it (the shortest is {shortest} tokens with EOS); pass --max-length "
-            f"{shortest + 2} or more, or shorten the completions"
-        )
+        n_cut += cut
     if stats is not None:
-        stats["prompts_cut_to_bos"] = n_cut
+        stats["completions_cut"] = n_cut
         if n_cut:
             print(
-                f"[data] --max-length {max_length} cuts the prompt of {n_cut} of {len(features)} examples down to BOS "
-                "alone (their completions fill it); they train without their prompt: raise --max-length to keep it",
+                f"[data] --max-length {max_length} cuts the completion of {n_cut} of {len(features)} examples short "
+                "(their prompt keeps up to half of it); raise --max-length to train on their ends",
                 file=sys.stderr,
             )
     return features

@@ -376,7 +376,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         },
         extra={
             "teacher": teacher_info,
-            "data": task.report,  # rows dropped per split (empty prompt or completion), prompts cut to BOS alone
+            "data": task.report,  # rows dropped per split (empty prompt or completion), completions cut short
             "student_start": model_cfg.student_start,
             "evaluation": {
                 "n": len(task.eval),

@@ -6,7 +6,16 @@ import json
 import pytest
 import torch
 
-from core.data import IGNORE_INDEX, Collator, DataConfig, Example, encode_example, encode_examples, load_task
+from core.data import (
+    IGNORE_INDEX,
+    Collator,
+    DataConfig,
+    Example,
+    encode_example,
+    encode_examples,
+    encode_prompt,
+    load_task,
+)
 from core.errors import ConfigError, DataError, ModelError
 from core.tokenizers import load_tokenizer, train_bpe
 from tests.conftest import shared_data
@@ -347,25 +356,29 @@ def test_multi30k_empty_lines_are_counted(tmp_path):
     assert task.report["train"] == {"rows": 3, "empty_prompt": 1, "empty_completion": 1, "kept": 1}
 
 
-def test_prompts_cut_to_bos_are_counted_and_all_cut_is_refused():
+def test_long_completions_keep_half_the_length_for_their_prompt_and_are_counted():
     tokenizer = train_bpe(["reverse: a b c = c b a", "x y z w v u"] * 5, 300)
-    long_target = " x y z w v u"
+    prompt, long_target = "reverse: a b c =", " x y z w v u"
+    n_prompt = len(encode_prompt(tokenizer, prompt))  # BOS + prompt tokens
     n_long = len(tokenizer(long_target, add_special_tokens=False)["input_ids"]) + 1  # + EOS
-    # encode_example keeps max(1, max_length - n_long) prompt tokens: at max_length = n_long + 1 that is BOS alone
-    max_length = n_long + 1
-    examples = [
-        Example("reverse: a b c =", long_target, (long_target,)),
-        Example("reverse: a b c =", " c", (" c",)),  # 2 target tokens (c, EOS): the prompt keeps max_length - 2
-    ]
+    max_length = n_long + 1  # the completion alone almost fills it
+    examples = [Example(prompt, long_target, (long_target,)), Example(prompt, " c", (" c",))]
     stats: dict = {}
     features = encode_examples(tokenizer, examples, max_length, stats)
-    assert stats == {"prompts_cut_to_bos": 1}
-    assert features[0]["labels"][:2] == [IGNORE_INDEX, features[0]["input_ids"][1]]  # BOS, then the target at once
-    assert features[0]["input_ids"][0] == tokenizer.bos_token_id
-    with pytest.raises(DataError, match=f"every one of the 1 examples .* pass --max-length {n_long + 2} or more"):
-        encode_examples(tokenizer, examples[:1], max_length)
-    kept = encode_examples(tokenizer, examples[:1], n_long + 2, stats)  # the suggested length keeps one prompt token
-    assert kept[0]["labels"][:2] == [IGNORE_INDEX, IGNORE_INDEX] and stats == {"prompts_cut_to_bos": 0}
+    assert stats == {"completions_cut": 1}
+    # The prompt keeps min(n_prompt, max_length // 2) tokens (BOS first, then its end); the completion the rest,
+    # without its EOS: it was cut.
+    keep = min(n_prompt, max_length // 2)
+    first = features[0]
+    assert len(first["input_ids"]) == max_length and first["input_ids"][0] == tokenizer.bos_token_id
+    assert first["labels"][:keep] == [IGNORE_INDEX] * keep and IGNORE_INDEX not in first["labels"][keep:]
+    assert first["labels"][-1] != tokenizer.eos_token_id
+    # The short example fits whole: its prompt untouched, its EOS kept.
+    second = features[1]
+    assert second["input_ids"][:n_prompt] == encode_prompt(tokenizer, prompt)
+    assert second["labels"][-1] == tokenizer.eos_token_id
+    kept = encode_examples(tokenizer, examples[:1], n_prompt + n_long, stats)  # room for both: nothing cut
+    assert stats == {"completions_cut": 0} and kept[0]["labels"][-1] == tokenizer.eos_token_id
 
 
 def test_latin1_jsonl_names_file_line_and_fix(tmp_path):
