@@ -31,7 +31,7 @@ from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
 from core.train import TrainConfig, Trainer, TrainResult
 
 # Bump when what a cached folder holds changes, so old caches are retrained rather than misread.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: a long completion no longer pushes its prompt out (core.data.encode_example)
 
 
 def task_key(data: DataConfig, task: TaskData) -> dict[str, Any]:
