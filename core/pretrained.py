@@ -101,7 +101,7 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
     from core.shell import cached_folder
 
     digest = file_sha256(gguf)
-    key = {"gguf_sha256": digest, "format": 1}
+    key = {"gguf_sha256": digest, "format": 2}  # 2: no tokenizer token past the model's rows (rows_only)
 
     def build(tmp: Path) -> None:
         import sys
@@ -116,8 +116,25 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
             raise ModelError(f"cannot load the GGUF file {gguf}: {exc}") from exc
         dequantized(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        rows_only(tmp / "tokenizer.json", model.config.vocab_size)
 
     return cached_folder(cache / "gguf", {**key, "name": gguf.name}, build)
+
+
+def rows_only(tokenizer_file: Path, rows: int) -> None:
+    """Drop from a saved tokenizer the added tokens whose id has no row in the model. transformers builds a GGUF
+    byte-level tokenizer through GPT2Tokenizer, which adds its default special token <|endoftext|> when the file's
+    vocabulary lacks it (Llama 3's, whose end token is <|end_of_text|>): one id past the embeddings, which a run would refuse as a vocabulary
+    mismatch (core.teacher.check_same_vocabulary), and which no text needs (the file's own specials are kept)."""
+    import json
+    import sys
+
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    extra = [t["content"] for t in spec.get("added_tokens", []) if t["id"] >= rows]
+    if extra:
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < rows]
+        tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        print(f"[gguf] dropped {', '.join(extra)}: added by the loader, no row in the model", file=sys.stderr)
 
 
 def dequantized(model: PreTrainedModel) -> PreTrainedModel:

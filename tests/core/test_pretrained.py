@@ -72,7 +72,7 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM) -> Path:
+def write_gguf(path: Path, model: LlamaForCausalLM, tokens: list[str] = TOKENS) -> Path:
     """`model` as llama.cpp writes a Llama: metadata, a 'gpt2' (byte-level BPE) tokenizer with a chat template,
     and every tensor in F32 under its GGUF name, so the conversion must give back exactly these weights."""
     import gguf
@@ -92,11 +92,11 @@ def write_gguf(path: Path, model: LlamaForCausalLM) -> Path:
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([1] * (len(TOKENS) - 3) + [3, 3, 3])  # 1 normal, 3 control (the special tokens)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<") else 1 for t in tokens])  # 1 normal, 3 control (specials)
     writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
+    writer.add_bos_token_id(tokens.index("<s>"))
+    writer.add_eos_token_id(tokens.index("</s>"))
     writer.add_chat_template(TEMPLATE)
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -161,6 +161,19 @@ def test_gguf_teacher_converts_once_to_the_weights_written(tmp_path, monkeypatch
     changed = Path(resolve_model_folder(str(path), cache))
     assert changed != folder and changed.parent == cache / "gguf" and folder.is_dir()
     assert not torch.equal(load_model(changed).lm_head.weight, converted.lm_head.weight)
+
+
+def test_a_vocabulary_without_endoftext_keeps_one_token_per_row(tmp_path):
+    """transformers' loader adds <|endoftext|> to a byte-level vocabulary that lacks it (Llama 3's): an id with
+    no row in the model, which the conversion drops, so the run's vocabulary check accepts the teacher."""
+    tokens = [t for t in TOKENS if t != "<|endoftext|>"]
+    path = write_gguf(tmp_path / "llama3ish.gguf", tiny_llama(seed=0, vocab=len(tokens)), tokens)
+    folder = resolve_model_folder(str(path), tmp_path / "cache")
+    tokenizer, model = load_tokenizer(folder), load_model(folder)
+    assert len(tokenizer) == model.get_output_embeddings().weight.shape[0] == len(tokens)
+    assert tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) == tokens  # every token at the file's id
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (tokens.index("<s>"), tokens.index("</s>"))
+    assert max(tokenizer("a <|endoftext|> b <s>", add_special_tokens=False)["input_ids"]) < len(tokens)
 
 
 def test_cli_run_with_a_gguf_teacher_and_a_pruned_student(tmp_path, capsys):
