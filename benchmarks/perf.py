@@ -2,7 +2,7 @@
 
     nox -s perf                                   # installs the `perf` extra (TRL) and runs this file
     python benchmarks/perf.py                     # everything (about 20-30 minutes on 2 CPU cores)
-    python benchmarks/perf.py --only step,cache   # the KD step and the cache only (about 13 minutes)
+    python benchmarks/perf.py --only step,cache   # the KD step and the cache only (13-24 minutes by load)
     python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat
     python benchmarks/perf.py --smoke             # every case at toy sizes, in this process (seconds; a test)
 
@@ -756,7 +756,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache-k", type=int, default=64, help="cache section: the --teacher-cache-k measured")
     parser.add_argument("--repeats", type=int, default=3, help="loss level: repeats per case (the median is shown)")
-    parser.add_argument("--steps", type=int, default=None, help="step level: timed steps per run (default 6)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="step level: timed steps per run (default 5; --quick 3)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="step level: untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="step level: runs per loop, round-robin")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "perf_results.md"), help="where to write the table")
