@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +99,29 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def cached_folder(root: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """root/<hash of key>: built once by `build(tmp)` under a file lock (a second process waits, then reads it),
+    renamed into place atomically with cache_key.json beside what it built (core.shell.RunContext.cached)."""
+    from filelock import FileLock
+
+    final = root / stable_hash(key)
+    done = final / "cache_key.json"
+    if done.is_file():
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from core.errors import ConfigError
+
+        raise ConfigError(
+            f"cannot write the cache folder {root} ({exc.strerror}); pass a writable --cache-dir"
+        ) from exc
+    with FileLock(str(final) + ".lock"):
+        if done.is_file():  # another process built it while we waited
+            return final
+        with atomic_dir(final) as tmp:
+            build(tmp)
+            atomic_write_json(tmp / "cache_key.json", key)
+    return final

@@ -98,7 +98,7 @@ def file_sha256(path: Path) -> str:
 
 def convert_gguf(gguf: Path, cache: Path) -> Path:
     """A safetensors folder (model + tokenizer + chat template) of a GGUF file, converted once and cached."""
-    from core.shell import cached_folder
+    from core.io import cached_folder
 
     digest = file_sha256(gguf)
     key = {"gguf_sha256": digest, "format": 2}  # 2: no tokenizer token past the model's rows (rows_only)

@@ -28,7 +28,7 @@ from typing import Any
 
 from core.config import RunConfig, cache_root, parse, to_dict
 from core.errors import ConfigError, DistillError, NonFiniteLossError, OutputDirError, ResourceError, out_of_memory
-from core.io import atomic_dir, atomic_write_json, free_space, stable_hash
+from core.io import atomic_dir, atomic_write_json, cached_folder, free_space, stable_hash  # noqa: F401 (cached_folder: re-exported)
 from core.results import env_info, format_table, prepare_run_dir, read_metrics, write_metrics
 
 # What a recipe trains and is judged on; the benchmark runs a method only on tasks of its family.
@@ -114,29 +114,6 @@ class RunContext:
         same entry wait on a file lock while one builds it; the folder appears by atomic rename, so a reader never
         sees half of it, and a builder killed midway leaves nothing that looks complete."""
         return cached_folder(self.cache / kind, key, build)
-
-
-def cached_folder(root: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """See RunContext.cached."""
-    from filelock import FileLock
-
-    final = root / stable_hash(key)
-    done = final / "cache_key.json"
-    if done.is_file():
-        return final
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write the cache folder {root} ({exc.strerror}); pass a writable --cache-dir"
-        ) from exc
-    with FileLock(str(final) + ".lock"):
-        if done.is_file():  # another process built it while we waited
-            return final
-        with atomic_dir(final) as tmp:
-            build(tmp)
-            atomic_write_json(tmp / "cache_key.json", key)
-    return final
 
 
 def make_accelerator(run: RunConfig):
