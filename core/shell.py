@@ -97,7 +97,7 @@ class RunContext:
     def is_main_process(self) -> bool:
         from accelerate import PartialState
 
-        return PartialState().is_main_process
+        return PartialState(cpu=cpu_only(self.run)).is_main_process
 
     def trainer(self, model, loss_fn, features, collate, train, subdir: str | None = None, **kwargs):
         """A core.train.Trainer writing into the run folder (or run folder/subdir, e.g. for a baseline)."""
@@ -128,7 +128,19 @@ def make_accelerator(run: RunConfig):
         raise ConfigError("--device mps: no MPS device is available here; use --device cpu or auto")
     # transformers' own per-file progress bars would interleave with ours on every save and load.
     hf_logging.disable_progress_bar()
-    return Accelerator(cpu=run.device == "cpu")
+    return Accelerator(cpu=cpu_only(run))
+
+
+def cpu_only(run: RunConfig) -> bool:
+    """Whether the run uses the CPU alone: --device cpu, or auto on a machine with no accelerator. Accelerate is
+    told so (cpu=True), which is also what makes it join the processes of a CPU multi-process launch (torchrun,
+    accelerate launch) into one gloo group; without it each process of such a launch runs alone."""
+    import torch
+
+    if run.device == "cpu":
+        return True
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    return run.device == "auto" and not torch.cuda.is_available() and not mps
 
 
 def parse_recipe(recipe: Recipe, argv: list[str] | None) -> RunContext:

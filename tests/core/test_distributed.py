@@ -41,11 +41,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LAUNCH_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on a machine without a GPU, core.shell's RunContext.is_main_process creates Accelerate's PartialState "
-    "without cpu=True before the Accelerator exists, so every process runs alone (rank 1 is refused the run lock)",
-)
 def test_two_processes_equal_one(tmp_path):
     one = tmp_path / "one"
     subprocess.run(
