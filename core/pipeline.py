@@ -37,7 +37,7 @@ from core.pretrained import parse_prune, resolve_model_folder
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
 from core.tokenizers import with_bos_on_plain_calls
-from core.train import TrainConfig, Trainer
+from core.train import TrainConfig, Trainer, check_batch_size
 
 __all__ = ["BaselineSetup", "cli", "llm_recipe", "run_method"]
 
@@ -222,6 +222,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     accelerator = shell.accelerator
     model_cfg = resolved_teacher(model_cfg, cache)
     task = load_task(data)
+    check_batch_size(train_cfg.batch_size, len(task.train))  # before the teacher or any baseline trains
     if cross is not None:  # the student's tokenizer is `tokenizer`; the teacher trains and decodes with its own
         pair = get_tokenizer_pair(model_cfg, cross, data, task, cache)
         tokenizer, tokenizer_key = pair.student, pair.student_key

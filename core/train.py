@@ -144,6 +144,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def check_batch_size(batch_size: int, n_examples: int, flag: str = "--batch-size") -> None:
+    """Refuse a global batch larger than the training set (every step would repeat examples, at the memory cost of
+    the full batch). For a recipe whose user sets both; not in Trainer, which also trains on sets that are small by
+    design (a privacy budget's few answered queries)."""
+    if batch_size > n_examples:
+        raise ConfigError(
+            f"{flag} {batch_size} is larger than the {n_examples} training examples (every step would repeat "
+            f"examples, at the memory cost of the full batch); pass {flag} {n_examples} or less"
+        )
+
+
 def example_indices(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
     """Dataset indices of the global batch of optimizer step `step`: epochs are independent permutations."""
     out = []
@@ -206,13 +217,6 @@ class Trainer:
             )
         if not features:
             raise ConfigError("there are no training examples")
-        if cfg.batch_size > len(features):
-            flag = "--teacher-batch-size" if desc.startswith("teacher") else "--batch-size"  # the embedded teacher's
-            raise ConfigError(
-                f"[{desc}] a batch of {cfg.batch_size} examples is larger than the {len(features)} training examples "
-                f"(every step would repeat examples, at the memory cost of the full batch); pass {flag} "
-                f"{len(features)} or less"
-            )
         self.cfg, self.loss_fn, self.features, self.collate = cfg, loss_fn, features, collate
         self.accelerator, self.count_fn, self.state, self.desc = accelerator, count_fn, state or {}, desc
         self.throughput_fn, self.unit = throughput_fn, unit

@@ -275,10 +275,12 @@ def test_interrupt_is_one_line_with_exit_130(capsys):
 
 
 def test_batch_larger_than_the_training_set(tmp_path, capsys):
-    """--batch-size 100000 on 500 examples: refused before the run's first step, not an out-of-memory traceback."""
+    """--batch-size 100000 on 500 examples: refused once the task is read, before the teacher or any student trains,
+    rather than an out-of-memory traceback."""
     out = tmp_path / "o"
+    argv = [*TINY, "--batch-size", "100000", "--out", str(out)]
     _fails(
-        vanilla_main, [*TINY, "--batch-size", "100000", "--out", str(out)], capsys, "larger than the", "--batch-size"
+        vanilla_main, argv, capsys, "--batch-size 100000 is larger than the 500 training", "--batch-size 500 or less"
     )
     assert not out.exists()
 
