@@ -2,6 +2,7 @@
 same-vocabulary teacher: every KD path compares the distributions over the tokenizer's ids (issue 14, item 3)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -112,3 +113,21 @@ def test_a_head_narrower_than_the_tokenizer_is_refused(setup):
     small = train_bpe(["zebra quokka"] * 50, 280)
     with pytest.raises(VocabularyMismatchError, match=rf"student has {len(small)} output rows for the tokenizer"):
         check_same_vocabulary(_padded_teacher(tokenizer), build_model("tiny", small, seed=0), "kd", tokenizer)
+
+
+def test_a_run_with_a_padded_teacher_folder_trains_and_evaluates(setup, tmp_path):
+    """Through the CLI recipe: the folder's teacher (head padded by 7 rows) and its own tokenizer are accepted (they
+    used to be refused as "needs teacher and student to share a vocabulary"), the student is built from that
+    tokenizer, and KD trains and evaluates."""
+    from methods.vanilla.run import main
+
+    tokenizer, _ = setup
+    _padded_teacher(tokenizer).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    argv = ["--teacher", str(tmp_path / "teacher"), "--student", "tiny", "--steps", "4", "--batch-size", "8",
+            "--train-size", "64", "--eval-size", "4", "--warmup-steps", "1", "--out", str(out)]  # fmt: skip
+    metrics = main(argv)
+    assert metrics["train"]["steps"] == 4 and "teacher" in metrics["eval"]
+    student = json.loads((out / "student" / "config.json").read_text())
+    assert student["vocab_size"] == len(tokenizer)  # the student's head is the tokenizer's, not the padded width
