@@ -211,17 +211,18 @@ def check_same_vocabulary(
                     f"{method} needs teacher and student to share a vocabulary, but the {role} has {rows} output rows "
                     f"for the tokenizer's {n} tokens. {hint}"
                 )
-        own = _folder_tokenizer(teacher)
-        if own is not None and not same_vocabulary(own, tokenizer):
-            raise VocabularyMismatchError(
-                f"{method} needs teacher and student to share a vocabulary, but the teacher folder "
-                f"{teacher.name_or_path} carries a tokenizer of other ids ({len(own)} tokens) than the run's "
-                f"({n} tokens). Pass --tokenizer {teacher.name_or_path} (or omit --tokenizer), or use a cross-tokenizer "
-                "method (methods/dskd)."
-            )
+        for role, model in (("teacher", teacher), ("student", student)):
+            own = _folder_tokenizer(model)
+            if own is not None and not same_vocabulary(own, tokenizer):
+                raise VocabularyMismatchError(
+                    f"{method} needs teacher and student to share a vocabulary, but the {role} folder "
+                    f"{model.name_or_path} carries a tokenizer of other ids ({len(own)} tokens) than the run's "
+                    f"({n} tokens). Pass --tokenizer {model.name_or_path} (or omit --tokenizer), or use a "
+                    "cross-tokenizer method (methods/dskd)."
+                )
     if tv == sv:
         return teacher
-    if tokenizer is None or tv < sv:
+    if tokenizer is None or tv < sv:  # a wider student: another vocabulary, or a head padded beyond the teacher's
         raise VocabularyMismatchError(
             f"{method} needs teacher and student to share a vocabulary, but the teacher has {tv} output rows and the "
             f"student {sv}. {hint}"
@@ -241,7 +242,8 @@ def _folder_tokenizer(teacher: PreTrainedModel) -> PreTrainedTokenizerBase | Non
     """The tokenizer saved beside a teacher loaded from a folder, if it carries one."""
     from core.tokenizers import TOKENIZER_FILES
 
-    folder = Path(str(getattr(teacher, "name_or_path", "") or ""))
-    if not str(folder) or not folder.is_dir() or not any((folder / name).exists() for name in TOKENIZER_FILES):
+    name = str(getattr(teacher, "name_or_path", "") or "")
+    folder = Path(name)
+    if not name or not folder.is_dir() or not any((folder / file).exists() for file in TOKENIZER_FILES):
         return None
     return load_tokenizer(folder)

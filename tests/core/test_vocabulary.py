@@ -131,3 +131,12 @@ def test_a_run_with_a_padded_teacher_folder_trains_and_evaluates(setup, tmp_path
     assert metrics["train"]["steps"] == 4 and "teacher" in metrics["eval"]
     student = json.loads((out / "student" / "config.json").read_text())
     assert student["vocab_size"] == len(tokenizer)  # the student's head is the tokenizer's, not the padded width
+
+
+def test_a_student_wider_than_the_teacher_is_refused(setup):
+    """Both heads cover the tokenizer but the student's is wider: its extra rows would have no teacher column (and
+    without a tokenizer in its folder, another vocabulary cannot be told from padding), so it is refused."""
+    tokenizer, _ = setup
+    teacher = build_model("tiny", tokenizer, seed=1)  # one row per token
+    with pytest.raises(VocabularyMismatchError, match=r"teacher has \d+ output rows and the student \d+.*methods/dskd"):
+        check_same_vocabulary(teacher, _padded_teacher(tokenizer), "kd", tokenizer)
