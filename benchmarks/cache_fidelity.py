@@ -3,7 +3,9 @@
     python benchmarks/cache_fidelity.py --n 64                          # SmolLM2-135M-Instruct on 64 Dolly examples
     python benchmarks/cache_fidelity.py --n 64 --students prune:6,prune:24,noise:0.5 --cache-dir DIR
 
-Writes benchmarks/cache_fidelity.md (or --out) with the command, date, machine and versions, and prints it.
+Writes benchmarks/cache_fidelity.md (or --out) with the command, date, machine and versions, and prints it; the
+numbers also go to the .json beside it. The committed cache_fidelity.md joins two runs (forward and reverse KL on 64
+examples, the default; the other four divergences on 16) and a hand-written findings section: rerunning overwrites it.
 
 What it measures (issue 12). The teacher is `--teacher` (default smollm2-135m-instruct, through
 core.pretrained.resolve_model_folder); the data the first --n Dolly training examples in the teacher's chat template
