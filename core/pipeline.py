@@ -323,8 +323,12 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         cut["teacher"],
     )
     initial_scores = {}
-    if parse_prune(model_cfg.student) is not None or Path(model_cfg.student).is_dir():
-        # A pretrained student before any training (the un-distilled pruned model): a reference row, cached.
+    user_folder = Path(model_cfg.student).is_dir() and not Path(model_cfg.student).resolve().is_relative_to(
+        cache.resolve()
+    )
+    if parse_prune(model_cfg.student) is not None or user_folder:
+        # A pretrained student before any training (the un-distilled pruned model, a user's checkpoint): a reference
+        # row, cached. Not for a folder of the cache itself (MiniLLM starts from the cached SFT student: that row).
         fresh = replace(setup, start=None)
         cut["initial_student"] = {}
         initial_scores, _ = evaluate_cached(
