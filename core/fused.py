@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.losses import Divergence, divergence_temperature, forward_kl, reverse_kl, sparse_divergence
+from core.losses import (
+    Divergence,
+    divergence_temperature,
+    forward_kl,
+    reverse_kl,
+    sampled_forward_kl,
+    sparse_divergence,
+)
 
 # Positions per chunk when none is given: about 2^24 logits per chunk (64 MB in float32), e.g. 110 positions at a
 # vocabulary of 151,936 and 2,048 at 8,192.
@@ -61,11 +68,15 @@ class LinearHead:
 class SparseTeacher:
     """The teacher at the N valid positions of a batch, in row-major order of the mask (as `mask.nonzero()`):
     its top-k log-probabilities (N, k), their token ids (N, k) and the log of the remaining mass (N,) (-inf when
-    k is the whole vocabulary). Log-probabilities are at the divergence's temperature (core.logit_cache records it)."""
+    k is the whole vocabulary). Log-probabilities are at the divergence's temperature (core.logit_cache records it).
+    A sampled tail adds m ids drawn from the teacher's tail (N, m) and its entropy (N,): then the loss is the
+    unbiased forward KL of core.losses.sampled_forward_kl, and only forward KL is accepted."""
 
     logprobs: torch.Tensor
     indices: torch.Tensor
     tail_logprob: torch.Tensor
+    sample_ids: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.logprobs.shape[0]
@@ -180,8 +191,12 @@ def fused_kd_sums(
     def teacher_chunk(start: int, end: int) -> torch.Tensor | SparseTeacher:
         b, t = batch_idx[start:end], pos_idx[start:end]
         if isinstance(teacher, SparseTeacher):
+            sampled = (teacher.sample_ids, teacher.entropy) if teacher.sample_ids is not None else ()
             return SparseTeacher(
-                teacher.logprobs[start:end], teacher.indices[start:end], teacher.tail_logprob[start:end]
+                teacher.logprobs[start:end],
+                teacher.indices[start:end],
+                teacher.tail_logprob[start:end],
+                *(column[start:end] for column in sampled),
             )
         if isinstance(teacher, LinearHead):
             with torch.no_grad():
@@ -197,7 +212,14 @@ def fused_kd_sums(
             return _closed_form_chunk(analytic, student_logits, target, targets, start, end, kd_ratio, need_grad)
         with torch.enable_grad():  # autograd.Function.forward runs with grad disabled
             leaf = student_logits.detach().requires_grad_(need_grad)
-            if isinstance(target, SparseTeacher):
+            if isinstance(target, SparseTeacher) and target.sample_ids is not None:
+                if analytic is None or analytic[0] != "fkl":
+                    raise ValueError("a sparse teacher with a sampled tail serves forward KL only")
+                kd = sampled_forward_kl(
+                    leaf, target.logprobs, target.indices, target.tail_logprob, target.sample_ids, target.entropy,
+                    analytic[1],
+                ).sum()  # fmt: skip
+            elif isinstance(target, SparseTeacher):
                 kd = sparse_divergence(divergence, leaf, target.logprobs, target.indices, target.tail_logprob).sum()
             else:
                 kd = divergence(leaf, target).sum()

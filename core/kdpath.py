@@ -3,10 +3,19 @@
     --fused            no full logits: both models' logits are projected from their final hidden states, a chunk
                        of valid positions at a time (exact; core.fused)
     --chunk-size C     full logits, but the loss and its gradient C positions at a time (exact; core.fused)
-    --teacher-cache    the teacher's top-k log-probabilities computed once over the training data and read back
-                       (core.logit_cache), shared by every method, baseline and seed of the same teacher and data;
-                       the tail outside the top k is one bucket, so it is exact only at k = vocabulary size
+    --teacher-cache    the teacher's top-k log-probabilities, m ids sampled from the rest and its entropy, computed
+                       once over the training data and read back (core.logit_cache), shared by every method,
+                       baseline and seed of the same teacher and data; forward KL reads it without bias
     --teacher-cache-k  that k
+    --teacher-cache-samples  that m (default 64; 0: the tail as one bucket, which reads forward KL low)
+
+Below the vocabulary size (k < V) the cache holds the teacher's distribution only through the top k and a sample,
+which makes forward KL (value and gradient) unbiased and nothing else: on SmolLM2-135M at k = 64 the tail bucket
+reads reverse KL 78% low with a gradient unrelated to the true one, and JSD, TVD and the skew KLs with gradient
+cosines 0.83-0.90 (benchmarks/cache_fidelity.md). So every other divergence, and every method that reads the
+teacher's full logits (`teacher_logits`: TAID, GKD, DistiLLM, SinKD), is refused at make_loss time with a
+ConfigError; at k >= V the cache is exact and serves them all. (TAID's target softmax(t log p + (1 - t) log q) is
+not linear in p, so a sampled tail gives it no unbiased gradient either.)
 
 The LLM recipe (core.pipeline) builds one `KDPath` per run and hands it to the method (`Context.kd`) and to the
 word-level KD baselines, so every KD student of a run takes the same path; metrics.json records which one ran
@@ -29,9 +38,11 @@ import torch
 
 from core.errors import ConfigError, DataError
 from core.logit_cache import TeacherLogitCache, example_key, get_logit_cache, teacher_fingerprint
-from core.losses import Divergence, divergence_temperature
+from core.losses import DIVERGENCES, Divergence, divergence_temperature, forward_kl
 from core.objectives import make_kd_loss, shifted_targets, teacher_forward
 from core.train import LossOutput
+
+CACHE_SEED = 0  # the seed of the sampled tail (in the cache key): every run of a teacher and data shares one cache
 
 
 @dataclass
@@ -43,7 +54,12 @@ class KDPathConfig:
         metadata={"help": "train from the teacher's cached top-k log-probs (computed once, shared across runs)"},
     )
     teacher_cache_k: int = field(
-        default=64, metadata={"help": "k of the teacher cache (exact only at the vocabulary size; tail = one bucket)"}
+        default=64,
+        metadata={"help": "k of the teacher cache (below the vocabulary size, forward KL only: module docstring)"},
+    )
+    teacher_cache_samples: int = field(
+        default=64,
+        metadata={"help": "tail ids sampled per position into the teacher cache (unbiased forward KL; 0: one bucket)"},
     )
     fused: bool = field(default=False, metadata={"help": "project logits from hidden states chunk by chunk (exact)"})
     chunk_size: int | None = field(
@@ -53,6 +69,8 @@ class KDPathConfig:
     def __post_init__(self) -> None:
         if self.teacher_cache_k < 1:
             raise ConfigError(f"--teacher-cache-k must be at least 1, got {self.teacher_cache_k}")
+        if self.teacher_cache_samples < 0:
+            raise ConfigError(f"--teacher-cache-samples must be at least 0, got {self.teacher_cache_samples}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
 
@@ -60,12 +78,14 @@ class KDPathConfig:
     def name(self) -> str:
         """The path in words, as metrics.json records it: plain, chunked, fused, each optionally + cache(k)."""
         student = "fused" if self.fused else ("chunked" if self.chunk_size is not None else "plain")
-        return student + (f"+cache(k={self.teacher_cache_k})" if self.teacher_cache else "")
+        return student + (f"+cache(k={self.teacher_cache_k})" if self.teacher_cache else "")  # m: summary()
 
     def result_key(self) -> dict[str, Any]:
         """What of the path changes a trained student (for cache keys): only the lossy teacher cache; the fused and
         chunked paths compute the same loss and gradient as the plain one."""
-        return {"teacher_cache_k": self.teacher_cache_k} if self.teacher_cache else {}
+        if not self.teacher_cache:
+            return {}
+        return {"teacher_cache_k": self.teacher_cache_k, "teacher_cache_samples": self.teacher_cache_samples}
 
 
 class KDPath:
@@ -111,6 +131,8 @@ class KDPath:
                 pad_token_id=self.pad_token_id,
                 k=self.cfg.teacher_cache_k,
                 temperature=temperature,
+                samples=self.cfg.teacher_cache_samples,
+                seed=CACHE_SEED,
                 teacher_id=self._teacher_id,
                 progress=True,
             )
@@ -137,6 +159,10 @@ class KDPath:
             return make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)
         if features is None:
             raise ValueError("KDPath.loss needs the training features when the teacher cache is on")
+        function = getattr(divergence, "func", divergence)
+        if function is not forward_kl:
+            name = {fn: key for key, fn in DIVERGENCES.items()}.get(function, getattr(function, "__name__", "?"))
+            self.require_exact_cache(f"the divergence {name}")
         cache = self.cache_for(features, divergence_temperature(divergence))
         cached = make_kd_loss(None, divergence, kd_ratio, cfg.chunk_size, cfg.fused, teacher_cache=cache)
 
@@ -152,12 +178,13 @@ class KDPath:
     def teacher_logits(self, batch: dict[str, torch.Tensor], features=None, temperature: float = 1.0) -> torch.Tensor:
         """The teacher's full (B, T, V) scores for a method that needs every logit (TAID's interpolation).
 
-        Without the cache: the teacher's logits. With it: log-probabilities rebuilt from the cache at the valid
-        positions (the top k at their ids, the tail mass spread evenly over the other V - k ids; zeros elsewhere).
-        Log-probabilities differ from logits by a constant per position, which a softmax ignores, so at k = V a
-        method that only applies softmax-invariant operations gets exactly the live teacher's distribution."""
+        Without the cache: the teacher's logits. With it (k >= V only, `require_exact_cache`): log-probabilities
+        rebuilt from the cache at the valid positions (zeros elsewhere). Log-probabilities differ from logits by a
+        constant per position, which a softmax ignores, so a method that only applies softmax-invariant operations
+        gets exactly the live teacher's distribution."""
         if not self.cfg.teacher_cache:
             return teacher_forward(self.teacher, batch)
+        self.require_exact_cache("a method that reads every teacher logit")
         if features is None:
             raise ValueError("KDPath.teacher_logits needs the training features when the teacher cache is on")
         cache = self.cache_for(features, temperature)
@@ -172,6 +199,26 @@ class KDPath:
         dense = torch.zeros(*mask.shape, vocab, dtype=rows.dtype, device=rows.device)  # (B, T, V)
         dense[mask] = rows
         return dense
+
+    def require_exact_cache(self, what: str) -> None:
+        """Refuse `what` (a divergence other than forward KL, or a method reading `teacher_logits`) on a teacher cache
+        below the vocabulary size, where only forward KL is honest (module docstring). Call it in make_loss."""
+        if not self.cfg.teacher_cache:
+            return
+        vocab = self._vocab_size()
+        if vocab is None or self.cfg.teacher_cache_k >= vocab:
+            return
+        raise ConfigError(
+            f"{what} through --teacher-cache-k {self.cfg.teacher_cache_k} (< the vocabulary, {vocab}) is not "
+            "honest: only forward KL reads a top-k cache without bias (on SmolLM2-135M at k = 64 reverse KL reads "
+            "78% low with an unrelated gradient, JSD/TVD/skew KLs have gradient cosines 0.83-0.90: "
+            f"benchmarks/cache_fidelity.md); drop --teacher-cache (the live teacher) or pass --teacher-cache-k {vocab}"
+        )
+
+    def _vocab_size(self) -> int | None:
+        if self.teacher is not None:
+            return self.teacher.get_output_embeddings().weight.shape[0]
+        return next((cache.vocab_size for cache in self._caches.values()), None)
 
     def release_teacher(self) -> None:
         """Drop this path's reference to the teacher, to train from the teacher cache alone (module docstring)."""
@@ -203,6 +250,7 @@ class KDPath:
             lookups = self.hits + self.misses
             out["cache"] = {
                 "k": self.cfg.teacher_cache_k,
+                "samples": self.cfg.teacher_cache_samples,
                 "bytes_per_token": [c.bytes_per_token for c in self._caches.values()],
                 "folders": [str(c.folder) for c in self._caches.values()],
                 "hit_rate": self.hits / lookups if lookups else None,

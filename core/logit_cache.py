@@ -3,15 +3,22 @@
 For every position that counts (a completion token: labels[t + 1] != -100), the cache stores the teacher's top-k
 log-probabilities (float16 by default), their token ids (uint16 when the vocabulary fits, else int32) and the log
 of the mass outside the top-k (float32, computed as a log-sum-exp over the complement, so it stays exact when the
-top-k hold nearly everything). Divergences then compare the student with it on k + 1 buckets, the tail as one
-bucket (core.losses.sparse_divergence). At k = 64 and a 151,936-token vocabulary that is 64 x (2 + 4) + 4 = 388
-bytes per token, against 607,744 for the float32 row.
+top-k hold nearly everything). With `samples` = m > 0 (and k < V) it also stores m ids drawn with replacement from
+the teacher's tail (p restricted to the ids outside the top k, renormalised; seeded by the key's `seed`, so a cache
+is reproducible) and the teacher's entropy H(p) (float32): forward KL then reads -H(p) - sum_v p_hat_v log q_v with
+p_hat = p on the top k plus P_tail / m per draw, an unbiased estimate of its value and gradient
+(core.losses.sampled_forward_kl; Anshumann et al., 2025). No other divergence is unbiased from a sample of p, so a
+sampled cache serves forward KL only (`check_divergence`). With m = 0 divergences compare the student with the cache
+on k + 1 buckets, the tail as one bucket (core.losses.sparse_divergence): exact at k = V, but on SmolLM2-135M at
+k = 64 it reads forward KL 6-13% low and reverse KL 78% low (benchmarks/cache_fidelity.md). At k = 64, m = 64 and a
+49,152-token vocabulary that is 64 x (2 + 2) + 64 x 2 + 4 + 4 = 392 bytes per token, against 98,304 for a float16 row.
 
 Layout (root: <cache>/logit_cache/<key hash>/, written by core.io.atomic_dir, so a reader sees either no cache or
 a complete one):
-    manifest.json         the key (teacher, tokenizer, data, k, temperature, format), sizes, the shard list
+    manifest.json         the key (teacher, tokenizer, data, k, temperature, samples, seed, format), sizes, shards
     shard_00000.safetensors
         topk_logprobs (N, k)  topk_indices (N, k)  tail_logprob (N,)   N = target tokens of the shard's examples
+        sample_ids (N, m)     teacher_entropy (N,)                      only when m > 0 and k < V
         offsets (E + 1,)      example_keys (E, 16)                      E = examples of the shard
 The key hashes the teacher's configuration and weights (or an id the caller vouches for), the tokenizer's key and
 every example's token ids and labels: a changed teacher, tokenizer or data gets another folder, never a stale
@@ -37,10 +44,10 @@ from core.data import IGNORE_INDEX, Collator
 from core.errors import ConfigError, DataError
 from core.fused import SparseTeacher, default_chunk_size
 from core.io import atomic_dir, atomic_write_json, stable_hash
-from core.losses import Divergence, divergence_temperature
+from core.losses import Divergence, divergence_temperature, forward_kl
 from core.objectives import final_hidden_and_head, shifted_targets
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the sampled tail and the entropy (issue 12); a format-1 cache is another key, so rebuilt
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -93,6 +100,7 @@ class TeacherLogitCache:
         self.k: int = self.manifest["k"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.temperature: float = self.manifest["temperature"]
+        self.samples: int = self.manifest["key"]["samples"]  # 0 when k >= V or the tail is one bucket
         self._shards = [safe_open(str(self.folder / s["file"]), framework="pt") for s in self.manifest["shards"]]
         self._offsets = [f.get_tensor("offsets").tolist() for f in self._shards]
         self._index: dict[bytes, tuple[int, int]] = {}  # example key -> (shard, example within the shard)
@@ -112,7 +120,13 @@ class TeacherLogitCache:
         return self.manifest["bytes"] / max(self.manifest["n_tokens"], 1)
 
     def check_divergence(self, divergence: Divergence) -> None:
-        """The cached log-probabilities are at one temperature; the divergence must use the same."""
+        """The cached log-probabilities are at one temperature; the divergence must use the same. A sampled tail
+        estimates p without bias, which makes forward KL unbiased and no other divergence: they are refused."""
+        if self.samples and getattr(divergence, "func", divergence) is not forward_kl:
+            raise ConfigError(
+                f"the teacher-logit cache {self.folder} holds a sampled tail, which only forward KL reads without "
+                "bias; build one with samples=0 and k = the vocabulary size for other divergences"
+            )
         temperature = divergence_temperature(divergence)
         if abs(temperature - self.temperature) > 1e-12:
             raise ConfigError(
@@ -120,8 +134,9 @@ class TeacherLogitCache:
                 f"but the divergence uses {temperature}; build a cache at that temperature"
             )
 
-    def example(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(top-k log-probs (n, k), token ids (n, k), tail log-prob (n,)) of one example's n target positions."""
+    def example(self, key: bytes) -> tuple[torch.Tensor, ...]:
+        """(top-k log-probs (n, k), token ids (n, k), tail log-prob (n,)) of one example's n target positions, then
+        (sampled tail ids (n, m), entropy (n,)) when the cache samples its tail."""
         if key not in self._index:
             raise DataError(
                 f"an example of this batch is not in the teacher-logit cache {self.folder}: the cache was built "
@@ -129,35 +144,37 @@ class TeacherLogitCache:
             )
         shard, row = self._index[key]
         handle, start, end = self._shards[shard], self._offsets[shard][row], self._offsets[shard][row + 1]
-        return (
-            handle.get_slice("topk_logprobs")[start:end],
-            handle.get_slice("topk_indices")[start:end],
-            handle.get_slice("tail_logprob")[start:end],
-        )
+        names = ["topk_logprobs", "topk_indices", "tail_logprob"]
+        names += ["sample_ids", "teacher_entropy"] if self.samples else []
+        return tuple(handle.get_slice(name)[start:end] for name in names)
 
     def sparse_teacher(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> SparseTeacher:
         """The cached teacher at the valid positions of a right-padded batch, in the row-major order of `mask`."""
-        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        parts: list[tuple[torch.Tensor, ...]] = []
         lengths = batch["attention_mask"].sum(-1).tolist()
         for row, length in enumerate(lengths):
             ids, labels = batch["input_ids"][row, :length], batch["labels"][row, :length]
-            logprobs, indices, tail = self.example(example_key(ids, labels))
-            if logprobs.shape[0] != int(mask[row].sum()):
+            part = self.example(example_key(ids, labels))
+            if part[0].shape[0] != int(mask[row].sum()):
                 raise DataError(
-                    f"the teacher-logit cache {self.folder} has {logprobs.shape[0]} target positions for an example "
+                    f"the teacher-logit cache {self.folder} has {part[0].shape[0]} target positions for an example "
                     f"that has {int(mask[row].sum())} in this batch; rebuild the cache"
                 )
-            parts.append((logprobs, indices, tail))
+            parts.append(part)
         device = mask.device
-        return SparseTeacher(
-            torch.cat([p[0] for p in parts]).to(device, torch.float32),
-            torch.cat([p[1] for p in parts]).to(device=device, dtype=torch.int64),
-            torch.cat([p[2] for p in parts]).to(device, torch.float32),
-        )
+        dtypes = (torch.float32, torch.int64, torch.float32, torch.int64, torch.float32)
+        columns = [torch.cat([p[i] for p in parts]).to(device, dtypes[i]) for i in range(len(parts[0]))]
+        return SparseTeacher(*columns)
 
 
 def cache_key(
-    teacher_id: str, tokenizer_key: str, features: Sequence[dict[str, list[int]]], k: int, temperature: float
+    teacher_id: str,
+    tokenizer_key: str,
+    features: Sequence[dict[str, list[int]]],
+    k: int,
+    temperature: float,
+    samples: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
@@ -166,6 +183,8 @@ def cache_key(
         "data": data_fingerprint(features),
         "k": k,
         "temperature": temperature,
+        "samples": samples,
+        "seed": seed,
     }
 
 
@@ -182,11 +201,16 @@ def get_logit_cache(
     batch_size: int = 16,
     shard_examples: int = 8192,
     logprob_dtype: str = "float16",
+    samples: int = 0,
+    seed: int = 0,
     progress: bool = False,
     after_shard: Callable[[int], None] | None = None,
 ) -> TeacherLogitCache:
-    """Open the cache of (teacher, tokenizer, data, k, temperature) under `cache_dir`, building it first if absent.
+    """Open the cache of (teacher, tokenizer, data, k, temperature, samples, seed) under `cache_dir`, building it
+    first if absent.
 
+    samples: m ids drawn per position from the teacher's tail, seeded by `seed` (module docstring; 0: the tail as
+    one bucket; ignored at k >= V, where there is no tail).
     teacher_id: what identifies the teacher in the key (default: a hash of its configuration and weights).
     after_shard: called with the shard number after each shard is written (tests use it to interrupt a build)."""
     if k < 1:
@@ -195,9 +219,13 @@ def get_logit_cache(
         raise ConfigError(f"the teacher-logit cache needs a positive temperature, got {temperature}")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"logprob_dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    if samples < 0:
+        raise ConfigError(f"the teacher-logit cache needs samples >= 0, got {samples}")
     if not features:
         raise DataError("cannot build a teacher-logit cache over no examples")
-    key = cache_key(teacher_id or teacher_fingerprint(teacher), tokenizer_key, features, k, temperature)
+    if k >= teacher.get_output_embeddings().weight.shape[0]:
+        samples, seed = 0, 0  # the top k hold every id: nothing to sample, one cache for any m
+    key = cache_key(teacher_id or teacher_fingerprint(teacher), tokenizer_key, features, k, temperature, samples, seed)
     folder = Path(cache_dir) / "logit_cache" / stable_hash(key)
     if not (folder / "manifest.json").is_file():
         with atomic_dir(folder) as tmp:
@@ -217,13 +245,21 @@ def get_logit_cache(
 
 
 def teacher_topk(
-    hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities, their ids and the log tail mass of logits = rows @ weight.T + bias at temperature.
+    hidden_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    temperature: float,
+    samples: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Top-k log-probabilities, their ids and the log tail mass of logits = rows @ weight.T + bias at temperature;
+    with samples = m > 0 also m ids drawn with replacement from the tail (p outside the top k, renormalised) and the
+    entropy of p.
 
-    rows (N, H) -> (N, k), (N, k), (N,); projected in chunks, so no N x V tensor is alive at once."""
+    rows (N, H) -> (N, k), (N, k), (N,)[, (N, m), (N,)]; projected in chunks, so no N x V tensor is alive at once."""
     vocab = weight.shape[0]
-    values, indices, tails = [], [], []
+    columns: list[list[torch.Tensor]] = [[] for _ in range(5 if samples else 3)]
     for start in range(0, hidden_rows.shape[0], default_chunk_size(vocab)):
         logits = F.linear(hidden_rows[start : start + default_chunk_size(vocab)], weight, bias)  # (c, V)
         logp = F.log_softmax(logits.float() / temperature, dim=-1)
@@ -232,10 +268,15 @@ def teacher_topk(
             tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)  # log of the mass outside the top-k
         else:
             tail = torch.full_like(top[:, 0], float("-inf"))
-        values.append(top)
-        indices.append(idx)
-        tails.append(tail)
-    return torch.cat(values), torch.cat(indices), torch.cat(tails)
+        parts = [top, idx, tail]
+        if samples:
+            rest = logp.exp().scatter(-1, idx, 0.0)  # (c, V): p outside the top k (multinomial renormalises)
+            empty = rest.sum(-1, keepdim=True) <= 0  # a tail that underflows to 0: any id, its weight is 0
+            draws = torch.multinomial(torch.where(empty, 1.0, rest), samples, replacement=True, generator=generator)
+            parts += [draws, -(logp.exp() * logp).sum(-1)]  # (c, m), entropy (c,)
+        for column, part in zip(columns, parts):
+            column.append(part)
+    return tuple(torch.cat(column) for column in columns)
 
 
 def _build(
@@ -250,8 +291,9 @@ def _build(
     progress: bool,
     after_shard: Callable[[int], None] | None,
 ) -> None:
-    k, temperature = key["k"], key["temperature"]
+    k, temperature, samples = key["k"], key["temperature"], key["samples"]
     device = next(teacher.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(key["seed"]) if samples else None
     head = teacher.get_output_embeddings()
     vocab = head.weight.shape[0]
     index_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
@@ -265,16 +307,21 @@ def _build(
             range(0, len(features), shard_examples), desc="teacher-logit cache", disable=not progress
         ):
             shard_features = features[shard_start : shard_start + shard_examples]
-            values, indices, tails, counts = [], [], [], []
+            values, indices, tails, draws, entropies, counts = [], [], [], [], [], []
             for start in range(0, len(shard_features), batch_size):
                 batch = {k_: v.to(device) for k_, v in collate(shard_features[start : start + batch_size]).items()}
                 mask, _ = shifted_targets(batch["labels"])
                 with torch.no_grad():
                     signal = final_hidden_and_head(teacher, batch)
-                    top, idx, tail = teacher_topk(signal.hidden[mask], signal.weight, signal.bias, k, temperature)
+                    top, idx, tail, *sampled = teacher_topk(
+                        signal.hidden[mask], signal.weight, signal.bias, k, temperature, samples, generator
+                    )
                 values.append(top.to("cpu", LOGPROB_DTYPES[logprob_dtype]))
                 indices.append(idx.to("cpu", torch.int32).to(index_dtype))
                 tails.append(tail.to("cpu", torch.float32))
+                if samples:
+                    draws.append(sampled[0].to("cpu", torch.int32).to(index_dtype))
+                    entropies.append(sampled[1].to("cpu", torch.float32))
                 counts.extend(mask.sum(-1).tolist())
             offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
             offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
@@ -286,6 +333,7 @@ def _build(
                 "topk_logprobs": torch.cat(values),
                 "topk_indices": torch.cat(indices),
                 "tail_logprob": torch.cat(tails),
+                **({"sample_ids": torch.cat(draws), "teacher_entropy": torch.cat(entropies)} if samples else {}),
                 "offsets": offsets,
                 "example_keys": keys,
             }

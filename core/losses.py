@@ -26,7 +26,8 @@ bucket, whose student mass is the student's probability outside the teacher's to
 do not renormalize the teacher on its top-k while the student keeps the full vocabulary: that would compare
 distributions on different supports and pull the student's tail mass to zero. Bucketing is a coarse-graining, so
 every divergence here on the buckets is at most its value on the full vocabulary, equal to it when k = V, and 0
-when the student matches the teacher on the top-k tokens and on the tail mass.
+when the student matches the teacher on the top-k tokens and on the tail mass. A sparse teacher that also holds m
+ids sampled from its tail and its entropy gives forward KL without bias instead (`sampled_forward_kl`).
 """
 
 from __future__ import annotations
@@ -208,6 +209,34 @@ def sparse_divergence(
     # The divergences divide their inputs by the temperature before the log-softmax; multiplying by it here makes
     # that step return the bucket log-probabilities themselves (already normalized).
     return divergence(student * temperature, teacher * temperature)
+
+
+def sampled_forward_kl(
+    student_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    sample_ids: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """An unbiased estimate of KL(p || q) from the teacher's top k and m ids drawn from its tail (Anshumann et al.,
+    2025, "Sparse Logit Sampling", applied to the tail).
+
+    p_hat = p on the k stored ids plus P_tail / m for each of the m draws (a repeated id counts each time), the
+    draws i.i.d. from p restricted to the ids outside the top k and renormalised, so E[p_hat_v] = p_v at every id.
+    FKL_hat = -H(p) - sum_v p_hat_v log q_v is linear in p_hat, so E[FKL_hat] = KL(p || q), and its gradient with
+    respect to z = logits / T, (sum_v p_hat_v) q - p_hat = q - p_hat, is unbiased too. No other divergence of this
+    module is linear in p, so none is unbiased from such a sample. At k = V there is no tail (P_tail = 0) and it is
+    the exact forward KL. student_logits (..., V); topk_logprobs, topk_indices (..., k); tail_logprob (...);
+    sample_ids (..., m); teacher_entropy (...) (H(p) at `temperature`) -> (...)."""
+    logq = _logprobs(student_logits, temperature)  # (..., V)
+    cross = (topk_logprobs.to(logq.dtype).exp() * logq.gather(-1, topk_indices.long())).sum(-1)  # (...)
+    m = sample_ids.shape[-1]
+    if m:
+        weight = tail_logprob.to(logq.dtype).exp() / m  # (...): P_tail / m; 0 when the tail is empty
+        cross = cross + weight * logq.gather(-1, sample_ids.long()).sum(-1)
+    return -teacher_entropy.to(logq.dtype) - cross
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,6 +256,9 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     if not method.cross_tokenizer:
         teacher = check_same_vocabulary(teacher, student, name, tokenizer)  # a padded head is cut to the ids
     kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)
+    for divergence in method.kd_baselines(settings) if method.kd_baselines else []:
+        if divergence != "fkl":  # refused before any training: a top-k teacher cache serves forward KL only
+            kd.require_exact_cache(f"the KD baseline kd-{divergence}")
     sft_model, sft_result, sft_folder = get_sft_baseline(setup)
     if model_cfg.student_start == "sft":  # the on-policy papers' protocol: every student starts where SFT ended
         setup.start = sft_folder

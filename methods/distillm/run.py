@@ -83,6 +83,7 @@ class DistiLLMConfig(OnPolicyConfig):
 
 def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     ctx.kd.require_full_logits("DistiLLM", chunked=True)
+    ctx.kd.require_exact_cache("DistiLLM (it reads every teacher logit)")
     if cfg.val_size >= len(ctx.task.train):
         raise ConfigError(f"--val-size {cfg.val_size} leaves no training examples of {len(ctx.task.train)}")
     train_examples, val_examples = ctx.task.train[: -cfg.val_size], ctx.task.train[-cfg.val_size :]

@@ -69,6 +69,7 @@ def batch_source(coin: float, lmbda: float, seq_kd: bool) -> str:
 
 def make_loss(ctx: Context, cfg: GKDConfig) -> MethodLoss:
     ctx.kd.require_full_logits("GKD", chunked=True)
+    ctx.kd.require_exact_cache("GKD (it reads every teacher logit)")
     resample = Resampler.of(ctx, cfg, "gkd-sample")
     seed = ctx.train.seed
 

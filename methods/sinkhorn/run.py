@@ -66,6 +66,7 @@ class SinKDConfig:
 
 def make_loss(ctx: Context, cfg: SinKDConfig) -> MethodLoss:
     ctx.kd.require_full_logits("SinKD")
+    ctx.kd.require_exact_cache("SinKD (it reads every teacher logit)")
     group = group_size_for(ctx.student.config.vocab_size, cfg.sinkhorn_group)
 
     def loss_fn(model, batch) -> LossOutput:

@@ -65,6 +65,7 @@ def make_loss(ctx: Context, cfg: TAIDConfig) -> MethodLoss:
             "TAID interpolates the full logits of both models: --fused and --chunk-size do not apply to it "
             "(--teacher-cache does)"
         )
+    ctx.kd.require_exact_cache("TAID (its target interpolates every teacher logit)")
     schedule = TAIDSchedule(cfg.t_start, cfg.t_end, cfg.alpha, cfg.beta, adaptive=not cfg.disable_adaptive)
     total_steps = ctx.train.steps
 
