@@ -136,7 +136,7 @@ def test_bad_settings(bad, match):
 
 def test_end_to_end_run_with_resume(tmp_path):
     straight = main([*TINY, "--out", str(tmp_path / "straight"), "--alpha", "0.01"])
-    assert set(straight["eval"]) == {"student", "teacher", "sft_student", "kd_fkl_student", "kd_rkl_student"}
+    assert set(straight["eval"]) == {"student", "teacher", "sft_student", "kd_fkl_student"}  # default --compare fkl
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     ts = [r["t"] for r in log]
     assert len(log) == 30 and ts[0] == 0.4 and all(b >= a for a, b in zip(ts, ts[1:])) and ts[-1] > 0.9
