@@ -26,7 +26,9 @@ Two alternatives are measured beside the cache (prototypes in this file, not in 
 full log-probability row stored in float16 (2 V bytes per token), and `topk+sampled` (Anshumann et al., 2025,
 "Sparse Logit Sampling"): the top k exact plus m tokens drawn from the teacher's tail, weighted by the tail mass / m,
 and the teacher's entropy: an unbiased estimate of the teacher row, so forward KL (its value and its gradient) is
-unbiased; other divergences are not. Its bytes per token count the stored ids, weights and two floats.
+unbiased; other divergences are not. Its bytes per token count the stored ids, weights and two floats. The same
+store as core now builds it (`get_logit_cache(samples=m)`, the default of --teacher-cache) is the path
+`cache k=K m=M`, read by make_kd_loss like the other caches.
 
 Cost control: the teacher's transformer trunk runs once per example; every cache build and the reference reuse its
 final hidden states (`TrunkMemo`), and only the output head is recomputed, exactly as each path computes it.
@@ -56,6 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from core.data import Collator  # noqa: E402
+from core.kdpath import CACHE_SEED  # noqa: E402
 from core.logit_cache import TeacherLogitCache, get_logit_cache, teacher_fingerprint  # noqa: E402
 from core.losses import DIVERGENCES, get_divergence  # noqa: E402
 from core.objectives import make_kd_loss, shifted_targets, teacher_forward  # noqa: E402
@@ -225,7 +228,8 @@ def measure(
 ) -> dict:
     """Every number of the report; see the module docstring. `teacher` should be a TrunkMemo for a large model.
 
-    sampled: (k, m) settings of the top-k + sampled-tail prototype (forward KL only)."""
+    sampled: (k, m) settings of the top-k + sampled-tail prototype and of core's sampled cache, `cache k=K m=M`
+    (forward KL only)."""
     features = list(features)
     teacher_id = teacher_fingerprint(teacher)
     caches = {}
@@ -243,9 +247,17 @@ def measure(
             logprob_dtype=logprob_dtype,
         )
         progress(f"cache k={k}: {caches[k].bytes_per_token:.0f} bytes/token ({time.perf_counter() - started:.0f} s)")
+    for k, m in sampled if "fkl" in divergences else ():  # the sampled tail as core builds it (KDPath's seed)
+        caches[(k, m)] = get_logit_cache(
+            teacher, features, cache_dir, tokenizer_key=tokenizer_key, pad_token_id=pad_token_id, k=k,
+            temperature=1.0, teacher_id=teacher_id, logprob_dtype=logprob_dtype, samples=m, seed=CACHE_SEED,
+        )  # fmt: skip
     divs = {name: get_divergence(name) for name in divergences}
     cached = {(name, k): make_kd_loss(None, div, teacher_cache=caches[k]) for name, div in divs.items() for k in ks}
+    sampled_paths = {km: f"cache k={km[0]} m={km[1]}" for km in sampled if km in caches}  # core, fkl only
+    cached |= {("fkl", km): make_kd_loss(None, divs["fkl"], teacher_cache=caches[km]) for km in sampled_paths}
     paths = [f"cache k={k}" for k in ks] + ["dense-fp16"] + [f"top{k}+sampled{m}" for k, m in sampled]
+    paths += list(sampled_paths.values())
     comparisons = {(s, d, p): Comparison() for s in students for d in divergences for p in paths}
     masses: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     distinct: dict[tuple[int, int], list[torch.Tensor]] = {km: [] for km in sampled}
@@ -281,6 +293,9 @@ def measure(
                 comparisons[(student_name, name, "dense-fp16")].add(loss_full, loss, grad_full, grad)
                 if name != "fkl":
                     continue
+                for km, path in sampled_paths.items():
+                    loss, grad = loss_and_grad(cached[("fkl", km)], student_logits, batch, mask)
+                    comparisons[(student_name, name, path)].add(loss_full, loss, grad_full, grad)
                 for (k, m), estimate in estimates.items():
                     leaf = student_logits[mask].detach().clone().requires_grad_(True)  # (N, V)
                     loss = sampled_fkl_sum(leaf, estimate, entropy)
@@ -296,6 +311,7 @@ def measure(
         mass[k] = {"mean": float(values.mean()), "p5": float(torch.quantile(values, 0.05))}
     costs = {f"cache k={k}": caches[k].bytes_per_token for k in ks}
     costs["dense-fp16"] = float(dense_fp16_bytes_per_token(vocab))
+    costs |= {path: caches[km].bytes_per_token for km, path in sampled_paths.items()}
     for k, m in sampled:
         costs[f"top{k}+sampled{m}"] = sampled_bytes_per_token(k, float(torch.cat(distinct[(k, m)]).mean()))
     results = {key: c.summary() for key, c in comparisons.items() if c.position_cosines}  # sampled: fkl only

@@ -133,3 +133,12 @@ def test_the_sampled_tail_estimate_is_exact_on_the_top_k_and_unbiased_on_the_tai
     # Tail id v is drawn with probability p_v / 0.4 per draw, weight 0.1: mean p_v, standard deviation of the mean
     # sqrt(4 * (p_v / 0.4) (1 - p_v / 0.4)) * 0.1 / sqrt(4000) <= 0.0016; 4 sigma.
     assert torch.allclose(estimates[:, 2:].mean(0), probs[0, 2:], atol=0.0064)
+
+
+def test_the_core_sampled_cache_is_measured_for_forward_kl_only(tmp_path):
+    fidelity = _fidelity()
+    data = _measure(fidelity, _llama(seed=0), tmp_path, ks=[2], sampled=[(2, 4)])
+    assert ("random", "fkl", "cache k=2 m=4") in data["results"]
+    assert ("random", "rkl", "cache k=2 m=4") not in data["results"]  # a sampled cache serves forward KL only
+    # k = 2 float32 log-probs (8 bytes) + 2 uint16 ids (4) + 4 uint16 draws (8) + tail and entropy (8) = 28 bytes
+    assert 28 < data["bytes_per_token"]["cache k=2 m=4"] < 28 + 100
