@@ -11,8 +11,8 @@ Word-level KD (Hinton et al., 2015; the KD baseline of MiniLLM, DistiLLM, TAID a
 - `chunk_size=C`: full logits, the loss and its gradient C positions at a time (core.fused);
 - `fused=True`: no full logits at all: the final hidden states of both models are projected through their output
   heads C positions at a time, at valid (completion) positions only (core.fused);
-- `teacher_cache=...`: the teacher is not run; its top-k log-probabilities come from core.logit_cache (the tail
-  as one bucket, see core.losses), with either student path.
+- `teacher_cache=...`: the teacher is not run; its top-k log-probabilities come from core.logit_cache (with a
+  sampled tail: unbiased forward KL only; without: the tail as one bucket, see core.losses), with either student path.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def make_kd_loss(
     size of about 2^24 logits per chunk when `fused`). fused: project both models' logits from their final hidden
     states chunk by chunk at valid positions only, so no full logits exist. teacher_cache: a
     core.logit_cache.TeacherLogitCache built for this teacher and data; the teacher is then never run (pass
-    teacher=None) and the divergence sees the cached top-k with the tail as one bucket."""
+    teacher=None) and the divergence sees the cached top-k with the tail as one bucket, or, for a cache with a
+    sampled tail, forward KL is estimated without bias (core.losses.sampled_forward_kl)."""
     if teacher is None and teacher_cache is None:
         raise ConfigError("make_kd_loss needs a teacher or a teacher_cache")
     if chunk_size is not None and chunk_size < 1:
