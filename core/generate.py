@@ -27,14 +27,22 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return None
 
 
-def prompt_budget(model: torch.nn.Module, max_length: int, max_new_tokens: int) -> int:
-    """How many prompt tokens a generation may keep: prompt + completion stay within --max-length, as a training
-    example does (prompt + target <= max_length), and within the model's positions. At least 1 (the BOS)."""
+def generation_budget(model: torch.nn.Module, max_length: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens kept at most, new tokens generated at most) so that prompt + completion stay within
+    --max-length and the model's positions, split as a training example is (core.data.encode_example): the prompt
+    keeps at least half of the limit, the completion gets the rest up to `max_new_tokens`. At least 1 prompt token
+    (the BOS)."""
     limit = max_length
     positions = position_limit(model)
     if positions is not None:
         limit = min(limit, positions)
-    return max(1, limit - max_new_tokens)
+    prompt = max(1, limit - max_new_tokens, limit // 2)
+    return prompt, max(1, min(max_new_tokens, limit - prompt))
+
+
+def prompt_budget(model: torch.nn.Module, max_length: int, max_new_tokens: int) -> int:
+    """How many prompt tokens a generation may keep (generation_budget's first half)."""
+    return generation_budget(model, max_length, max_new_tokens)[0]
 
 
 def cut_prompt(prompt_ids: Sequence[int], budget: int) -> list[int]:

@@ -108,13 +108,13 @@ def evaluate_model(
     The task's first metric is also reported per group (ops: per operation; dolly: per evaluation set).
     Returns (scores, predictions); `stats`, when given, receives "prompts_truncated" and "prompt_budget"."""
     from core.data import encode_prompt
-    from core.generate import generate, prompt_budget
+    from core.generate import generate, generation_budget
 
     prompts = [ex.prompt for ex in task.eval]
     new_tokens = max_new_tokens or task.max_new_tokens
     # Prompts are cut as training cuts them (from the left, BOS kept) so that prompt + completion fit --max-length
     # and the model's positions; how many were cut is reported beside the scores.
-    budget = prompt_budget(model, max_length, new_tokens)
+    budget, new_tokens = generation_budget(model, max_length, new_tokens)  # as training splits --max-length
     truncated = sum(len(encode_prompt(tokenizer, p)) > budget for p in prompts)
     references = [ex.references for ex in task.eval]
     groups = sorted({ex.group for ex in task.eval if ex.group})
@@ -135,6 +135,8 @@ def evaluate_model(
     scores["perplexity"] = perplexity(model, tokenizer, task.eval, max_length, batch_size)
     if stats is not None:
         stats.update(prompts_truncated=truncated, prompt_budget=budget)
+        if new_tokens < (max_new_tokens or task.max_new_tokens):
+            stats["max_new_tokens"] = new_tokens  # capped so that the prompt keeps half of --max-length
         if sample_seeds:
             stats["per_seed"] = {str(seed): found for seed, (found, _) in zip(sample_seeds, passes)}
     return scores, passes[0][1]

@@ -55,7 +55,7 @@ def evaluate_cached(
     """Evaluate; for cached models (teacher, SFT baseline) reuse the scores stored beside the model. `stats`
     receives how many prompts were cut to fit (core.metrics.evaluate_model)."""
     settings = {
-        "format": 3,  # 3: prompts cut to the --max-length budget, truncation counted
+        "format": 4,  # 4: prompt and completion split --max-length as in training (core.generate.generation_budget)
         "max_new_tokens": evaluation.max_new_tokens,
         "task": task.name,
         "max_length": data.max_length,

@@ -88,3 +88,21 @@ def test_evaluation_cuts_prompts_as_training_does_and_counts_them():
     ids = encode_prompt(tokenizer, long_prompt)
     cut = cut_prompt(ids, 26)
     assert len(cut) == 26 and cut[0] == ids[0] and cut[1:] == ids[-25:]
+
+
+def test_generation_budget_splits_max_length_as_training_does():
+    """A prompt keeps at least half of --max-length at evaluation, as encode_example keeps it in training: with
+    --max-new-tokens >= --max-length the old rule left the prompt its BOS alone (DialogSum: 50 of 50 prompts)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.generate import generation_budget
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                    max_position_embeddings=32)
+    )  # fmt: skip
+    # limit = min(--max-length, positions); prompt = max(1, limit - new, limit // 2); new = min(new, limit - prompt)
+    assert generation_budget(model, 128, 128) == (16, 16)  # limit 32 (positions): half each
+    assert generation_budget(model, 128, 6) == (26, 6)  # short completions leave the prompt the rest
+    assert generation_budget(model, 20, 128) == (10, 10)  # --max-length 20: 10 + 10
+    assert generation_budget(model, 20, 4) == (16, 4)
