@@ -292,8 +292,9 @@ SUITES: dict[str, Suite] = {
             timeout_s=7200,
             sft_start=True,
             method_args={"distillm": ("--val-size", "100")},
-            about="the smollm suite at the papers' scale of evaluation, for a machine with an accelerator: all 500 "
-            "Dolly prompts and every set in full, 256 new tokens, sampled decoding over 5 seeds",
+            about="the smollm suite at the papers' scale, for a machine with an accelerator: the 1,000 Dolly training "
+            "examples, 1,000 steps of 16, --max-length 512, up to 500 prompts per set (all of Dolly, Self-Instruct and "
+            "Vicuna), 256 new tokens, sampled decoding over 5 seeds, 3 training seeds",
         ),
         Suite(
             "tiny",
