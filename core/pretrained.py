@@ -183,13 +183,12 @@ def kept_layers(total: int, k: int) -> list[int]:
     return [round(i * (total - 1) / (k - 1)) for i in range(k)]
 
 
-def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The decoder-layer list of a causal LM (Llama-style `model.layers`, GPT-2-style `transformer.h`)."""
-    base = model.base_model
+def decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """(attribute name, decoder-layer list) of a causal LM (Llama-style `layers`, GPT-2-style `h`, `blocks`)."""
     for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
+        layers = getattr(model.base_model, name, None)
         if isinstance(layers, torch.nn.ModuleList):
-            return layers
+            return name, layers
     raise ModelError(
         f"prune:K: cannot find the decoder layers of {type(model).__name__} (looked for layers, h, blocks)"
     )
@@ -198,7 +197,7 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 def prune_layers(model: PreTrainedModel, k: int) -> PreTrainedModel:
     """A trainable copy of `model` keeping `kept_layers(L, k)` decoder layers, embeddings, final norm and head."""
     student = copy.deepcopy(model)
-    layers = decoder_layers(student)
+    name, layers = decoder_layers(student)
     keep = kept_layers(len(layers), k)
     kept = torch.nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(kept):
@@ -207,9 +206,7 @@ def prune_layers(model: PreTrainedModel, k: int) -> PreTrainedModel:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
-    base = student.base_model
-    name = next(n for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), torch.nn.ModuleList))
-    setattr(base, name, kept)
+    setattr(student.base_model, name, kept)
     config = student.config
     for attribute in ("num_hidden_layers", "n_layer"):
         if hasattr(config, attribute):

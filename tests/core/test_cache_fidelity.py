@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.data import Collator
 from core.objectives import teacher_forward
+from tests.core.test_logit_cache import _features as logit_cache_features
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 8
@@ -40,13 +41,7 @@ def _llama(seed, hidden=8):
 
 
 def _features(n=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        prompt, completion = (int(x) for x in torch.randint(2, 6, (2,), generator=gen))
-        ids = torch.randint(1, VOCAB, (prompt + completion,), generator=gen).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return out
+    return logit_cache_features(n, seed, vocab=VOCAB)
 
 
 def _measure(fidelity, teacher, tmp_path, ks, logprob_dtype="float32", sampled=()):

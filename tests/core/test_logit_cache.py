@@ -34,13 +34,13 @@ def _teacher(seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-def _features(n=10, seed=0):
+def _features(n=10, seed=0, vocab=VOCAB):
     """Encoded examples as core.data makes them: a prompt (labels -100), then the completion (labels = ids)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         prompt, completion = (int(x) for x in torch.randint(2, 6, (2,), generator=gen))
-        ids = torch.randint(1, VOCAB, (prompt + completion,), generator=gen).tolist()
+        ids = torch.randint(1, vocab, (prompt + completion,), generator=gen).tolist()
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return out
 
