@@ -257,18 +257,30 @@ def with_sft_start(argv: list[str]) -> list[str]:
     return [*argv, "--student", str(folder)]
 
 
-def kl_along(model, teacher, prompts, completions, max_length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step KL(p || q)(. | y_<t) along each completion, (N, L), and its mask (L: the longest completion)."""
-    batch = Collator(pad)(completion_features(prompts, completions, max_length))
-    with torch.no_grad():
-        device = next(model.parameters()).device
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        kl = forward_kl(model(**inputs).logits, teacher(**inputs).logits).cpu()  # (N, T)
-    mask, _ = shifted_targets(batch["labels"])
-    width = max(int(mask.sum(-1).max()), 1)
+def kl_along(
+    model, teacher, prompts, completions, max_length: int, pad: int, chunk: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step KL(p || q)(. | y_<t) along each completion, (N, L), and its mask (L: the longest completion).
+
+    `chunk` completions go through the two models at a time: both models' logits are (chunk, T, V), so memory is
+    bounded by the chunk, not by the number of prompts (all at once, 100 prompts of SmolLM2's 49,152-token
+    vocabulary held two 3.8 GB logit tensors and their log-softmax copies: the run was OOM-killed). The KL of one
+    row depends only on its own tokens (right padding, attention mask), so chunking changes nothing else."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    rows = []
+    device = next(model.parameters()).device
+    for start in range(0, len(completions), chunk):
+        part = slice(start, start + chunk)
+        batch = Collator(pad)(completion_features(prompts[part], completions[part], max_length))
+        with torch.no_grad():
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            kl = forward_kl(model(**inputs).logits, teacher(**inputs).logits).cpu()  # (chunk, T)
+        mask, _ = shifted_targets(batch["labels"])
+        rows.extend(kl[row][mask[row]] for row in range(len(kl)))  # each completion's steps in order
+    width = max([len(steps) for steps in rows] + [1])
     out, valid = torch.zeros(len(completions), width), torch.zeros(len(completions), width)
-    for row in range(len(completions)):
-        steps = kl[row][mask[row]]  # the completion's steps in order
+    for row, steps in enumerate(rows):
         out[row, : len(steps)], valid[row, : len(steps)] = steps, 1.0
     return out, valid
 
@@ -304,8 +316,9 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     for key, model in students.items():
         model = model.to(setup.accelerator.device).eval()
         own = sample_completions(model, prompts, eos, pad, length, seed=derived_seed(seed, "exposure", key))
-        own_kl, own_mask = kl_along(model, teacher, prompts, own, data.max_length, pad)
-        oracle_kl, oracle_mask = kl_along(model, teacher, prompts, teacher_samples, data.max_length, pad)
+        chunk = evaluation.eval_batch_size
+        own_kl, own_mask = kl_along(model, teacher, prompts, own, data.max_length, pad, chunk)
+        oracle_kl, oracle_mask = kl_along(model, teacher, prompts, teacher_samples, data.max_length, pad, chunk)
         width = min(own_kl.shape[1], oracle_kl.shape[1])
         result[key] = excess_accumulated_error(
             own_kl[:, :width], own_mask[:, :width], oracle_kl[:, :width], oracle_mask[:, :width]

@@ -257,6 +257,35 @@ def test_excess_accumulated_error_by_hand():
     assert result["exaccerr"] == pytest.approx([0.0, 50.0])
 
 
+def test_kl_along_in_chunks_equals_all_at_once():
+    # The exposure-bias pass runs the student and teacher over every held-out completion; it goes chunk by chunk so
+    # that memory is bounded (all 100 SmolLM2 prompts at once were OOM-killed). Each row's KL depends on its own
+    # tokens only, so any chunk size gives the same (N, L) matrix and mask, including a chunk of one and a chunk
+    # larger than N; completions of different lengths (one empty) exercise the padding and the width.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from methods.minillm.run import kl_along
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+
+    student, teacher = tiny(0), tiny(1)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [2, 2]]
+    completions = [[3, 4, 5, 6], [7], [], [8, 9], [1, 2, 3]]
+    whole, whole_mask = kl_along(student, teacher, prompts, completions, 16, pad=0, chunk=len(prompts))
+    assert whole.shape == (5, 4) and whole_mask.sum(-1).tolist() == [4.0, 1.0, 0.0, 2.0, 3.0]
+    assert (whole[whole_mask.bool()] > 0).all() and (whole[~whole_mask.bool()] == 0).all()
+    for chunk in (1, 2, 3, 64):
+        kl, mask = kl_along(student, teacher, prompts, completions, 16, pad=0, chunk=chunk)
+        torch.testing.assert_close(kl, whole, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mask, whole_mask)
+    with pytest.raises(ValueError, match="chunk"):
+        kl_along(student, teacher, prompts, completions, 16, pad=0, chunk=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings and the script
 # ----------------------------------------------------------------------------------------------------------------
