@@ -1,0 +1,134 @@
+"""How much a depth-pruned SmolLM2 loses, and how fast distillation on generic text heals it (issue 12).
+
+    python benchmarks/prune_healing.py --layers 6,10,15,20,25                 # perplexity of each cut, no training
+    python benchmarks/prune_healing.py --layers 6 --heal-steps 150            # then heal prune:6, report every 50
+
+The teacher is `--teacher` (default smollm2-135m-instruct, through core.pretrained.resolve_model_folder); a student
+`prune:K` is core.pretrained.prune_layers of it, as `--student prune:K` builds it. The score is the perplexity of the
+responses of the first --n held-out Dolly examples (instruct_eval/dolly/valid.jsonl) with their prompts in the
+teacher's chat template, encoded as the LLM recipe encodes them (core.data.load_dolly, chat_prompts,
+encode_examples at --max-length): the responses are the targets, the prompts are context.
+
+Healing (--heal-steps N): forward KL (core.losses.forward_kl, the teacher's full distribution) on every token of
+generic English sentences that no evaluation set contains: the first 20,000 lines of Multi30k's train.en and of
+CommonGen's train targets, shuffled with a fixed seed, each cut to 64 tokens; AdamW at --lr with 20 warmup steps
+and cosine decay over N, batches of --batch-size, gradient norm clipped to 1. This is Minitron's recipe
+(distillation on pretraining text) at a CPU's scale. Prints one line per report; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from core.losses import forward_kl  # noqa: E402
+
+HEAL_LINES = 20_000  # from each of the two corpora
+HEAL_TOKENS = 64
+WARMUP = 20
+
+
+def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """exp of the mean token NLL over the label positions (core.objectives.shifted_targets)."""
+    from core.objectives import shifted_targets
+
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mask, targets = shifted_targets(batch["labels"])
+            nll += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+            count += int(mask.sum())
+    model.train()
+    return math.exp(nll / count)
+
+
+def heal_corpus(data_root: Path, tokenizer, seed: int = 0) -> list[list[int]]:
+    lines = (data_root / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines()[:HEAL_LINES]
+    lines += (data_root / "commongen" / "commongen.train.tgt.txt").read_text(encoding="utf-8").splitlines()[:HEAL_LINES]
+    random.Random(seed).shuffle(lines)
+    return [tokenizer(line, add_special_tokens=False)["input_ids"][:HEAL_TOKENS] for line in lines if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="smollm2-135m-instruct")
+    parser.add_argument("--layers", default="6", help="comma-separated K of prune:K")
+    parser.add_argument("--n", type=int, default=40, help="held-out Dolly examples scored")
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--report-every", type=int, default=50)
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from core.config import RunConfig, cache_root
+    from core.data import Collator, DataConfig, chat_prompts, encode_examples, load_dolly
+    from core.models import load_model
+    from core.pretrained import prune_layers, resolve_model_folder
+
+    layers = [int(k) for k in args.layers.split(",")]
+    folder = resolve_model_folder(args.teacher, args.cache_dir or cache_root(RunConfig()))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    teacher = load_model(folder).eval().requires_grad_(False)
+    data = DataConfig(task="dolly", data_dir=str(args.data_root / "instruct_eval"), eval_sets="dolly",
+                      eval_size=args.n, max_length=args.max_length)  # fmt: skip
+    task = chat_prompts(load_dolly(data), tokenizer, "chat")
+    collate = Collator(tokenizer.pad_token_id)
+    features = encode_examples(tokenizer, task.eval, args.max_length)
+    batches = [collate(features[i : i + 8]) for i in range(0, len(features), 8)]
+    print(
+        f"teacher {args.teacher}: Dolly valid perplexity {perplexity(teacher, batches):.2f} ({len(features)} examples)"
+    )
+    for k in layers:
+        student = prune_layers(teacher, k)
+        print(
+            f"prune:{k} (layers {student.config.pruned_from_layers}): {perplexity(student, batches):,.1f}", flush=True
+        )
+    if not args.heal_steps:
+        return
+    corpus = heal_corpus(args.data_root, tokenizer)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+
+    def schedule(step: int) -> float:
+        return (
+            min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(step, args.heal_steps) / args.heal_steps))
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start = time.perf_counter()
+    for step in range(1, args.heal_steps + 1):
+        rows = corpus[(step - 1) * args.batch_size : step * args.batch_size]
+        batch = collate([{"input_ids": row, "labels": row} for row in rows])
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = forward_kl(logits[mask], teacher_logits[mask]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % args.report_every == 0 or step == args.heal_steps:
+            seconds = (time.perf_counter() - start) / step
+            print(f"step {step}: KL {loss.item():.3f}, {seconds:.2f} s/step, perplexity {perplexity(student, batches):,.1f}",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
