@@ -240,7 +240,11 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         rows += [method_row(s, task) for s in report.summaries if s.status != NOT_APPLICABLE]  # other families
         lines += md_table(columns(task), rows)
         lines += ["", f"### Claims on {task.name}", "", env_line(report), ""]
-        claim_rows = [[c["method"], c["paper"], c["claim"], c["verdict"], c["evidence"]] for c in report.claims]
+        claim_rows = [  # the methods of this task's family only, as in the table above
+            [c["method"], c["paper"], c["claim"], c["verdict"], c["evidence"]]
+            for c, s in zip(report.claims, report.summaries, strict=True)
+            if s.status != NOT_APPLICABLE
+        ]
         lines += md_table(["method", "paper", "claim", "reproduced", "evidence"], claim_rows)
         for title, rel in figures.get(task.name, {}).items():
             lines += ["", f"![{title}]({rel})"]
