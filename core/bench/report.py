@@ -108,8 +108,22 @@ def build(out: Path, methods: list[BenchMethod], tasks: list[BenchTask], seeds: 
     return reports
 
 
-def cell_text(value: Stat | None, key: str) -> str:
-    return "-" if value is None else value.text(DIGITS.get(key, 1))
+def cell_text(value: Stat | None, key: str, digits: dict[str, int] | None = None) -> str:
+    return "-" if value is None else value.text((digits or {}).get(key, DIGITS.get(key, 1)))
+
+
+def column_digits(report: TaskReport) -> dict[str, int]:
+    """Decimals per quality column: 1, or 3 for a column whose every value is below 10 in magnitude (a fraction,
+    a correlation, a normalized error: 0.04 and 0.06 must not both read 0.0). Fixed-precision keys keep DIGITS."""
+    digits = {}
+    for metric in report.task.metrics:
+        if metric in DIGITS:
+            continue
+        stats = [s.stat(metric) for s in report.summaries if s.status != NOT_APPLICABLE]
+        stats += [report.teacher.get(metric), report.initial.get(metric)]
+        means = [abs(st.mean) for st in stats if st is not None]
+        digits[metric] = 3 if means and max(means) < 10 else 1
+    return digits
 
 
 def status_text(summary: Summary) -> str:
@@ -132,16 +146,16 @@ def columns(task: BenchTask) -> list[str]:
     return ["method", *(LABELS.get(m, m) for m in task.metrics), "seeds", *(LABELS[k] for k in COST_KEYS), "status"]
 
 
-def method_row(summary: Summary, task: BenchTask) -> list[str]:
-    quality = [cell_text(summary.stat(m), m) for m in task.metrics]
+def method_row(summary: Summary, task: BenchTask, digits: dict[str, int] | None = None) -> list[str]:
+    quality = [cell_text(summary.stat(m), m, digits) for m in task.metrics]
     cost = [cell_text(summary.stat(k), k) for k in COST_KEYS]
     seeds = f"{len(summary.ok_seeds)}/{len(summary.seeds)}"
     return [summary.method, *quality, seeds, *cost, status_text(summary)]
 
 
-def teacher_row(report: TaskReport) -> list[str]:
+def teacher_row(report: TaskReport, digits: dict[str, int] | None = None) -> list[str]:
     """The teacher's quality, and the one-off cost of training it (when the cache recorded it)."""
-    quality = [cell_text(report.teacher.get(m), m) for m in report.task.metrics]
+    quality = [cell_text(report.teacher.get(m), m, digits) for m in report.task.metrics]
     cost = [cell_text(report.teacher.get(k), k) for k in COST_KEYS]  # run s stays "-": no run of its own
     return ["teacher (reference)", *quality, "-", *cost, "reference"]
 
@@ -233,11 +247,12 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
             skipped.append(report)
             continue
         lines += ["", f"## {task.name}", "", env_line(report), ""]
-        rows = [teacher_row(report)] if report.teacher else []
+        digits = column_digits(report)
+        rows = [teacher_row(report, digits)] if report.teacher else []
         if report.initial:
-            quality = [cell_text(report.initial.get(m), m) for m in task.metrics]
+            quality = [cell_text(report.initial.get(m), m, digits) for m in task.metrics]
             rows.append(["student before training (reference)", *quality, "-", *["-"] * len(COST_KEYS), "reference"])
-        rows += [method_row(s, task) for s in report.summaries if s.status != NOT_APPLICABLE]  # other families
+        rows += [method_row(s, task, digits) for s in report.summaries if s.status != NOT_APPLICABLE]  # other families
         lines += md_table(columns(task), rows)
         lines += ["", f"### Claims on {task.name}", "", env_line(report), ""]
         claim_rows = [  # the methods of this task's family only, as in the table above
@@ -367,10 +382,8 @@ def write(reports: list[TaskReport], path: Path, suite: Suite, seeds: list[int],
         made[f"training loss per step, {task.name}"] = curves
         figures[task.name] = {k: str(v.relative_to(path.parent)) for k, v in made.items() if v is not None}
         if without:
-            notes[task.name] = [
-                f"No training curve for {', '.join(without)}: the run folder has no log.jsonl (sft's student is the "
-                "cached SFT baseline, trained in the cache)."
-            ]
+            why = " (sft's student is the cached SFT baseline, trained in the cache)" if "sft" in without else ""
+            notes[task.name] = [f"No training curve for {', '.join(without)}: the run folder has no log.jsonl{why}."]
     path.write_text(markdown(reports, suite, seeds, extra, command, figures, notes))
     head, rows = rows_for_csv(reports)
     with path.with_suffix(".csv").open("w", newline="") as handle:

@@ -99,6 +99,21 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
     assert claims["sft"] == ("n/a", "")
 
 
+def test_small_valued_columns_get_three_decimals(hand_made, tmp_path):
+    # exact_match/add is 0.0 in every hand-made run: a column whose values are all below 10 in magnitude (fractions,
+    # correlations, normalized errors) gets 3 decimals, so 0.04 and 0.06 do not both print 0.0; exact match (30-48)
+    # keeps 1, perplexity its fixed 2.
+    from dataclasses import replace
+
+    out, methods = hand_made
+    task = replace(OPS, metrics=("exact_match", "exact_match/add", "perplexity"))
+    (rep,) = bench_report.build(out, methods, [task], [0, 1, 2], tmp_path / "no-data")
+    digits = bench_report.column_digits(rep)
+    assert digits == {"exact_match": 1, "exact_match/add": 3}
+    row = bench_report.md_row(bench_report.method_row(rep.summaries[0], task, digits))
+    assert row.startswith("| sft | 32.0 ± 2.0 | 0.000 ± 0.000 | 2.70 ± 0.20 |")
+
+
 def test_report_files(hand_made, tmp_path):
     out, methods = hand_made
     # phis is a vision method: on a text task it has no row, in the quality table or in the claims table
