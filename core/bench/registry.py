@@ -208,6 +208,8 @@ TASKS: dict[str, BenchTask] = {
             data="tofu",
             vocab_size=4000,
         ),  # fmt: skip
+        # DNKD's embedded task (speech/data.py: generated utterances, no files), on the package's own budget
+        BenchTask("synthetic-speech", ("--task", "synthetic"), ("bleu", "chrf", "exact_match"), family="speech"),
         BenchTask(
             "spoken-digits",
             ("--task", "digits", "--data-dir", "{data}/fsdd/recordings"),
@@ -257,7 +259,17 @@ SUITES: dict[str, Suite] = {
     for s in (
         Suite(
             "default",
-            ("ops", "sentiment", "ops-a2b", "digits", "pate-corpus", "people", "markov-scaling", "random-patterns"),
+            (
+                "ops",
+                "sentiment",
+                "ops-a2b",
+                "digits",
+                "pate-corpus",
+                "people",
+                "markov-scaling",
+                "random-patterns",
+                "synthetic-speech",
+            ),
             ("--steps", "400", "--batch-size", "32", "--eval-size", "200"),
             sft_start=True,
             about="the embedded task of every family; LLM methods on the README's budget (400 steps of 32 examples, "
