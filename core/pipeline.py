@@ -29,7 +29,7 @@ from core.generate import position_limit
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.kdpath import KDPath, KDPathConfig
 from core.losses import get_divergence
-from core.method import Baseline, Context, Method
+from core.method import Baseline, Context, Method, MethodLoss
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters, load_model
 from core.objectives import causal_lm_loss
@@ -279,6 +279,10 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         cache, kd, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
+    if built is None and model_cfg.student_start == "sft":
+        # SFT from the SFT student: its own steps continue SFT (the equal-budget control of the methods that start
+        # there: they too have seen the SFT steps and then --steps of their own)
+        built = MethodLoss(causal_lm_loss)
     for baseline in method.baselines(settings) if method.baselines else []:
         baselines[baseline.name] = get_method_baseline(baseline, ctx, setup, teacher_tokenizer_key, collate)
     if built is None:  # the method is SFT itself: the baseline is the student

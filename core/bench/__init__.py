@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     (cfg,) = parse((BenchConfig,), argv, prog="python -m core.bench")
     suite = SUITES[cfg.suite]
-    methods = [METHODS[m] for m in (cfg.methods or METHODS)]
+    if excluded := [m for m in cfg.methods if not suite.includes(METHODS[m])]:
+        raise ConfigError(
+            f"--methods {' '.join(excluded)}: equal-budget controls of the SFT-start rows, and suite {suite.name} "
+            "starts no method from the SFT student; drop them or pick a suite with the SFT start (default, smollm)"
+        )
+    methods = [METHODS[m] for m in (cfg.methods or METHODS) if suite.includes(METHODS[m])]
     tasks = [TASKS[t] for t in suite.tasks]
     seeds = cfg.seeds or list(suite.seeds)
     out = Path(cfg.out or Path("runs") / "bench" / suite.name).resolve()

@@ -13,7 +13,7 @@ a rival or the method itself without a completed run makes it "not measured".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.bench.collect import Stat, Summary, stat
@@ -43,21 +43,25 @@ def combine(verdicts: list[str]) -> str:
     return PARTLY
 
 
-def beats(method: str, rivals: list[str], key: str | None = None, lower_is_better: bool = False) -> Decide:
-    """`method` is better than each rival on `key` (default: the task's first metric)."""
+def beats(
+    method: str, rivals: list[str], key: str | None = None, lower_is_better: bool = False, controls: Sequence[str] = ()
+) -> Decide:
+    """`method` is better than each rival on `key` (default: the task's first metric), and than each of `controls`
+    that the benchmark has (the SFT-start controls exist only in suites that start methods from SFT)."""
 
     def decide(summaries: dict[str, Summary], task: BenchTask) -> tuple[str, str]:
         metric = key or task.metrics[0]
+        rivals_here = [*rivals, *(c for c in controls if c in summaries)]
         missing = [
             f"{name}: {summaries[name].status if name in summaries else 'not in this benchmark'}"
-            for name in (method, *rivals)
+            for name in (method, *rivals_here)
             if name not in summaries or summaries[name].stat(metric) is None
         ]
         if missing:
             return NOT_MEASURED, "; ".join(missing)
         ours = summaries[method].stat(metric)
         verdicts, parts = [], []
-        for rival in rivals:
+        for rival in rivals_here:
             theirs = summaries[rival].stat(metric)
             verdict = compare(ours, theirs, lower_is_better)
             verdicts.append(verdict)
@@ -114,8 +118,17 @@ class Claim:
     decide: Decide | None  # None: nothing to check (the baseline), or the method does not run yet
 
 
+# The equal-budget controls of the rows that start from the SFT student (registry: sft-from-sft, kd-fkl-from-sft):
+# such a row has trained SFT's steps and then its own, so besides the rivals its paper names (trained from the
+# initial student, as in the papers' tables) it must beat SFT continued and forward-KL KD from the same start.
+CONTROLS = ["sft-from-sft", "kd-fkl-from-sft"]
+
 CLAIMS: dict[str, Claim] = {
     "sft": Claim("none (supervised baseline)", "no claim: the student every distillation method should beat", None),
+    "sft-from-sft": Claim("none (equal-budget control)", "no claim: SFT continued from the SFT student", None),
+    "kd-fkl-from-sft": Claim(
+        "none (equal-budget control)", "no claim: forward-KL KD from the SFT student, as the SFT-start rows", None
+    ),
     "kd-fkl": Claim(
         "Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network",
         "training on the teacher's soft targets gives a better student than training on the data alone",
@@ -124,7 +137,7 @@ CLAIMS: dict[str, Claim] = {
     "kd-rkl": Claim(
         "Gu et al. 2024, MiniLLM (ICLR), its motivation",
         "reverse KL is mode-seeking, so it suits a small generative student better than forward KL",
-        beats("kd-rkl", ["kd-fkl"]),
+        beats("kd-rkl", ["kd-fkl"], controls=CONTROLS[1:]),
     ),
     "seqkd": Claim(
         "Kim & Rush 2016, Sequence-Level Knowledge Distillation (EMNLP)",
@@ -140,17 +153,20 @@ CLAIMS: dict[str, Claim] = {
         "Ko et al. 2024, DistiLLM (ICML)",
         "skew KL with adaptive off-policy samples beats KD with forward or reverse KL and GKD, and trains faster "
         "than on-policy GKD",
-        all_of(beats("distillm", ["kd-fkl", "kd-rkl", "gkd"]), beats("distillm", ["gkd"], "train_s", True)),
+        all_of(
+            beats("distillm", ["kd-fkl", "kd-rkl", "gkd"], controls=CONTROLS),
+            beats("distillm", ["gkd"], "train_s", True),
+        ),
     ),
     "gkd": Claim(
         "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD, ICLR)",
         "training on the student's own samples beats supervised KD and SeqKD",
-        beats("gkd", ["kd-fkl", "seqkd"]),
+        beats("gkd", ["kd-fkl", "seqkd"], controls=CONTROLS),
     ),
     "dpkd": Claim(
         "Li et al. 2024, Direct Preference Knowledge Distillation for Large Language Models",
         "preference-style distillation beats KD and SeqKD",
-        beats("dpkd", ["kd-fkl", "seqkd"]),
+        beats("dpkd", ["kd-fkl", "seqkd"], controls=CONTROLS),
     ),
     "dskd": Claim(
         "Zhang et al. 2024, Dual-Space Knowledge Distillation for Large Language Models (EMNLP)",
@@ -160,7 +176,7 @@ CLAIMS: dict[str, Claim] = {
     "minillm": Claim(
         "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (ICLR)",
         "reverse-KL distillation by policy optimisation beats SFT, KD and SeqKD",
-        beats("minillm", ["kd-fkl", "seqkd", "sft"]),
+        beats("minillm", ["kd-fkl", "seqkd", "sft"], controls=CONTROLS),
     ),
     "fdistill": Claim(
         "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation (ACL)",

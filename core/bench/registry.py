@@ -26,6 +26,9 @@ class BenchMethod:
     # Its paper starts the student from the SFT student (on-policy and reverse-KL methods): in a suite with
     # `sft_start`, it runs with --student-start sft (SFT on the same budget first, cached and shared).
     sft_start: bool = False
+    # An equal-budget control of the sft_start rows: it exists only in a suite with `sft_start` (elsewhere it would
+    # be the sft or kd-fkl row again).
+    control: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -43,6 +46,12 @@ METHODS: dict[str, BenchMethod] = {
         BenchMethod("sft", "methods.vanilla.run", ("--variant", "sft")),
         BenchMethod("kd-fkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "fkl")),
         BenchMethod("kd-rkl", "methods.vanilla.run", ("--variant", "kd", "--loss", "rkl"), sft_start=True),
+        # Equal-budget controls of the rows that start from the SFT student (SFT's steps, then --steps of their
+        # own): SFT continued, and forward-KL KD from the SFT student (Suite.methods keeps them in sft_start suites).
+        BenchMethod("sft-from-sft", "methods.vanilla.run", ("--variant", "sft"), sft_start=True, control=True),
+        BenchMethod(
+            "kd-fkl-from-sft", "methods.vanilla.run", ("--variant", "kd", "--loss", "fkl"), sft_start=True, control=True
+        ),
         BenchMethod("seqkd", "methods.vanilla.run", ("--variant", "seqkd")),
         BenchMethod("taid", "methods.taid.run", NO_BASELINES),
         BenchMethod("distillm", "methods.distillm.run", NO_BASELINES, sft_start=True),
@@ -237,6 +246,10 @@ class Suite:
 
     def budget(self, family: str) -> tuple[str, ...]:
         return self.args if family == "lm" else self.family_args.get(family, ())
+
+    def includes(self, method: BenchMethod) -> bool:
+        """Whether the method has rows in this suite: every method, but the SFT-start controls only with sft_start."""
+        return self.sft_start or not method.control
 
     def start_args(self, method: BenchMethod) -> tuple[str, ...]:
         start = ("--student-start", "sft") if self.sft_start and method.sft_start else ()

@@ -200,11 +200,14 @@ def total_wall(reports: list[TaskReport]) -> tuple[float, int]:
 def sft_start_sentence(suite: Suite) -> str:
     from core.bench.registry import METHODS
 
-    names = ", ".join(m.name for m in METHODS.values() if m.sft_start)
+    names = ", ".join(m.name for m in METHODS.values() if m.sft_start and not m.control)
+    controls = ", ".join(m.name for m in METHODS.values() if m.control)
     return (
         f"Protocol: {names} start from the SFT student of the same budget (`--student-start sft`: the cached SFT "
         "run first, then the method's own steps), as their papers do; every other row starts from the same "
-        "initial student as SFT (MiniLLM and f-DISTILL start from SFT by their own defaults)."
+        "initial student as SFT (MiniLLM and f-DISTILL start from SFT by their own defaults). So those rows have "
+        f"trained twice the steps of the rows from scratch; the equal-budget controls {controls} (SFT continued, "
+        "and forward-KL KD, from the same SFT student) are rivals in each of their claims."
     )
 
 

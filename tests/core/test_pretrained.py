@@ -580,3 +580,23 @@ def test_student_start_sft_starts_every_student_from_the_sft_student(tmp_path, m
     assert sorted(starts) == ["kd-fkl-tiny", "sft-tiny", "taid", "teacher-tiny"]
     assert not same(starts["sft-tiny"])  # SFT started from the preset's initialisation (and trained away from it)
     assert same(starts["kd-fkl-tiny"]) and same(starts["taid"])  # the KD baseline and the method: where SFT ended
+
+
+def test_sft_from_the_sft_student_continues_sft(tmp_path):
+    # --variant sft --student-start sft is the benchmark's equal-budget control (sft-from-sft): the SFT student of
+    # the settings, then --steps more steps of SFT from it (before, the run returned the SFT student unchanged).
+    # The continued student differs from the SFT student, its first loss is the SFT student's level (below the
+    # from-scratch first loss) and its evaluation is its own.
+    from core.models import load_model
+
+    cache = tmp_path / "cache"
+    argv = [*TINY, "--steps", "3", "--variant", "sft", "--cache-dir", str(cache)]
+    plain = vanilla_main([*argv, "--out", str(tmp_path / "sft")])
+    continued = vanilla_main([*argv, "--student-start", "sft", "--out", str(tmp_path / "cont")])
+    (sft_folder,) = [p for p in (cache / "models").iterdir() if p.name.startswith("sft-") and p.suffix != ".lock"]
+    sft_weights = load_model(sft_folder).state_dict()
+    cont_weights = load_model(tmp_path / "cont" / "student").state_dict()
+    assert any(not torch.equal(sft_weights[k], v) for k, v in cont_weights.items())
+    log = [json.loads(line) for line in (tmp_path / "cont" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[0]["loss"] < plain["train"]["first_loss"]
+    assert continued["eval"]["student"] != continued["eval"]["sft_student"]
