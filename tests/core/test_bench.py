@@ -335,7 +335,9 @@ def test_sft_start_claims_face_the_equal_budget_controls(tmp_path):
     claims = {c["method"]: (c["verdict"], c["evidence"]) for c in rep.claims}
     verdict, evidence = claims["minillm"]
     assert (
-        verdict == PARTLY and "sft-from-sft 50.0 ± 1.0 (yes)" in evidence and "kd-fkl-from-sft 58.0 ± 1.0 (no)" in evidence
+        verdict == PARTLY
+        and "sft-from-sft 50.0 ± 1.0 (yes)" in evidence
+        and "kd-fkl-from-sft 58.0 ± 1.0 (no)" in evidence
     )
     assert claims["sft-from-sft"] == ("n/a", "") and claims["kd-fkl-from-sft"] == ("n/a", "")
     (rep,) = bench_report.build(out, methods[:3] + methods[5:], [OPS], [0, 1, 2], tmp_path / "no-data")
