@@ -7,7 +7,8 @@ The teacher is `--teacher` (default smollm2-135m-instruct, through core.pretrain
 `prune:K` is core.pretrained.prune_layers of it, as `--student prune:K` builds it. The score is the perplexity of the
 responses of the first --n held-out Dolly examples (instruct_eval/dolly/valid.jsonl) with their prompts in the
 teacher's chat template, encoded as the LLM recipe encodes them (core.data.load_dolly, chat_prompts,
-encode_examples at --max-length): the responses are the targets, the prompts are context.
+encode_examples at --max-length, scored by core.metrics.perplexity): the responses are the targets, the prompts are
+context.
 
 Healing (--heal-steps N): forward KL (core.losses.forward_kl, the teacher's full distribution) on every token of
 generic English sentences that no evaluation set contains: the first 20,000 lines of Multi30k's train.en and of
@@ -37,22 +38,6 @@ HEAL_TOKENS = 64
 WARMUP = 20
 
 
-def perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """exp of the mean token NLL over the label positions (core.objectives.shifted_targets)."""
-    from core.objectives import shifted_targets
-
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            mask, targets = shifted_targets(batch["labels"])
-            nll += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-            count += int(mask.sum())
-    model.train()
-    return math.exp(nll / count)
-
-
 def heal_corpus(data_root: Path, tokenizer, seed: int = 0) -> list[list[int]]:
     lines = (data_root / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines()[:HEAL_LINES]
     lines += (data_root / "commongen" / "commongen.train.tgt.txt").read_text(encoding="utf-8").splitlines()[:HEAL_LINES]
@@ -77,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from core.config import RunConfig, cache_root
-    from core.data import Collator, DataConfig, chat_prompts, encode_examples, load_dolly
+    from core.data import Collator, DataConfig, chat_prompts, load_dolly
+    from core.metrics import perplexity
     from core.models import load_model
     from core.pretrained import prune_layers, resolve_model_folder
 
@@ -89,16 +75,15 @@ def main(argv: list[str] | None = None) -> None:
                       eval_size=args.n, max_length=args.max_length)  # fmt: skip
     task = chat_prompts(load_dolly(data), tokenizer, "chat")
     collate = Collator(tokenizer.pad_token_id)
-    features = encode_examples(tokenizer, task.eval, args.max_length)
-    batches = [collate(features[i : i + 8]) for i in range(0, len(features), 8)]
-    print(
-        f"teacher {args.teacher}: Dolly valid perplexity {perplexity(teacher, batches):.2f} ({len(features)} examples)"
-    )
+
+    def score(model: torch.nn.Module) -> float:  # the recipe's perplexity of the held-out responses
+        with torch.no_grad():
+            return perplexity(model, tokenizer, task.eval, args.max_length, batch_size=8)
+
+    print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)")
     for k in layers:
         student = prune_layers(teacher, k)
-        print(
-            f"prune:{k} (layers {student.config.pruned_from_layers}): {perplexity(student, batches):,.1f}", flush=True
-        )
+        print(f"prune:{k} (layers {student.config.pruned_from_layers}): {score(student):,.1f}", flush=True)
     if not args.heal_steps:
         return
     corpus = heal_corpus(args.data_root, tokenizer)
@@ -126,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad()
         if step % args.report_every == 0 or step == args.heal_steps:
             seconds = (time.perf_counter() - start) / step
-            print(f"step {step}: KL {loss.item():.3f}, {seconds:.2f} s/step, perplexity {perplexity(student, batches):,.1f}",
+            print(f"step {step}: KL {loss.item():.3f}, {seconds:.2f} s/step, perplexity {score(student):,.1f}",
                   flush=True)  # fmt: skip
 
 
