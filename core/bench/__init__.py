@@ -3,6 +3,7 @@
     python -m core.bench                                  # suite default: every method on ops, seeds 0 1 2
     python -m core.bench --methods sft kd-fkl taid --seeds 0
     python -m core.bench --suite real                     # Multi30k and CommonGen from ../shared/data
+    python -m core.bench --suite real --tasks commongen   # one task of the suite (two processes: split by task)
     python -m core.bench --render-only                    # only re-render the report from the run folders
     nox -s bench                                          # the default suite, report in ./BENCHMARKS.md
 
@@ -38,6 +39,9 @@ class BenchConfig:
     methods: list[str] = field(
         default_factory=list, metadata={"help": "methods to include (space or comma separated); default: all"}
     )
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "the suite's tasks to run (space or comma separated); default: all"}
+    )
     seeds: list[int] = field(default_factory=list, metadata={"help": "seeds; default: the suite's (0 1 2)"})
     out: str | None = field(default=None, metadata={"help": "root of the run folders; default runs/bench/<suite>"})
     report: str | None = field(default=None, metadata={"help": "the Markdown report; default <out>/BENCHMARKS.md"})
@@ -57,6 +61,12 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"--methods names unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        self.tasks = [t for item in self.tasks for t in item.split(",") if t]
+        if unknown := [t for t in self.tasks if t not in SUITES[self.suite].tasks]:
+            raise ConfigError(
+                f"--tasks names tasks that suite {self.suite} does not have: {unknown}; "
+                f"choose from {', '.join(SUITES[self.suite].tasks)}"
+            )
         if self.timeout is not None and self.timeout < 1:
             raise ConfigError(f"--timeout must be at least 1 second, got {self.timeout}")
 
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "starts no method from the SFT student; drop them or pick a suite with the SFT start (default, smollm)"
         )
     methods = [METHODS[m] for m in (cfg.methods or METHODS) if suite.includes(METHODS[m])]
-    tasks = [TASKS[t] for t in suite.tasks]
+    tasks = [TASKS[t] for t in (cfg.tasks or suite.tasks)]
     seeds = cfg.seeds or list(suite.seeds)
     out = Path(cfg.out or Path("runs") / "bench" / suite.name).resolve()
     data_root = Path(cfg.data_root).resolve() if cfg.data_root else DATA_ROOT
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the command that reproduces the numbers (where runs and report go does not change them)
     command = ["python", "-m", "core.bench", "--suite", suite.name]
     command += ["--methods", *cfg.methods] if cfg.methods else []
+    command += ["--tasks", *cfg.tasks] if cfg.tasks else []
     command += ["--seeds", *map(str, cfg.seeds)] if cfg.seeds else []
     command += [f"--extra={cfg.extra}"] if cfg.extra else []
     command = shlex.join(command)

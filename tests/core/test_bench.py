@@ -306,8 +306,10 @@ def test_bad_flags():
         main(["--methods", "sft,nosuch", "--dry-run"])
     with pytest.raises(ConfigError, match="--suite must be one of"):
         main(["--suite", "huge"])
-    with pytest.raises(ConfigError, match="equal-budget controls"):  # the real suite starts nothing from SFT
-        main(["--suite", "real", "--methods", "sft", "sft-from-sft", "--dry-run"])
+    with pytest.raises(ConfigError, match="equal-budget controls"):  # the tiny suite starts nothing from SFT
+        main(["--suite", "tiny", "--methods", "sft", "sft-from-sft", "--dry-run"])
+    with pytest.raises(ConfigError, match="--tasks names tasks that suite default does not have.*choose from ops"):
+        main(["--tasks", "ops,commongen", "--dry-run"])
 
 
 def test_sft_start_controls_run_only_in_sft_start_suites(tmp_path, capsys):
@@ -316,8 +318,18 @@ def test_sft_start_controls_run_only_in_sft_start_suites(tmp_path, capsys):
     main(["--methods", "sft-from-sft", "kd-fkl-from-sft", "--dry-run", "--out", str(tmp_path)])
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 6 and all("--student-start sft" in c for c in commands)  # 2 controls x 3 seeds, ops
-    main(["--suite", "real", "--dry-run", "--out", str(tmp_path / "real"), "--data-root", str(tmp_path / "none")])
+    main(["--suite", "tiny", "--dry-run", "--out", str(tmp_path / "tiny")])
     assert "from-sft" not in capsys.readouterr().out
+
+
+def test_tasks_flag_plans_only_those_tasks(tmp_path, capsys):
+    # The real suite split by task (two bench processes): --tasks commongen plans each method's commongen run only.
+    (tmp_path / "data" / "commongen").mkdir(parents=True)  # planned only where the task's data folder exists
+    real = ["--suite", "real", "--dry-run", "--out", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data")]
+    main([*real, "--methods", "sft", "kd-rkl", "--tasks", "commongen"])
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and all("--task commongen" in c for c in commands)
+    assert "--student-start sft" in commands[1] and "--student-start" not in commands[0]
 
 
 def test_sft_start_claims_face_the_equal_budget_controls(tmp_path):
