@@ -68,9 +68,19 @@ def score(names: Sequence[str], predictions: Sequence[str], references: Sequence
     return {name: TEXT_METRICS[name](predictions, references) for name in names}
 
 
+# Perplexity runs the model on at most this many logits (rows x padded length x vocabulary) at a time: 2**26 floats,
+# 256 MB. The evaluation batch (--eval-batch-size, 100 by default) sized for generation would otherwise hold
+# 100 x 192 x 49,152 float32 logits at once on SmolLM2 (3.8 GB, and as much again for the log-softmax): measured,
+# that put a one-command run's peak at 15 GB while the rest of it stayed under 4.
+PERPLEXITY_ELEMENTS = 2**26
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, examples, max_length: int, batch_size: int = 64) -> float:
-    """exp(mean NLL per target token) of the examples' targets given their prompts."""
+    """exp(mean NLL per target token) of the examples' targets given their prompts.
+
+    Each batch is run in slices of rows whose logits fit PERPLEXITY_ELEMENTS; token NLLs add up, so the value does
+    not depend on the slicing (tests/core/test_metrics.py checks it)."""
     was_training = model.training
     model.eval()
     from core.generate import position_limit
@@ -79,13 +89,18 @@ def perplexity(model, tokenizer, examples, max_length: int, batch_size: int = 64
     positions = position_limit(model)  # a sequence never runs past the model's position table
     features = encode_examples(tokenizer, examples, min(max_length, positions) if positions else max_length)
     collate = Collator(tokenizer.pad_token_id)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
     nll, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = shift_for_causal_lm(logits, batch["labels"])
-        nll += float(cross_entropy_sum(logits, labels))
-        count += int((labels != IGNORE_INDEX).sum())
+        rows = max(1, PERPLEXITY_ELEMENTS // (batch["input_ids"].shape[1] * vocab))
+        for row in range(0, batch["input_ids"].shape[0], rows):
+            part = {k: v[row : row + rows] for k, v in batch.items()}
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            logits, labels = shift_for_causal_lm(logits, part["labels"])
+            nll += float(cross_entropy_sum(logits, labels))
+            count += int((labels != IGNORE_INDEX).sum())
+            del logits
     model.train(was_training)
     return math.exp(nll / max(count, 1))
 

@@ -106,3 +106,26 @@ def test_generation_budget_splits_max_length_as_training_does():
     assert generation_budget(model, 128, 6) == (26, 6)  # short completions leave the prompt the rest
     assert generation_budget(model, 20, 128) == (10, 10)  # --max-length 20: 10 + 10
     assert generation_budget(model, 20, 4) == (16, 4)
+
+
+def test_perplexity_is_the_same_whatever_the_row_slicing(monkeypatch):
+    # Token NLLs add up: running a batch of 24 in slices of rows (here 1, 5 and all rows per forward) must give the
+    # same perplexity, and the forward must never see more rows than the logits budget allows.
+    import core.metrics
+
+    task = load_task(DataConfig(train_size=50, eval_size=24))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 300)
+    model = build_model("tiny", tokenizer, seed=0)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    values = {}
+    for budget in (1, None, 2**40):  # 1 row; 5 rows (the padded length x vocabulary x 5); every row at once
+        seen.clear()
+        length = max(len(f["input_ids"]) for f in core.metrics.encode_examples(tokenizer, task.eval, 32))
+        elements = 5 * length * model.config.vocab_size if budget is None else budget
+        monkeypatch.setattr(core.metrics, "PERPLEXITY_ELEMENTS", elements)
+        values[budget] = perplexity(model, tokenizer, task.eval, max_length=32, batch_size=100)
+        assert max(s[0] for s in seen) == {1: 1, None: 5, 2**40: 24}[budget]
+    assert values[1] == pytest.approx(values[2**40], rel=1e-6) and values[None] == pytest.approx(
+        values[2**40], rel=1e-6
+    )
