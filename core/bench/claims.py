@@ -43,6 +43,13 @@ def combine(verdicts: list[str]) -> str:
     return PARTLY
 
 
+def decimals(stats: Sequence[Stat | None]) -> int:
+    """3 decimals when every compared mean is below 10 in size (errors of 0.037 and 0.060 would both read 0.0), else
+    1: the rule of the report's columns (core.bench.report.cell_text)."""
+    means = [abs(s.mean) for s in stats if s is not None]
+    return 3 if means and max(means) < 10 else 1
+
+
 def beats(
     method: str, rivals: list[str], key: str | None = None, lower_is_better: bool = False, controls: Sequence[str] = ()
 ) -> Decide:
@@ -60,13 +67,14 @@ def beats(
         if missing:
             return NOT_MEASURED, "; ".join(missing)
         ours = summaries[method].stat(metric)
+        stats = {rival: summaries[rival].stat(metric) for rival in rivals_here}
+        digits = decimals([ours, *stats.values()])
         verdicts, parts = [], []
-        for rival in rivals_here:
-            theirs = summaries[rival].stat(metric)
+        for rival, theirs in stats.items():
             verdict = compare(ours, theirs, lower_is_better)
             verdicts.append(verdict)
-            parts.append(f"{rival} {theirs.text()} ({verdict})")
-        return combine(verdicts), f"{metric}: {method} {ours.text()} vs " + ", ".join(parts)
+            parts.append(f"{rival} {theirs.text(digits)} ({verdict})")
+        return combine(verdicts), f"{metric}: {method} {ours.text(digits)} vs " + ", ".join(parts)
 
     return decide
 
@@ -84,20 +92,23 @@ def beats_in_run(method: str, rivals: list[str], key: str | None = None, lower_i
         )
         if ours is None:
             return NOT_MEASURED, f"{method}: {summary.status if summary else 'not in this benchmark'}"
+        stats = {
+            rival: stat(
+                [float(c.metrics["eval"][rival][metric]) for c in cells if metric in c.metrics["eval"].get(rival, {})]
+            )
+            for rival in rivals
+        }
+        digits = decimals([ours, *stats.values()])
         verdicts, parts = [], []
-        for rival in rivals:
-            values = [
-                float(c.metrics["eval"][rival][metric]) for c in cells if metric in c.metrics["eval"].get(rival, {})
-            ]
-            theirs = stat(values)
+        for rival, theirs in stats.items():
             if theirs is None:
                 verdicts.append(NOT_MEASURED)
                 parts.append(f"{rival}: not in the runs")
                 continue
             verdict = compare(ours, theirs, lower_is_better)
             verdicts.append(verdict)
-            parts.append(f"{rival} {theirs.text()} ({verdict})")
-        return combine(verdicts), f"{metric}: {method} {ours.text()} vs (same runs) " + ", ".join(parts)
+            parts.append(f"{rival} {theirs.text(digits)} ({verdict})")
+        return combine(verdicts), f"{metric}: {method} {ours.text(digits)} vs (same runs) " + ", ".join(parts)
 
     return decide
 

@@ -163,6 +163,28 @@ def test_claim_rule_by_hand():
     assert combine([YES, NOT_MEASURED]) == NOT_MEASURED and combine([]) == NOT_MEASURED
 
 
+def test_claim_evidence_of_small_values_gets_three_decimals():
+    # PHI-S's claim compares normalized errors of 0.037 and 0.060: with one decimal both read 0.0 (as the report of
+    # 2026-12-01 printed them). Evidence takes the columns' rule: 3 decimals when every compared mean is below 10.
+    from types import SimpleNamespace
+
+    from core.bench.claims import beats
+    from core.bench.collect import stat
+
+    def summary(name, values):
+        return SimpleNamespace(name=name, stat=lambda _key: stat(values), status="ok")
+
+    task = SimpleNamespace(metrics=("mean_nerr",))
+    ours, theirs = summary("phis", [0.036, 0.037, 0.038]), summary("phis-global", [0.059, 0.060, 0.061])
+    verdict, evidence = beats("phis", ["phis-global"], lower_is_better=True)(
+        {"phis": ours, "phis-global": theirs}, task
+    )
+    assert verdict == YES and evidence == "mean_nerr: phis 0.037 ± 0.001 vs phis-global 0.060 ± 0.001 (yes)"
+    big = summary("kd-fkl", [40.0, 42.0, 44.0])
+    _, evidence = beats("phis", ["kd-fkl"])({"phis": ours, "kd-fkl": big}, task)
+    assert evidence.startswith("mean_nerr: phis 0.0 ± 0.0 vs kd-fkl 42.0 ± 2.0")  # one value of 10 or more: 1 decimal
+
+
 def test_claim_with_quality_and_speed_parts():
     def summary(method, em, train_s):
         return Summary(method, "ops", "ok", [0, 1, 2], [0, 1, 2], {"exact_match": em, "train_s": train_s})
