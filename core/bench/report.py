@@ -212,7 +212,7 @@ def sft_start_sentence(suite: Suite) -> str:
 
 
 def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: str, command: str,
-             figures: dict[str, dict[str, str]], notes: dict[str, list[str]]) -> str:  # fmt: skip
+             figures: dict[str, dict[str, str]], notes: dict[str, list[str]], revision: str | None = None) -> str:  # fmt: skip
     budget = shlex.join([*suite.args, *shlex.split(extra)])
     seconds, count = total_wall(reports)
     lines = [
@@ -221,7 +221,7 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         f"Generated from the run folders by `{command}`; do not edit by hand. Suite `{suite.name}`: {suite.about}.",
         f"Every method gets the same budget, `{budget}`, the same teacher and student presets and seeds "
         f"{' '.join(map(str, seeds))}; each run is a separate process (timeout {suite.timeout_s} s). "
-        f"Rendered at git {git_revision()}. The benchmark timed {count} runs: {seconds / 60:.1f} minutes in all.",
+        f"Rendered at git {revision or git_revision()}. The benchmark timed {count} runs: {seconds / 60:.1f} minutes in all.",
         *([sft_start_sentence(suite)] if suite.sft_start else []),
         "",
         "How to read: quality is mean ± sample standard deviation over the seeds that completed (a single seed "
@@ -314,7 +314,9 @@ def rows_for_csv(reports: list[TaskReport]) -> tuple[list[str], list[dict[str, A
     return head, rows
 
 
-def as_json(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: str) -> dict[str, Any]:
+def as_json(
+    reports: list[TaskReport], suite: Suite, seeds: list[int], extra: str, revision: str | None = None
+) -> dict[str, Any]:
     def stats(s: Summary) -> dict[str, Any]:
         return {k: {"mean": st.mean, "std": st.std, "n": st.n} for k in s.values if (st := s.stat(k)) is not None}
 
@@ -322,7 +324,7 @@ def as_json(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: st
         "suite": suite.name,
         "budget": [*suite.args, *shlex.split(extra)],
         "seeds": seeds,
-        "rendered_at_git": git_revision(),
+        "rendered_at_git": revision or git_revision(),
         "tasks": {
             r.task.name: {
                 "metrics": list(r.task.metrics),
@@ -361,7 +363,11 @@ def as_json(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: st
 
 
 def write(reports: list[TaskReport], path: Path, suite: Suite, seeds: list[int], extra: str, command: str) -> Path:
-    """BENCHMARKS.md at `path`, .csv and .json beside it, PNGs in a folder named after it (benchmarks-figures/)."""
+    """BENCHMARKS.md at `path`, .csv and .json beside it, PNGs in a folder named after it (benchmarks-figures/).
+
+    The revision is read before anything is written: rendering into a checkout would otherwise mark it dirty with
+    its own figures."""
+    revision = git_revision()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure_dir = path.parent / f"{path.stem.lower()}-figures"
@@ -387,11 +393,11 @@ def write(reports: list[TaskReport], path: Path, suite: Suite, seeds: list[int],
         if without:
             why = " (sft's student is the cached SFT baseline, trained in the cache)" if "sft" in without else ""
             notes[task.name] = [f"No training curve for {', '.join(without)}: the run folder has no log.jsonl{why}."]
-    path.write_text(markdown(reports, suite, seeds, extra, command, figures, notes))
+    path.write_text(markdown(reports, suite, seeds, extra, command, figures, notes, revision))
     head, rows = rows_for_csv(reports)
     with path.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=head)
         writer.writeheader()
         writer.writerows(rows)
-    path.with_suffix(".json").write_text(json.dumps(as_json(reports, suite, seeds, extra), indent=1) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(as_json(reports, suite, seeds, extra, revision), indent=1) + "\n")
     return path

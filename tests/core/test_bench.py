@@ -137,6 +137,19 @@ def test_report_files(hand_made, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](benchmarks-figures/{name}.png)" in text
 
 
+def test_revision_is_read_before_the_report_writes_into_the_checkout(hand_made, tmp_path, monkeypatch):
+    # Rendering into the checkout (--report BENCHMARKS.md) writes figures first; a revision read after them said
+    # "-dirty" for a clean checkout (BENCHMARKS.md of 2026-12-01 did). The fake revision is dirty once a file exists.
+    out, methods = hand_made
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    monkeypatch.setattr(bench_report, "git_revision", lambda: "abc1234" + ("-dirty" if any(folder.iterdir()) else ""))
+    reports = bench_report.build(out, methods, [OPS], [0, 1, 2], tmp_path / "no-data")
+    path = bench_report.write(reports, folder / "BENCHMARKS.md", SUITES["default"], [0, 1, 2], "", "cmd")
+    assert "Rendered at git abc1234." in path.read_text()
+    assert json.loads(path.with_suffix(".json").read_text())["rendered_at_git"] == "abc1234"
+
+
 def test_tasks_without_runs_are_listed(tmp_path, monkeypatch):
     absent = BenchMethod("absent", "methods.absent.run", family="unlearning")  # a registered package not written yet
     monkeypatch.setitem(METHODS, "absent", absent)
