@@ -202,12 +202,33 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
         return _run_locked(recipe, ctx, config, created)
 
 
+def run_lock_path(out: Path) -> Path:
+    """The lock a live run holds on its folder (beside it, so that --overwrite can delete the folder)."""
+    return out.parent / f".{out.name}.lock"
+
+
+def run_is_live(out: Path) -> bool:
+    """Whether another process holds the run folder's lock right now (core.bench skips such a run)."""
+    from filelock import FileLock, Timeout
+
+    lock_path = run_lock_path(out)
+    if not lock_path.exists():
+        return False
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 @contextlib.contextmanager
 def _run_lock(out: Path):
     """One live run per run folder: a second one started with the same --out is refused at once."""
     from filelock import FileLock, Timeout
 
-    lock_path = out.parent / f".{out.name}.lock"
+    lock_path = run_lock_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(lock_path), timeout=0)

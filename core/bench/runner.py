@@ -28,6 +28,7 @@ from core.bench.collect import FAILED, NOT_RUN, OK, TIMEOUT, log_path, read_cell
 from core.bench.registry import REPO_ROOT, BenchMethod, BenchTask, Suite
 from core.io import atomic_write_json
 from core.results import stable_config
+from core.shell import run_is_live
 
 
 @dataclass
@@ -170,6 +171,10 @@ def run_all(runs: list[PlannedRun], timeout_s: float, echo=print) -> list[dict |
         head = f"[bench {i}/{len(runs)}] {run.method.name} {run.task.name} seed {run.seed}"
         if is_complete(run):
             echo(f"{head}: complete, skipped")
+            records.append(None)
+            continue
+        if run_is_live(run.folder):  # another bench process (a suite split by --tasks/--methods) is running it
+            echo(f"{head}: another process is running it now, skipped (its log and record are left alone)")
             records.append(None)
             continue
         echo(f"{head}: running (log {log_path(run.folder)})")

@@ -3,6 +3,7 @@ skip of complete runs) on a stand-in method module, and a tiny two-method benchm
 
 import csv
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from core.bench import main
 from core.bench import report as bench_report
 from core.bench.claims import CLAIMS, NO, NOT_MEASURED, PARTLY, YES, combine, compare
-from core.bench.collect import Stat, Summary, record_path, run_folder
+from core.bench.collect import Stat, Summary, log_path, record_path, run_folder
 from core.bench.registry import METHODS, SUITES, TASKS, BenchMethod, Suite
 from core.bench.runner import error_line, is_complete, plan, planned_config, run_all
 
@@ -309,6 +310,38 @@ def test_runner_records_failures_and_skips_complete_runs(tmp_path, monkeypatch):
     write_record(changed.folder, "failed", "error: ... holds a run with a different configuration")
     (rep,) = bench_report.build(out, methods[:1], [OPS], [0], tmp_path)
     assert bench_report.status_text(rep.summaries[0]) == "failed: error: ... holds a run with a different configuration"
+
+
+def test_runner_leaves_a_run_that_another_process_is_running(tmp_path, monkeypatch):
+    # Two bench processes on one --out (a suite split by --tasks or --methods): when one reaches a run the other is
+    # running, it skips it. Before, it truncated the live run's log and recorded a failure ("another run is writing")
+    # over it (seen on 2026-12-01). A child process holds the folder's lock as a live run does.
+    from core.shell import run_lock_path
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "bench_stand_in.py").write_text(textwrap.dedent(STAND_IN))
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mods"))
+    (run,) = plan(Suite("t", ("ops",), (), seeds=(0,)), [BenchMethod("ok", "bench_stand_in", ("--behave", "ok"))],
+                  [OPS], [0], tmp_path / "runs", "", tmp_path)  # fmt: skip
+    run.folder.parent.mkdir(parents=True)
+    log_path(run.folder).write_text("the live run's log\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(60)", str(run_lock_path(run.folder))],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = []
+        assert run_all([run], timeout_s=30, echo=lines.append) == [None]
+        assert "another process is running it now, skipped" in lines[0]
+        assert log_path(run.folder).read_text() == "the live run's log\n" and not record_path(run.folder).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    (record,) = run_all([run], timeout_s=30, echo=lambda _: None)  # the lock released: the run goes ahead
+    assert record["status"] == "ok"
 
 
 def test_complete_means_same_configuration(tmp_path):
