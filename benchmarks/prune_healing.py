@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     task = chat_prompts(load_dolly(data), tokenizer, "chat")
     collate = Collator(tokenizer.pad_token_id)
 
-    def score(model: torch.nn.Module) -> float:  # the recipe's perplexity of the held-out responses
-        with torch.no_grad():
-            return perplexity(model, tokenizer, task.eval, args.max_length, batch_size=8)
+    def score(model: torch.nn.Module) -> float:  # the recipe's perplexity of the held-out responses (no graph)
+        return perplexity(model, tokenizer, task.eval, args.max_length, batch_size=8)
 
     print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)")
     for k in layers:

@@ -29,6 +29,7 @@ from core.bench.registry import DATA_ROOT, METHODS, SUITES, TASKS
 from core.bench.runner import plan, run_all
 from core.config import parse
 from core.errors import ConfigError
+from core.results import git_revision
 
 
 @dataclass
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command += ["--seeds", *map(str, cfg.seeds)] if cfg.seeds else []
     command += [f"--extra={cfg.extra}"] if cfg.extra else []
     command = shlex.join(command)
-    report.write(reports, path, suite, seeds, cfg.extra, command)
+    revision = git_revision()  # before the report writes into the checkout (as the written JSON says)
+    report.write(reports, path, suite, seeds, cfg.extra, command, revision)
     print(f"report: {path} (with {path.with_suffix('.csv').name}, {path.with_suffix('.json').name})")
-    return report.as_json(reports, suite, seeds, cfg.extra)
+    return report.as_json(reports, suite, seeds, cfg.extra, revision)

@@ -291,8 +291,9 @@ SUITES: dict[str, Suite] = {
         # Sized from rates measured on this project's 2-core CPU machine (one thread per process, two bench processes
         # side by side): the 4 x 256 teacher trains at about 2.1 s a step of 64 on Multi30k with an 8,000-token
         # vocabulary, a forward-KL student at 0.5 s a step of 32, SFT at 0.24 s; evaluating 500 prompts takes
-        # seconds. 1,000 teacher steps (2.2 epochs of Multi30k) and 300 student steps put one seed of one task at
-        # about two hours of one core. TOFU is not in it: a model trained from scratch here does not memorize TOFU's
+        # seconds. 1,000 teacher steps (2.2 epochs of Multi30k) and 300 student steps; measured at this budget on
+        # 2026-12-01: 37 runs, 310.5 minutes of run time, the Multi30k teacher 2,370 s of it (benchmarks/
+        # real_results.md). TOFU is not in it: a model trained from scratch here does not memorize TOFU's
         # answers, so its forget/retain numbers measure nothing (unlearning/whp/README.md); that setting needs a
         # TOFU-finetuned --base-model.
         Suite(

@@ -362,12 +362,13 @@ def as_json(
     }
 
 
-def write(reports: list[TaskReport], path: Path, suite: Suite, seeds: list[int], extra: str, command: str) -> Path:
+def write(reports: list[TaskReport], path: Path, suite: Suite, seeds: list[int], extra: str, command: str,
+          revision: str | None = None) -> Path:  # fmt: skip
     """BENCHMARKS.md at `path`, .csv and .json beside it, PNGs in a folder named after it (benchmarks-figures/).
 
-    The revision is read before anything is written: rendering into a checkout would otherwise mark it dirty with
-    its own figures."""
-    revision = git_revision()
+    The revision (default: read now) is read before anything is written: rendering into a checkout would otherwise
+    mark it dirty with its own figures."""
+    revision = revision or git_revision()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure_dir = path.parent / f"{path.stem.lower()}-figures"
