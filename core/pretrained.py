@@ -14,6 +14,14 @@ teacher layer, which is this rule at K = L / 2; Minitron's depth-pruning study f
 most important to keep and contiguous middle blocks the cheapest to drop. Evenly spaced layers keep both ends and
 a sample of the middle, which is the closest single rule to both (a deviation from Minitron's importance-ranked
 choice, which needs a calibration pass).
+
+`select_layers` adds the importance-ranked rules, each scored on calibration text (token-id rows):
+    even               the rule above (no calibration)
+    block-influence    ShortGPT (Men et al. 2024): BI_l = mean over tokens of 1 - cos(x_l, y_l), x_l the block's
+                       input and y_l its output (the residual stream before and after block l); the L - K blocks of
+                       lowest BI are removed, all at once
+    greedy-ppl         remove one block at a time, each time the one whose removal raises the calibration
+                       perplexity least (Kim et al. 2024, Shortened LLaMA's perplexity criterion, applied greedily)
 """
 
 from __future__ import annotations
@@ -194,11 +202,119 @@ def decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
     )
 
 
-def prune_layers(model: PreTrainedModel, k: int) -> PreTrainedModel:
-    """A trainable copy of `model` keeping `kept_layers(L, k)` decoder layers, embeddings, final norm and head."""
+PRUNE_RULES = ("even", "block-influence", "greedy-ppl")
+
+
+def _block_io(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def block_influence(model: PreTrainedModel, rows: list[list[int]]) -> list[float]:
+    """ShortGPT's Block Influence of each decoder layer: mean over the calibration tokens of 1 - cos(input, output)
+    of the layer's residual stream. A layer that passes its input through unchanged scores 0."""
+    _, layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    count = 0
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = _block_io(output)
+            captured[index] = 1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for row in rows:
+            model(input_ids=torch.tensor([row], device=model.device), use_cache=False)
+            for i in range(len(layers)):
+                sums[i] += captured[i].sum().item()
+            count += len(row)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [total / max(count, 1) for total in sums]
+
+
+@torch.no_grad()
+def calibration_perplexity(model: PreTrainedModel, rows: list[list[int]]) -> float:
+    """exp of the mean next-token loss over every calibration token (each row a document)."""
+    total, count = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row], device=model.device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += len(row) - 1
+    return float(torch.exp(torch.tensor(total / max(count, 1))))
+
+
+def _with_layers(model: PreTrainedModel, keep: list[int], layers: torch.nn.ModuleList):
+    """Context: `model` temporarily runs only the layers `keep` (no copy; the cache is off while scoring)."""
+    import contextlib
+
+    name, _ = decoder_layers(model)
+
+    @contextlib.contextmanager
+    def swapped():
+        setattr(model.base_model, name, torch.nn.ModuleList(layers[i] for i in keep))
+        try:
+            yield
+        finally:
+            setattr(model.base_model, name, layers)
+
+    return swapped()
+
+
+def greedy_removal(model: PreTrainedModel, rows: list[list[int]], k: int) -> list[int]:
+    """Layers kept after removing, one at a time, the layer whose removal raises the calibration perplexity least."""
+    _, layers = decoder_layers(model)
+    keep = list(range(len(layers)))
+    was_training = model.training
+    model.eval()
+    try:
+        while len(keep) > k:
+            scores = []
+            for drop in keep:
+                trial = [i for i in keep if i != drop]
+                with _with_layers(model, trial, layers):
+                    scores.append((calibration_perplexity(model, rows), drop))
+            keep.remove(min(scores)[1])  # ties: the lower index, a fixed rule
+    finally:
+        model.train(was_training)
+    return keep
+
+
+def select_layers(model: PreTrainedModel, k: int, rule: str = "even", rows: list[list[int]] | None = None) -> list[int]:
+    """Indices of the k decoder layers `prune:k` keeps under `rule` (module docstring), in their original order."""
+    total = len(decoder_layers(model)[1])
+    if rule not in PRUNE_RULES:
+        raise ConfigError(f"--prune-rule {rule!r}: choose one of {', '.join(PRUNE_RULES)}")
+    keep = kept_layers(total, k)  # checks 1 <= k <= total
+    if rule == "even" or k == total:
+        return keep
+    if not rows:
+        raise ConfigError(f"--prune-rule {rule} needs calibration text; none was given")
+    if rule == "block-influence":
+        scores = block_influence(model, rows)
+        removed = sorted(range(total), key=lambda i: (scores[i], i))[: total - k]
+        return [i for i in range(total) if i not in removed]
+    return greedy_removal(model, rows, k)
+
+
+def prune_layers(model: PreTrainedModel, k: int, keep: list[int] | None = None) -> PreTrainedModel:
+    """A trainable copy of `model` keeping decoder layers `keep` (default `kept_layers(L, k)`, evenly spaced),
+    embeddings, final norm and head."""
     student = copy.deepcopy(model)
     name, layers = decoder_layers(student)
-    keep = kept_layers(len(layers), k)
+    keep = kept_layers(len(layers), k) if keep is None else sorted(keep)
+    if len(keep) != k or len(set(keep)) != k or not all(0 <= i < len(layers) for i in keep):
+        raise ConfigError(f"prune:{k}: kept layers {keep} must be {k} distinct indices of the {len(layers)} layers")
     kept = torch.nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(kept):
         # The KV cache is indexed by position in the stack: every module of the layer that carries one (Llama's

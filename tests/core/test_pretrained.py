@@ -600,3 +600,86 @@ def test_sft_from_the_sft_student_continues_sft(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "cont" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and log[0]["loss"] < plain["train"]["first_loss"]
     assert continued["eval"]["student"] != continued["eval"]["sft_student"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Importance-ranked layer selection (issue 30): Block Influence and greedy perplexity
+
+
+def _with_identity_layer(seed: int, layers: int, identity: int):
+    """A tiny llama whose layer `identity` adds nothing to the residual stream: its attention output projection and
+    its MLP down projection are zero, so the block maps x to x + 0 + 0 = x."""
+    model = tiny_llama(seed=seed, layers=layers, vocab=40)
+    with torch.no_grad():
+        model.model.layers[identity].self_attn.o_proj.weight.zero_()
+        model.model.layers[identity].mlp.down_proj.weight.zero_()
+    return model
+
+
+CALIBRATION = [[1, 5, 9, 2, 7, 3, 11, 4], [6, 8, 1, 30, 2, 2, 17], [3, 3, 12, 25, 9]]
+
+
+def test_block_influence_of_an_identity_block_is_zero():
+    from core.pretrained import block_influence
+
+    model = _with_identity_layer(seed=0, layers=5, identity=2)
+    scores = block_influence(model, CALIBRATION)
+    # BI = mean 1 - cos(x, x) = 0 for the identity block; a random block turns its input by a positive angle.
+    assert len(scores) == 5 and abs(scores[2]) < 1e-6
+    assert all(score > 1e-4 for i, score in enumerate(scores) if i != 2)
+    # By hand for layer 0 on one row: its input is the embedding of the ids, its output the next hidden state.
+    with torch.no_grad():
+        ids = torch.tensor([CALIBRATION[0]])
+        hidden = model(ids, output_hidden_states=True).hidden_states  # [embeddings, after layer 0, ...]
+        by_hand = (1 - torch.nn.functional.cosine_similarity(hidden[0], hidden[1], dim=-1)).mean().item()
+    assert block_influence(model, CALIBRATION[:1])[0] == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_block_influence_removes_the_identity_block_first(tmp_path):
+    from core.pretrained import calibration_perplexity, select_layers
+
+    model = _with_identity_layer(seed=1, layers=5, identity=3)
+    keep = select_layers(model, 4, "block-influence", CALIBRATION)
+    assert keep == [0, 1, 2, 4]
+    student = prune_layers(model, 4, keep)
+    # Removing a block that adds nothing leaves the function unchanged: the cut model's logits equal the full one's.
+    ids = torch.tensor([CALIBRATION[0]])
+    model.eval(), student.eval()
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, model(ids).logits, atol=1e-5)
+    assert calibration_perplexity(student, CALIBRATION) == pytest.approx(calibration_perplexity(model, CALIBRATION))
+    # The kept layers are recorded in config.json and come back with the saved student.
+    student.save_pretrained(tmp_path / "s")
+    assert load_model(tmp_path / "s").config.pruned_from_layers == [0, 1, 2, 4]
+
+
+def test_greedy_removal_is_the_argmin_of_each_step_by_hand():
+    from core.pretrained import calibration_perplexity, select_layers
+
+    model = _with_identity_layer(seed=1, layers=5, identity=3)
+    keep = select_layers(model, 3, "greedy-ppl", CALIBRATION)
+    # Re-derived with separate copies: step 1 drops the layer whose removal gives the lowest perplexity (on a
+    # random model that may be below the full model's: the rule is the least increase, a decrease included),
+    # step 2 likewise among the four left.
+    left = list(range(5))
+    for _ in range(2):
+        trials = {d: calibration_perplexity(prune_layers(model, len(left) - 1, [i for i in left if i != d]).eval(),
+                                            CALIBRATION) for d in left}  # fmt: skip
+        left.remove(min(trials, key=lambda d: (trials[d], d)))
+    assert keep == left and len(keep) == 3
+    # The model given to select_layers is left whole (greedy swaps its layer list only while scoring).
+    assert len(model.model.layers) == 5 and model.config.num_hidden_layers == 5
+
+
+def test_select_layers_limits_and_bad_rules():
+    from core.pretrained import select_layers
+
+    model = tiny_llama(seed=0, layers=4, vocab=40)
+    assert select_layers(model, 4, "greedy-ppl", CALIBRATION) == [0, 1, 2, 3]  # nothing to remove
+    assert select_layers(model, 2, "even") == kept_layers(4, 2)
+    with pytest.raises(ConfigError, match="--prune-rule"):
+        select_layers(model, 2, "random", CALIBRATION)
+    with pytest.raises(ConfigError, match="calibration"):
+        select_layers(model, 2, "block-influence", [])
+    with pytest.raises(ConfigError, match="distinct"):
+        prune_layers(model, 2, [1, 1])
