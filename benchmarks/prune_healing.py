@@ -2,6 +2,7 @@
 
     python benchmarks/prune_healing.py --layers 6,10,15,20,25                 # perplexity of each cut, no training
     python benchmarks/prune_healing.py --layers 6 --heal-steps 150            # then heal prune:6, report every 50
+    python benchmarks/prune_healing.py --layers 24,20,15 --rules even,block-influence,greedy-ppl   # selection rules
 
 The teacher is `--teacher` (default smollm2-135m-instruct, through core.pretrained.resolve_model_folder); a student
 `prune:K` is core.pretrained.prune_layers of it, as `--student prune:K` builds it. The score is the perplexity of the
@@ -9,6 +10,11 @@ responses of the first --n held-out Dolly examples (instruct_eval/dolly/valid.js
 teacher's chat template, encoded as the LLM recipe encodes them (core.data.load_dolly, chat_prompts,
 encode_examples at --max-length, scored by core.metrics.perplexity): the responses are the targets, the prompts are
 context.
+
+Selection rules (--rules, core.pretrained.select_layers): `even` keeps evenly spaced layers; `block-influence` and
+`greedy-ppl` score the blocks on --calibration Dolly training examples (the last rows of dolly/dev.jsonl, which the
+suites' first-200 training rows and the held-out valid.jsonl do not contain), encoded as the recipe encodes them.
+Healing heals the cut of the last rule listed.
 
 Healing (--heal-steps N): forward KL (core.losses.forward_kl, the teacher's full distribution) on every token of
 generic English sentences that no evaluation set contains: the first 20,000 lines of Multi30k's train.en and of
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="6", help="comma-separated K of prune:K")
     parser.add_argument("--n", type=int, default=40, help="held-out Dolly examples scored")
     parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--rules", default="even", help="comma-separated: even, block-influence, greedy-ppl")
+    parser.add_argument("--calibration", type=int, default=16, help="Dolly training examples scoring the blocks")
     parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -62,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from core.config import RunConfig, cache_root
-    from core.data import Collator, DataConfig, chat_prompts, load_dolly
+    from core.data import Collator, DataConfig, chat_prompts, encode_examples, load_dolly
     from core.metrics import perplexity
     from core.models import load_model
-    from core.pretrained import prune_layers, resolve_model_folder
+    from core.pretrained import prune_layers, resolve_model_folder, select_layers
 
     layers = [int(k) for k in args.layers.split(",")]
     folder = resolve_model_folder(args.teacher, args.cache_dir or cache_root(RunConfig()))
@@ -80,9 +88,15 @@ def main(argv: list[str] | None = None) -> None:
         return perplexity(model, tokenizer, task.eval, args.max_length, batch_size=8)
 
     print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)")
+    calibration = [f["input_ids"] for f in encode_examples(tokenizer, task.train[-args.calibration :], args.max_length)]
     for k in layers:
-        student = prune_layers(teacher, k)
-        print(f"prune:{k} (layers {student.config.pruned_from_layers}): {score(student):,.1f}", flush=True)
+        for rule in args.rules.split(","):
+            start = time.perf_counter()
+            keep = select_layers(teacher, k, rule, calibration)
+            chosen = time.perf_counter() - start
+            student = prune_layers(teacher, k, keep)
+            removed = [i for i in range(teacher.config.num_hidden_layers) if i not in keep]
+            print(f"prune:{k} {rule} (removes {removed}; chosen in {chosen:.0f} s): {score(student):,.1f}", flush=True)
     if not args.heal_steps:
         return
     corpus = heal_corpus(args.data_root, tokenizer)
