@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="result folder (default runs/gpu_check/<size>-<device>)")
     parser.add_argument("--data-dir", default=None, help="Multi30k folder (train.de, train.en, ...) for the comparison")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "timings", "comparison"])
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="no comparison run starts after this many seconds (a GPU lease is short)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "gpu_check: --device cuda, but torch sees no CUDA device here; use --device cpu or auto\n")
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         from core.precision import use_precision  # the run scripts set the process's precision: restored after
 
         with tempfile.TemporaryDirectory(prefix="gpu_check-") as work, use_precision(precision):
-            report["comparison"] = run_comparison(SIZES[size]["compare"], device, precision, args.data_dir, Path(work))
+            deadline = t0 + args.budget_s
+            compare = SIZES[size]["compare"]
+            report["comparison"] = run_comparison(compare, device, precision, args.data_dir, Path(work), deadline)
     report["wall_s"] = time.perf_counter() - t0
     report["peak_rss_mb"] = _rss_mb()
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -321,7 +325,9 @@ def _finish(row: dict[str, Any], tokens: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_comparison(budget: dict[str, Any], device, precision: str, data_dir: str | None, work: Path) -> dict[str, Any]:
+def run_comparison(
+    budget: dict[str, Any], device, precision: str, data_dir: str | None, work: Path, deadline: float
+) -> dict[str, Any]:
     if data_dir:
         task = ["--task", "multi30k", "--data-dir", data_dir, "--source-lang", "de", "--target-lang", "en"]
         task += ["--vocab-size", "8000"]
@@ -343,6 +349,9 @@ def run_comparison(budget: dict[str, Any], device, precision: str, data_dir: str
         extra = ["--val-size", str(budget["val_size"])] if module.endswith("distillm.run") else []
         argv = [*common, *flags, *extra, "--out", str(work / "runs" / label.replace(" ", "_"))]
         t0 = time.perf_counter()
+        if t0 > deadline:
+            rows.append({"method": label, "status": "skipped: past --budget-s"})
+            continue
         try:
             metrics = importlib.import_module(module).main(argv)
         except (Exception, SystemExit) as exc:  # a failed row is a result; the others still run
