@@ -102,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, "gpu_check: --device cuda, but torch sees no CUDA device here; use --device cpu or auto\n")
     if args.data_dir and not (Path(args.data_dir) / "train.de").is_file():
         parser.exit(2, f"gpu_check: --data-dir {args.data_dir} holds no Multi30k train.de; pass the multi30k folder\n")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if args.device == "auto" and not torch.cuda.is_available():
-        device = torch.device("cpu")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     size = args.size if args.size != "auto" else ("gpu" if device.type == "cuda" else "tiny")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     out = Path(args.out or ROOT / "runs" / "gpu_check" / f"{size}-{device.type}")
