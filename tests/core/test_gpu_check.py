@@ -47,3 +47,14 @@ def test_a_missing_data_dir_is_one_line_exit_2(tmp_path, capsys):
         _gpu_check().main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_the_defaults_pick_the_device_and_size_by_themselves(tmp_path):
+    """No --device or --size: cuda and gpu where torch sees a GPU, else cpu and tiny (the sections skipped)."""
+    import torch
+
+    out = tmp_path / "o"
+    assert _gpu_check().main(["--skip", "tests", "timings", "comparison", "--out", str(out)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    cuda = torch.cuda.is_available()
+    assert (report["device"].split(":")[0], report["size"]) == (("cuda", "gpu") if cuda else ("cpu", "tiny"))
