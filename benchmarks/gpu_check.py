@@ -225,7 +225,7 @@ def _measure(device, fn, repeats: int) -> dict[str, Any]:
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            fn()
+            result = fn()
         _sync(device)
         seconds = (time.perf_counter() - t0) / repeats
     except torch.OutOfMemoryError:
@@ -233,7 +233,7 @@ def _measure(device, fn, repeats: int) -> dict[str, Any]:
             torch.cuda.empty_cache()
         return {"status": "OOM"}
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"status": "ok", "s_per_call": seconds, "peak_mem_mb": peak}
+    return {"status": "ok", "s_per_call": seconds, "peak_mem_mb": peak, "result": result}
 
 
 def run_timings(size: dict[str, Any], device) -> list[dict[str, Any]]:
@@ -290,6 +290,7 @@ def run_timings(size: dict[str, Any], device) -> list[dict[str, Any]]:
                         optimizer.step()
 
                     found = _measure(device, step, repeats)
+                    found.pop("result", None)
                     row = {"what": name, "vocab": vocab, "precision": precision, "tokens": tokens, **found}
                     if name == "KD cache":
                         row["cache_build_s"] = build_s
@@ -300,14 +301,15 @@ def run_timings(size: dict[str, Any], device) -> list[dict[str, Any]]:
                 prompts = [f["input_ids"][:prompt_len] for f in features[:n_prompts]]
 
                 def decode(student=student, precision=precision, prompts=prompts):
-                    sample_completions(
-                        student, prompts, eos_token_id=-1, pad_token_id=0, max_new_tokens=new_tokens,
+                    completions = sample_completions(
+                        student, prompts, eos_token_id=2, pad_token_id=0, max_new_tokens=new_tokens,
                         do_sample=False, precision=precision,
                     )  # fmt: skip
+                    return sum(len(c) for c in completions)  # new tokens (a row stops at EOS, id 2: rare, counted)
 
                 found = _measure(device, decode, 1)
                 row = {"what": "generate (student)", "vocab": vocab, "precision": precision, **found}
-                rows.append(_finish(row, n_prompts * new_tokens))
+                rows.append(_finish(row, found.pop("result", None) or n_prompts * new_tokens))
                 del student
         del teacher
         print(f"[gpu_check] timings at vocabulary {vocab} done", flush=True)
