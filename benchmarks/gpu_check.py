@@ -459,6 +459,8 @@ def render(report: dict[str, Any]) -> str:
             f"{budget['student']}, {budget['steps']} steps of {budget['batch']}, {budget['eval_size']} evaluation "
             "examples, one seed (0): a check that the path trains, not a ranking.",
             "",
+            "Peak MB: the run's metrics.json (CUDA: max_memory_allocated; CPU: the process's peak RSS).",
+            "",
             f"| method | {metric} | perplexity | train tokens/s | peak MB | wall s | status |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
@@ -480,11 +482,12 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
     timings = [r for r in report.get("timings", []) if r["status"] == "ok"]
     if timings:
-        labels = [f"{r['what']}\n{r['vocab'] // 1000}k {r['precision']}" for r in timings]
+        labels = [f"{r['what']}\nV={r['vocab']:,} {r['precision']}" for r in timings]
+        colors = ["tab:blue" if r["precision"] == "fp32" else "tab:orange" for r in timings]
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 4))
-        ax.bar(range(len(labels)), [r["tokens_per_s"] for r in timings], color="tab:blue")
+        ax.bar(range(len(labels)), [r["tokens_per_s"] for r in timings], color=colors)
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-        ax.set_ylabel("tokens/s")
+        ax.set_ylabel("tokens/s (blue fp32, orange bf16)")
         ax.set_title(f"gpu_check timings ({report['size']}, {report['device']})")
         fig.tight_layout()
         fig.savefig(out / "timings.png", dpi=110)
