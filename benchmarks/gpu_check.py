@@ -346,6 +346,11 @@ def run_comparison(
     ]  # fmt: skip
     if budget["train_size"]:
         common += ["--train-size", str(budget["train_size"])]
+    try:  # the scorers the run scripts evaluate with; a GPU image may lack them (benchmarks/gpu_results.md)
+        importlib.import_module("core.metrics")
+    except ImportError as exc:
+        why = f"skipped: {exc} (carry its wheel: benchmarks/gpu_results.md)"
+        return {"task": name, "metric": metric, "precision": precision, "budget": budget, "skipped": why, "rows": []}
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] | None = None
     for label, module, flags in COMPARISON:
@@ -461,6 +466,7 @@ def render(report: dict[str, Any]) -> str:
             "",
             "Peak MB: the run's metrics.json (CUDA: max_memory_allocated; CPU: the process's peak RSS).",
             "",
+            *([f"**{comparison['skipped']}**", ""] if comparison.get("skipped") else []),
             f"| method | {metric} | perplexity | train tokens/s | peak MB | wall s | status |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]

@@ -58,3 +58,22 @@ def test_the_defaults_pick_the_device_and_size_by_themselves(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     cuda = torch.cuda.is_available()
     assert (report["device"].split(":")[0], report["size"]) == (("cuda", "gpu") if cuda else ("cpu", "tiny"))
+
+
+def test_a_missing_scorer_skips_the_comparison_with_the_fix(tmp_path, monkeypatch):
+    """The GPU image lacks rouge-score (benchmarks/gpu_results.md): one line that says so, not four failed runs."""
+    import importlib
+
+    import torch
+
+    module = _gpu_check()
+    real = importlib.import_module
+
+    def without_metrics(name, *args):
+        if name == "core.metrics":
+            raise ModuleNotFoundError("No module named 'rouge_score'")
+        return real(name, *args)
+
+    monkeypatch.setattr(module.importlib, "import_module", without_metrics)
+    found = module.run_comparison(module.SIZES["tiny"]["compare"], torch.device("cpu"), "fp32", None, tmp_path, 1e18)
+    assert found["rows"] == [] and "rouge_score" in found["skipped"] and "gpu_results.md" in found["skipped"]
