@@ -1,4 +1,5 @@
-"""Sessions: `nox -s test` (the CI suite), `nox -s lint`, `nox -s demo` (the embedded default run), `nox -s bench`.
+"""Sessions: `nox -s test` (the CI suite), `nox -s lint`, `nox -s demo` (the embedded default run), `nox -s bench`,
+`nox -s gpu` (benchmarks/gpu_check.py).
 
 Each session installs what it needs into its own virtualenv. torch is pinned to the CPU build that lies on
 this project's machines; a looser requirement would pull a multi-GB CUDA wheel.
@@ -64,3 +65,12 @@ def perf(session: nox.Session) -> None:
     _install(session, "[perf]")
     session.env.setdefault("OMP_NUM_THREADS", "2")
     session.run("python", "benchmarks/perf.py", *session.posargs)
+
+
+@nox.session(default=False, venv_backend="none")  # only when named: `nox -s gpu`
+def gpu(session: nox.Session) -> None:
+    """The GPU check (benchmarks/gpu_check.py): the device tests, the KD/SFT/generation timings and a small trained
+    comparison, written into one folder. Runs in the current environment (venv_backend none): a GPU machine keeps its
+    own CUDA build of torch, which the pinned CPU wheel of the other sessions would replace; nothing is installed or
+    downloaded. On a CPU the same command runs at tiny size."""
+    session.run("python", "benchmarks/gpu_check.py", *session.posargs)

@@ -110,10 +110,20 @@ class RunConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "replace an existing run folder that holds another configuration"}
     )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or bf16: the student's and teacher's forward passes under bfloat16 autocast, losses, "
+            "weights and optimizer in float32 (core/precision.py)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        from core.precision import check_precision
+
+        check_precision(self.precision)
 
 
 @dataclass

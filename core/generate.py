@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.data import encode_prompt
+from core.precision import autocast
 
 
 def position_limit(model: torch.nn.Module) -> int | None:
@@ -85,6 +86,7 @@ def sample_completions(
     seed: int | None = None,
     mix_model: torch.nn.Module | None = None,
     mix_alpha: float = 0.0,
+    precision: str | None = None,
 ) -> list[list[int]]:
     """Completions of tokenized prompts in one batch: left-padded, KV cache.
 
@@ -92,7 +94,8 @@ def sample_completions(
     (1 - mix_alpha) model + mix_alpha mix_model (`_sample_mixture`; MiniLLM's teacher-mixed sampling).
     Each completion is cut after its first EOS, which is kept (it is a target: the model must learn to stop);
     a completion that reached max_new_tokens has no EOS. The models are put in eval mode for sampling and back
-    into the mode they were in. With `seed`, sampling is seeded (see `seeded`)."""
+    into the mode they were in. With `seed`, sampling is seeded (see `seeded`). `precision` (default: the process's,
+    --precision): bf16 decodes under bfloat16 autocast (core/precision.py); the sampled distributions are float32."""
     mixing = mix_model is not None and mix_alpha > 0
     if not 0.0 <= mix_alpha <= 1.0:
         raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
@@ -112,7 +115,7 @@ def sample_completions(
     )
     context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
     try:
-        with context:
+        with context, autocast(device, precision):
             if mixing:
                 out = _sample_mixture(
                     model, mix_model, mix_alpha, input_ids, attention_mask, eos_token_id, pad_token_id,

@@ -163,7 +163,8 @@ class TeacherLogitCache:
             parts.append(part)
         device = mask.device
         dtypes = (torch.float32, torch.int64, torch.float32, torch.int64, torch.float32)
-        columns = [torch.cat([p[i] for p in parts]).to(device, dtypes[i]) for i in range(len(parts[0]))]
+        # Each part converted before the concatenation: under bf16 autocast torch.cat refuses the float16 values.
+        columns = [torch.cat([p[i].to(dtypes[i]) for p in parts]).to(device) for i in range(len(parts[0]))]
         return SparseTeacher(*columns)
 
 
@@ -228,7 +229,9 @@ def get_logit_cache(
     key = cache_key(teacher_id or teacher_fingerprint(teacher), tokenizer_key, features, k, temperature, samples, seed)
     folder = Path(cache_dir) / "logit_cache" / stable_hash(key)
     if not (folder / "manifest.json").is_file():
-        with atomic_dir(folder) as tmp:
+        # Always in float32 (autocast off, whatever --precision): one cache serves runs of either precision.
+        device_type = next(teacher.parameters()).device.type
+        with atomic_dir(folder) as tmp, torch.autocast(device_type, enabled=False):
             _build(
                 teacher,
                 features,

@@ -34,6 +34,7 @@ from core.data import IGNORE_INDEX, Collator, encode_prompt
 from core.errors import ConfigError
 from core.generate import sample_completions, seeded  # noqa: F401 (re-exported: the on-policy API)
 from core.io import atomic_write_json, stable_hash
+from core.precision import precision_key
 
 Example = dict[str, list[int]]
 
@@ -306,6 +307,7 @@ def teacher_examples(
     }
     if top_k or purpose != "teacher-samples":  # keys of the plain case stay as they were
         settings |= {"top_k": top_k, "purpose": purpose}
+    settings |= precision_key()  # bf16 samples under autocast (empty under fp32: old keys hold)
     path = ctx.cache / "teacher-samples" / f"{stable_hash(settings)}.json"
     if path.exists():
         return json.loads(path.read_text())

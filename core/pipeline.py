@@ -33,6 +33,7 @@ from core.method import Baseline, Context, Method, MethodLoss
 from core.metrics import evaluate_model
 from core.models import build_or_load, count_parameters, load_model
 from core.objectives import causal_lm_loss
+from core.precision import precision_key
 from core.pretrained import parse_prune, resolve_model_folder
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.teacher import check_same_vocabulary, get_teacher, get_tokenizer, task_key, train_cached
@@ -61,6 +62,7 @@ def evaluate_cached(
         "max_length": data.max_length,
         "decoding": [evaluation.eval_decoding, sampling_seeds(evaluation)],
         "examples": stable_hash([[ex.prompt, list(ex.references)] for ex in task.eval]),  # chat format included
+        **precision_key(),  # bf16 decodes under autocast: other text (empty under fp32, so old entries hold)
     }
     path = folder / f"eval-{stable_hash(settings)}.json" if folder is not None else None
     if path is not None and path.exists():
@@ -118,6 +120,7 @@ class BaselineSetup:
             "tokenizer": self.tokenizer_key,
             "student": self.model.student,
             "train": {k: v for k, v in asdict(self.train).items() if k != "stop_after"},
+            **precision_key(),  # empty under fp32: a bf16-trained baseline is another cache entry
         }
         if parse_prune(self.model.student) is not None:
             key["student_from"] = self.teacher_folder

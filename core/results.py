@@ -24,13 +24,19 @@ from core.io import atomic_write_json
 
 # Settings that do not change what a run computes: they may differ between an interrupted run and its resume.
 VOLATILE = {"stop_after", "overwrite", "device", "eval_batch_size", "out", "cache_dir"}
+# Settings added after run folders existed, at the value those folders ran with: a config without the key and one
+# with this value are the same run (so --precision fp32 matches every folder written before the flag).
+DEFAULTED = {"precision": "fp32"}
 
 METRICS_KEYS = ("method", "task", "seed", "eval", "train", "config", "env")
 
 
 def stable_config(config: dict[str, Any]) -> dict[str, Any]:
     """What of a configuration determines a run's result (VOLATILE settings may differ between run and resume)."""
-    return {group: {k: v for k, v in values.items() if k not in VOLATILE} for group, values in config.items()}
+    return {
+        group: {k: v for k, v in values.items() if k not in VOLATILE and not (k in DEFAULTED and DEFAULTED[k] == v)}
+        for group, values in config.items()
+    }
 
 
 def has_progress(out: Path) -> bool:

@@ -126,8 +126,11 @@ def make_accelerator(run: RunConfig):
         raise ConfigError("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
     if run.device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError("--device mps: no MPS device is available here; use --device cpu or auto")
+    from core.precision import set_precision
+
     # transformers' own per-file progress bars would interleave with ours on every save and load.
     hf_logging.disable_progress_bar()
+    set_precision(run.precision)  # what core.train and core.generate autocast to (core/precision.py)
     return Accelerator(cpu=cpu_only(run))
 
 

@@ -27,6 +27,7 @@ from core.errors import ConfigError, ModelError, VocabularyMismatchError
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.models import PRESETS, build_or_load, load_model, preset_config
 from core.objectives import causal_lm_loss
+from core.precision import precision_key
 from core.tokenizers import load_tokenizer, same_vocabulary, train_bpe
 from core.train import TrainConfig, Trainer, TrainResult
 
@@ -157,6 +158,7 @@ def get_teacher(
             "tokenizer": tokenizer_key,
             "model": preset_config(cfg.teacher_preset, tokenizer, 512).to_dict(),
             "train": asdict(train_cfg),
+            **precision_key(),  # empty under fp32 (keys written before --precision hold); bf16: another teacher
         }
         features = encode_examples(tokenizer, task.train, data.max_length)
         teacher, result, folder = train_cached(

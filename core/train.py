@@ -43,6 +43,7 @@ from transformers import get_cosine_schedule_with_warmup
 from core.data import IGNORE_INDEX
 from core.errors import CheckpointError, ConfigError, DistillError, NonFiniteLossError, ResourceError, out_of_memory
 from core.io import atomic_dir, atomic_write_json, atomic_write_text, free_space
+from core.precision import autocast, check_precision, get_precision
 
 
 @dataclass
@@ -206,10 +207,13 @@ class Trainer:
         extra_parameters: Sequence[torch.nn.Parameter] = (),
         extra_lr: float | None = None,
         prepare_batch: PrepareBatch | None = None,
+        precision: str | None = None,
     ) -> None:
         """`extra_parameters`: trained beside the model (a method's own modules, e.g. DSKD's projectors), in their
         own optimizer group at `extra_lr` (default: cfg.lr) under the same schedule and clipping. Their state is
-        checkpointed by passing the module in `state`."""
+        checkpointed by passing the module in `state`. `precision`: fp32 or bf16 (each micro-batch's loss_fn, the
+        student's and the teacher's forward, under bfloat16 autocast; core/precision.py); default: the process's
+        (--precision)."""
         world = accelerator.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ConfigError(
@@ -223,6 +227,7 @@ class Trainer:
         self.on_step_end = on_step_end  # called as (step, step_loss, logs) after each optimizer step
         # (it may add entries to `logs`: they are written to the step's line of log.jsonl)
         self.prepare_batch = prepare_batch  # replaces a micro-batch before its tokens are counted (on-policy)
+        self.precision = check_precision(precision) if precision is not None else get_precision()
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
@@ -444,7 +449,8 @@ class Trainer:
                 sync = i == len(micro_batches) - 1
                 ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                 with ctx:
-                    out = self.loss_fn(self.model, batch)
+                    with autocast(acc.device, self.precision):  # forward passes only; backward outside, as AMP asks
+                        out = self.loss_fn(self.model, batch)
                     loss = out.loss_sum * scale
                     if not torch.isfinite(loss):
                         bar.close()  # so the error starts on a line of its own

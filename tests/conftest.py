@@ -16,6 +16,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture
+def device():
+    """The device of the `device`-marked tests: $DISTILLAB_TEST_DEVICE (cpu, cuda, cuda:1, ...), else cuda where torch
+    sees one, else cpu. Each such test compares what runs there with a float64 reference on the CPU."""
+    import torch
+
+    name = os.environ.get("DISTILLAB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    found = torch.device(name)
+    if found.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"DISTILLAB_TEST_DEVICE={name}, but torch sees no CUDA device here")
+    return found
+
+
 def shared_data(sub: str) -> Path:
     path = SHARED_DATA / sub
     if not path.exists():
