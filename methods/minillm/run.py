@@ -62,7 +62,7 @@ from core.pipeline import (
 from core.results import write_metrics
 from core.shell import parse_recipe, run_recipe
 from core.teacher import get_teacher, get_tokenizer
-from core.train import LossOutput, TrainConfig, count_label_tokens, example_indices
+from core.train import LossOutput, TrainConfig, count_label_tokens, train_indices
 from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
 
 
@@ -188,13 +188,7 @@ def _seqkd_loss(cfg: MiniLLMConfig):
         limit = ctx.data.max_length - max_new_tokens
         # The teacher's outputs of exactly the prompts the loop will draw (cached with the teacher's samples).
         train = ctx.train
-        seen = sorted(
-            {
-                i
-                for step in range(train.steps)
-                for i in example_indices(step, len(ctx.features), train.batch_size, train.seed)
-            }
-        )
+        seen = sorted({i for step in range(train.steps) for i in train_indices(step, ctx.features, train)})
         prompts = [encode_prompt(ctx.tokenizer, ctx.task.train[i].prompt) for i in seen]
         outputs = teacher_examples(ctx, prompts, max_new_tokens, do_sample=False)
         table = {tuple(example["input_ids"][: example["labels"].count(-100)]): example for example in outputs}
