@@ -9,6 +9,14 @@
     --teacher-cache-k  that k
     --teacher-cache-samples  that m (default 64; 0: the tail as one bucket, which reads forward KL low)
 
+Defaults (issue 31; docs/performance.md, "Which methods read the cache"): with neither flag given, --fused is on
+wherever both models' logits are their last hidden state times a linear head (it is exact), and on a pretrained
+teacher (--teacher: SmolLM2, a folder, a .gguf) every forward-KL loss (the KD baselines, vanilla KD) reads the teacher
+cache, which its sampled tail makes unbiased for forward KL, while every other loss and method keeps the live teacher
+(nothing is refused). The embedded teacher stays live: it is small beside its student and the cache would run it over
+the whole 20,000-example task for runs that see fewer examples. `--teacher-cache` (true) makes every KD loss read the
+cache, as below; `--teacher-cache false` / `--fused false` turn the defaults off.
+
 Below the vocabulary size (k < V) the cache holds the teacher's distribution only through the top k and a sample,
 which makes forward KL (value and gradient) unbiased and nothing else: on SmolLM2-135M at k = 64 the tail bucket
 reads reverse KL 78% low with a gradient unrelated to the true one, and JSD, TVD and the skew KLs with gradient
