@@ -184,14 +184,17 @@ def example_indices(
     With `lengths` (one per example) and `group` > 1, each epoch's permutation is length-grouped first
     (`grouped_permutation`): every example still appears once per epoch, and a batch holds examples of similar
     length, so it pads little."""
-    out = []
+    out, perms = [], {}
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(g, n_examples)
-        if lengths is not None and group > 1:
-            perm = grouped_permutation(n_examples, seed, epoch, batch_size, group, lengths)
-        else:
-            perm = _permutation(n_examples, seed, epoch)
-        out.append(perm[pos])
+        if epoch not in perms:
+            grouped = lengths is not None and group > 1
+            perms[epoch] = (
+                grouped_permutation(n_examples, seed, epoch, batch_size, group, lengths)
+                if grouped
+                else _permutation(n_examples, seed, epoch)
+            )
+        out.append(perms[epoch][pos])
     return out
 
 
