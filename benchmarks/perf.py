@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -666,6 +667,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
             **({"cache_build": build | {"examples": len(seen)}} if build else {}),
         }  # fmt: skip
         del student
+    shutil.rmtree(cache_root, ignore_errors=True)
     for hook in REAL_GENERATION_HOOKS:  # generation rows (issue 31, item 3): added by core.generate's benchmark
         rows.update(hook(teacher=teacher, student=initial, features=features, smoke=smoke))
     return {
