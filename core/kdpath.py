@@ -138,7 +138,9 @@ class KDPath:
     def reads_cache(self, divergence: Divergence) -> bool:
         """Whether a KD loss with this divergence reads the teacher cache: every divergence under --teacher-cache
         (k < V refuses all but forward KL), forward KL alone by default on a pretrained teacher."""
-        return bool(self.cfg.teacher_cache) or (self.cache_fkl and getattr(divergence, "func", divergence) is forward_kl)
+        return bool(self.cfg.teacher_cache) or (
+            self.cache_fkl and getattr(divergence, "func", divergence) is forward_kl
+        )
 
     def result_key(self, divergence: Divergence) -> dict[str, Any]:
         """The part of a KD student's cache key that the path decides: the teacher cache's k and m when the loss

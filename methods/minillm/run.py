@@ -286,10 +286,11 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     cfg, evaluation = shell.cfg(MiniLLMConfig), shell.cfg(EvalConfig)
     data, task, tokenizer = setup.data, setup.task, setup.tokenizer
     teacher, info = get_teacher(setup.model, data, task, tokenizer, setup.tokenizer_key, setup.cache, setup.accelerator)
+    # the run's path, as core.pipeline resolves it: the same cached KD baselines
     kd = KDPath(
         shell.cfg(KDPathConfig), teacher, setup.cache, setup.tokenizer_key, tokenizer.pad_token_id,
         pretrained_teacher=setup.model.teacher is not None,
-    )  # fmt: skip  (the run's path, as core.pipeline resolves it: the same cached KD baselines)
+    )  # fmt: skip
     students = {"sft_student": get_sft_baseline(setup)[0]}
     for divergence in cfg.divergences():
         students[f"kd_{divergence}_student"] = get_kd_baseline(setup, divergence, kd, info["source"])[0]

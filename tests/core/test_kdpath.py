@@ -71,7 +71,9 @@ def test_by_default_a_pretrained_teacher_serves_forward_kl_from_its_cache_and_th
     kd.require_exact_cache("reverse KL")  # not refused: the live teacher serves it
     kd.loss(rkl, features=features)(student, batch)
     assert (kd.hits, kd.misses) == (4, 0)  # the reverse-KL loss never looked in the cache
-    assert torch.equal(kd.teacher_logits(batch), teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits)
+    assert torch.equal(
+        kd.teacher_logits(batch), teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+    )
     assert kd.result_key(fkl) == {"teacher_cache_k": 5, "teacher_cache_samples": 64} and kd.result_key(rkl) == {}
     assert kd.name == "fused+cache(k=5, forward KL)" and kd.summary()["cache"]["hit_rate"] == 1.0
 
