@@ -5,6 +5,7 @@
     python benchmarks/perf.py --only step,cache   # the KD step and the cache only (13-24 minutes by load)
     python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat
     python benchmarks/perf.py --smoke             # every case at toy sizes, in this process (seconds; a test)
+    python benchmarks/perf.py --only real --out /tmp/real.md   # SmolLM2 -> prune:6 on Dolly (a few minutes)
 
 Writes benchmarks/perf_results.md (or --out) with the machine, versions and git revision, and prints it.
 
@@ -31,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -466,6 +468,278 @@ def cache_bytes_case(vocab: int, ks: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Real LLM: SmolLM2-135M-Instruct teacher, prune:K student, Dolly (issue 31)
+# ----------------------------------------------------------------------------------------------------------------
+
+REAL = dict(
+    teacher="smollm2-135m-instruct", prune=6, batch=8, max_length=256, data_dir="/work/shared/data/instruct_eval"
+)
+
+
+def matmul_rate(seconds: float = 1.5, n: int = 1024) -> dict:
+    """The machine's float32 matrix-multiply rate in this process (torch.matmul of n x n, 2 n^3 FLOPs each), per
+    second of wall time and per second of process CPU time (the contention-robust one on a shared machine)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # page in
+    count, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds or count < 3:
+        torch.matmul(a, b)
+        count += 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    flops = 2 * n**3 * count
+    return {"gflops_wall": flops / wall / 1e9, "gflops_cpu": flops / cpu / 1e9}
+
+
+def _real_setup(smoke: bool):
+    """(teacher, student, tokenizer pad id, features, teacher id): SmolLM2 and prune:K on Dolly as the LLM recipe
+    encodes them (chat template, --max-length); at --smoke a tiny random Llama and one of its layers on random
+    examples of random lengths."""
+    import torch
+
+    from core.pretrained import prune_layers
+
+    if smoke:
+        dims = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+        teacher = _llama(64, dims, seed=0).eval().requires_grad_(False)
+        gen = torch.Generator().manual_seed(0)
+        features = []
+        for _ in range(48):
+            prompt, completion = (int(x) for x in torch.randint(2, 12, (2,), generator=gen))
+            ids = torch.randint(1, 64, (prompt + completion,), generator=gen).tolist()
+            features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        return teacher, prune_layers(teacher, 1), 0, features, "smoke"
+    from core.data import DataConfig, chat_prompts, encode_examples, load_dolly
+    from core.models import load_model
+    from core.pretrained import resolve_model_folder
+    from core.tokenizers import load_tokenizer
+
+    cache = Path(os.environ.get("DISTILLAB_CACHE") or Path.home() / ".cache" / "distillab")
+    folder = resolve_model_folder(REAL["teacher"], cache)
+    tokenizer = load_tokenizer(folder)
+    teacher = load_model(folder).eval().requires_grad_(False)
+    data = DataConfig(task="dolly", data_dir=REAL["data_dir"], max_length=REAL["max_length"])
+    task = chat_prompts(load_dolly(data), tokenizer, "chat")
+    features = encode_examples(tokenizer, task.train, data.max_length)
+    return teacher, prune_layers(teacher, REAL["prune"]), tokenizer.pad_token_id, features, f"path:{folder}"
+
+
+def _flops_per_token(model) -> int:
+    """Model FLOPs of one token's forward pass: 2 x the parameters that multiply it (the decoder and the head; the
+    input embedding is a lookup, counted once even when tied to the head). Attention's score products are left out
+    (at 256 positions they are under 10% of a SmolLM2 layer's)."""
+    head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    if head.data_ptr() == embedding.data_ptr():
+        return 2 * params  # tied: the one matrix is the head
+    return 2 * (params - embedding.numel())
+
+
+def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict:
+    """Every row of the real-LLM section in this one process: the same student initialisation, batches and threads.
+
+    Rows (each `warmup + steps` optimizer steps on the batches of steps 0, 1, ...; timed after the warm-up):
+    - `plain SFT`, `plain KD`: the PyTorch loop a user writes (full logits; F.cross_entropy, or F.kl_div against the
+      live teacher's full logits), on the batches core.train draws (length-grouped); `(seeded order)`: the same loop
+      on the batches of the order before issue 31 (example_indices without lengths), which is what today's numbers
+      were measured on;
+    - `sft`: core.train.Trainer on core.objectives.causal_lm_loss, the SFT baseline of every run;
+    - `kd <flags>`: the KD step of `python -m methods.vanilla.run --variant kd --teacher smollm2-135m-instruct
+      --student prune:K <flags>`: KDPathConfig parsed from the flags, the KDPath built as core.pipeline builds it
+      (pretrained teacher), its forward-KL loss in core.train.Trainer. `kd` (no flags) is the default: forward KL
+      from the teacher cache, fused; its cache is built first, over the examples the timed steps draw (not timed;
+      its time is reported as the build row)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from core.config import parse
+    from core.data import Collator
+    from core.kdpath import KDPath, KDPathConfig
+    from core.losses import get_divergence
+    from core.objectives import causal_lm_loss
+    from core.train import TrainConfig, example_indices, train_indices
+
+    torch.set_num_threads(2)
+    rate = matmul_rate(0.2 if smoke else 1.5)
+    teacher, initial, pad, features, teacher_id = _real_setup(smoke)
+    batch_size = 2 if smoke else REAL["batch"]
+    n_steps = warmup + steps
+    cfg = TrainConfig(steps=n_steps, batch_size=batch_size, lr=1e-5, warmup_steps=0, checkpoint_every=0, seed=0)
+    grouped = [train_indices(s, features, cfg) for s in range(n_steps)]
+    seeded = [example_indices(s, len(features), batch_size, 0) for s in range(n_steps)]
+    collate = Collator(pad)
+    student_flops, teacher_flops = _flops_per_token(initial), _flops_per_token(teacher)
+
+    def plain(kind: str, order):
+        def run(student, stamps):
+            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+            for indices in order:
+                batch = collate([features[i] for i in indices])
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                logits = student(**inputs).logits[:, :-1]
+                valid = batch["labels"][:, 1:] != -100
+                if kind == "sft":
+                    loss = F.cross_entropy(logits[valid].float(), batch["labels"][:, 1:][valid]) * 1.0
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(**inputs).logits[:, :-1]
+                    log_q = F.log_softmax(logits[valid].float(), dim=-1)
+                    log_p = F.log_softmax(teacher_logits[valid].float(), dim=-1)
+                    loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / valid.sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optimizer.step()
+                stamps.append((time.perf_counter(), time.process_time()))
+
+        return run, order
+
+    def ours(loss_fn):
+        def run(student, stamps):
+            from accelerate import Accelerator
+
+            from core.train import Trainer
+
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = Trainer(
+                    student, loss_fn, features, collate, cfg, Path(tmp) / "run", Accelerator(cpu=True),
+                    on_step_end=lambda step, loss, logs: stamps.append((time.perf_counter(), time.process_time())),
+                )  # fmt: skip
+                trainer.train()
+
+        return run, grouped
+
+    seen = sorted({i for order in grouped for i in order})
+    cache_root = Path(tempfile.mkdtemp(prefix="perf-real-cache-"))
+    rows: dict[str, dict] = {}
+
+    def kd(flags: str):
+        (path_cfg,) = parse((KDPathConfig,), flags.split())
+        path = KDPath(path_cfg, teacher, cache_root, "bench-real", pad, pretrained_teacher=True, student=initial)
+        fkl = get_divergence("fkl")
+        build = None
+        if path.reads_cache(fkl):
+            t0, c0 = time.perf_counter(), time.process_time()
+            path.cache_for([features[i] for i in seen], 1.0)  # the examples the timed steps draw
+            build = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            loss_fn = path.loss(fkl, features=[features[i] for i in seen])
+            path.release_teacher()
+        else:
+            loss_fn = path.loss(fkl, features=features)
+        return ours(loss_fn), path, build
+
+    loops = {
+        "plain SFT (seeded order)": (plain("sft", seeded), None, None),
+        "plain SFT": (plain("sft", grouped), None, None),
+        "sft": (ours(causal_lm_loss), None, None),
+        "plain KD (seeded order)": (plain("kd", seeded), None, None),
+        "plain KD": (plain("kd", grouped), None, None),
+        "kd --teacher-cache false": None,  # fused, live teacher
+        "kd": None,  # the default on a pretrained teacher: forward KL from the cache, fused
+    }
+    for name, loop in loops.items():
+        if loop is None:
+            loop = kd(name[len("kd") :].strip())
+        (run, order), path, build = loop
+        student = copy.deepcopy(initial).train()
+        stamps: list[tuple[float, float]] = []
+        gc.collect()
+        t_start, c_start = time.perf_counter(), time.process_time()
+        run(student, stamps)
+        stamps = [(t_start, c_start), *stamps]
+        timed = order[warmup:]
+        wall = stamps[-1][0] - stamps[warmup][0]
+        cpu = stamps[-1][1] - stamps[warmup][1]
+        batches = [collate([features[i] for i in indices]) for indices in timed]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        positions = sum(b["attention_mask"].numel() for b in batches)
+        flops = tokens * (3 * student_flops + (teacher_flops if "KD" in name or name.startswith("kd") else 0))
+        if name == "kd":
+            flops = tokens * 3 * student_flops  # the teacher ran when the cache was built (the build row)
+        rows[name] = {
+            "wall_s": wall, "cpu_s": cpu, "steps": len(timed), "tokens": tokens, "positions": positions,
+            "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "flops": flops,
+            **({"kd_path": path.summary()} if path is not None else {}),
+            **({"cache_build": build | {"examples": len(seen)}} if build else {}),
+        }  # fmt: skip
+        del student
+    shutil.rmtree(cache_root, ignore_errors=True)
+    for hook in REAL_GENERATION_HOOKS:  # generation rows (issue 31, item 3): added by core.generate's benchmark
+        rows.update(hook(teacher=teacher, student=initial, features=features, smoke=smoke))
+    return {
+        "matmul": rate,
+        "student_params": sum(p.numel() for p in initial.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_flops_per_token": student_flops,
+        "teacher_flops_per_token": teacher_flops,
+        "n_examples": len(features),
+        "rows": rows,
+    }
+
+
+# Callables (teacher=, student=, features=, smoke=) -> {row name: row dict with wall_s, cpu_s, tokens, flops, ...}:
+# the generation rows of the real-LLM section (sampled tokens/s of core.generate) plug in here.
+REAL_GENERATION_HOOKS: list = []
+
+
+def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64) -> list[str]:
+    result = child({"kind": "real", "steps": steps, "warmup": warmup, "k": k, "smoke": smoke})
+    log(f"real: {result}")
+    title = "## Real LLM: SmolLM2-135M-Instruct -> prune:6 on Dolly, batch 8, --max-length 256"
+    if "error" in result:
+        return [title, "", f"error: {result['error']}"]
+    rows, rate = result["rows"], result["matmul"]
+    lines = [
+        title,
+        "",
+        f"Teacher {result['teacher_params'] / 1e6:.1f}M parameters, student {result['student_params'] / 1e6:.1f}M "
+        f"(prune:{REAL['prune']}, untrained), {result['n_examples']:,} Dolly training examples in the chat template, "
+        f"2 threads, all rows in one process (benchmarks/perf.py real_case). Each row trains {warmup} warm-up + "
+        f"{steps} timed optimizer steps on the batches of steps 0, 1, ... (the same batches for every row but the "
+        "`(seeded order)` ones, which take the order before issue 31). tokens/s = non-padding tokens of the timed "
+        "steps over their time; padding = padded positions / all positions of those batches. Ratios are on CPU time "
+        "(process user + system: robust to other processes on a shared machine); wall time beside it. Matmul share "
+        f"= model FLOPs (6 x parameters per token trained, 2 x the teacher's per token it reads live; attention "
+        "scores left out) per CPU-second over the torch.matmul rate measured in the same process "
+        f"({rate['gflops_cpu']:.1f} GFLOP/s per CPU-second, {rate['gflops_wall']:.1f} per wall-second, float32 "
+        "1024 x 1024).",
+        "",
+        "| row | padding | tokens/s (wall) | tokens/s (CPU) | x plain SFT (CPU) | x plain KD (CPU) | "
+        "x same plain loop, seeded order (CPU) | matmul share (CPU) | KD path |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in rows.items():
+        if "tokens_per_cpu_s" not in row:
+            continue
+        base = rows["plain KD (seeded order)" if "KD" in name or name.startswith("kd") else "plain SFT (seeded order)"]
+        share = row["flops"] / row["cpu_s"] / (rate["gflops_cpu"] * 1e9)
+        lines.append(
+            f"| {name} | {1 - row['tokens'] / row['positions']:.1%} | {row['tokens_per_s']:.0f} | "
+            f"{row['tokens_per_cpu_s']:.0f} | {row['tokens_per_cpu_s'] / rows['plain SFT']['tokens_per_cpu_s']:.2f} | "
+            f"{row['tokens_per_cpu_s'] / rows['plain KD']['tokens_per_cpu_s']:.2f} | "
+            f"{row['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f} | {share:.1%} | "
+            f"{row.get('kd_path', {}).get('path', '-')} |"
+        )
+    sft, kd = rows["sft"], rows["kd"]
+    build = kd.get("cache_build", {})
+    lines += [
+        "",
+        f"KD step from the cache / SFT step (CPU time per non-padding token): "
+        f"{sft['tokens_per_cpu_s'] / kd['tokens_per_cpu_s']:.2f} (wall {sft['tokens_per_s'] / kd['tokens_per_s']:.2f}). "
+        "Before issue 31 a run's KD step cost what `plain KD (seeded order)` costs (73 tokens/s measured; its "
+        "SFT step 132, as `plain SFT (seeded order)`): column `x same plain loop, seeded order` is the speed-up over that. Cache build "
+        f"(teacher forward over the {build.get('examples', 0)} examples the timed steps draw, "
+        f"k = {k}, 64 tail samples): {build.get('cpu_s', 0):.1f} CPU-s, {build.get('wall_s', 0):.1f} wall-s, once per "
+        "teacher and data for every run, seed and method that reads it.",
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The parent: run every case in its own process, write the tables
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -494,6 +768,8 @@ def run_case(case: dict) -> dict:
         return cache_quality_case(**case)
     if kind == "cache_bytes":
         return cache_bytes_case(**case)
+    if kind == "real":
+        return real_case(**case)
     raise ValueError(kind)
 
 
@@ -585,7 +861,8 @@ def section_step(quick: bool, steps: int, warmup: int, rounds: int, log, shape: 
     loops = dict([("plain", {"loop": "plain"}), ("trl", {"loop": "trl"})])
     if shape == "smoke" and importlib.util.find_spec("trl") is None:
         del loops["trl"]  # an optional extra (pip install .[perf]); a full run shows the row's error instead
-    loops.update(_kd_loop(flags) for flags in ("", "--chunk-size 512", "--fused"))
+    # "": today's default (fused where the heads allow it); "--fused false": the default before issue 31
+    loops.update(_kd_loop(flags) for flags in ("--fused false", "", "--chunk-size 512", "--fused"))
     lines = [
         "## Step level: one optimizer step of forward-KL distillation",
         "",
@@ -749,7 +1026,9 @@ def header() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="loss,step,cache", help="comma-separated sections: loss, step, cache")
+    parser.add_argument(
+        "--only", default="loss,step,cache,real", help="comma-separated sections: loss, step, cache, real"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument(
         "--smoke", action="store_true", help="every case at toy sizes, in this process: checks that they run (seconds)"
@@ -789,6 +1068,7 @@ def main(argv: list[str] | None = None) -> None:
             "loss": lambda: section_loss(quick, repeats, log, smoke=args.smoke),
             "step": lambda: section_step(quick, steps, warmup, rounds, log, shape),
             "cache": lambda: section_cache(quick, steps, warmup, rounds, log, args.cache_k, shape),
+            "real": lambda: section_real(args.steps or 2, 1, log, smoke=args.smoke, k=args.cache_k),
         }
         body = sections_by_name[section]()
         lines += body + [""]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from core.errors import ConfigError
 from core.models import PRESETS
@@ -185,6 +186,11 @@ def parse(
             first = doc.splitlines()[0] if doc and not generated else ""
             cls._argument_group_name = f"{first.rstrip('.:')} ({cls.__name__})" if first else cls.__name__
     parser = HfArgumentParser(types, prog=prog, description=description, formatter_class=_HelpFormatter)
+    for action in parser._actions:
+        # A `bool | None` setting (None: decided by the run, e.g. --teacher-cache) takes a bare flag as true, as a
+        # plain bool does (HfArgumentParser gives it nargs "?" only when its default is not None).
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:

@@ -9,6 +9,14 @@
     --teacher-cache-k  that k
     --teacher-cache-samples  that m (default 64; 0: the tail as one bucket, which reads forward KL low)
 
+Defaults (issue 31; docs/performance.md, "Which methods read the cache"): with neither flag given, --fused is on
+wherever both models' logits are their last hidden state times a linear head (it is exact), and on a pretrained
+teacher (--teacher: SmolLM2, a folder, a .gguf) every forward-KL loss (the KD baselines, vanilla KD) reads the teacher
+cache, which its sampled tail makes unbiased for forward KL, while every other loss and method keeps the live teacher
+(nothing is refused). The embedded teacher stays live: it is small beside its student and the cache would run it over
+the whole 20,000-example task for runs that see fewer examples. `--teacher-cache` (true) makes every KD loss read the
+cache, as below; `--teacher-cache false` / `--fused false` turn the defaults off.
+
 Below the vocabulary size (k < V) the cache holds the teacher's distribution only through the top k and a sample,
 which makes forward KL (value and gradient) unbiased and nothing else: on SmolLM2-135M at k = 64 the tail bucket
 reads reverse KL 78% low with a gradient unrelated to the true one, and JSD, TVD and the skew KLs with gradient
@@ -39,7 +47,7 @@ import torch
 from core.errors import ConfigError, DataError
 from core.logit_cache import TeacherLogitCache, example_key, get_logit_cache, teacher_fingerprint
 from core.losses import DIVERGENCES, Divergence, divergence_temperature, forward_kl
-from core.objectives import make_kd_loss, shifted_targets, teacher_forward
+from core.objectives import make_kd_loss, projects_from_hidden, shifted_targets, teacher_forward
 from core.train import LossOutput
 
 CACHE_SEED = 0  # the seed of the sampled tail (in the cache key): every run of a teacher and data shares one cache
@@ -49,9 +57,13 @@ CACHE_SEED = 0  # the seed of the sampled tail (in the cache key): every run of 
 class KDPathConfig:
     """How word-level KD reads the teacher and computes the loss (docs/performance.md)."""
 
-    teacher_cache: bool = field(
-        default=False,
-        metadata={"help": "train from the teacher's cached top-k log-probs (computed once, shared across runs)"},
+    teacher_cache: bool | None = field(
+        default=None,
+        metadata={
+            "help": "train from the teacher's cached top-k log-probs and sampled tail (computed once, shared across "
+            "runs). Unset: forward-KL losses read it when the teacher is pretrained (--teacher), every other loss "
+            "runs the teacher live; true: every KD loss reads it (k < V: forward KL only); false: the live teacher"
+        },
     )
     teacher_cache_k: int = field(
         default=64,
@@ -61,7 +73,13 @@ class KDPathConfig:
         default=64,
         metadata={"help": "tail ids sampled per position into the teacher cache (unbiased forward KL; 0: one bucket)"},
     )
-    fused: bool = field(default=False, metadata={"help": "project logits from hidden states chunk by chunk (exact)"})
+    fused: bool | None = field(
+        default=None,
+        metadata={
+            "help": "project logits from hidden states chunk by chunk (exact). Unset: on where both models' logits "
+            "are their last hidden state times a linear head and --chunk-size is not given; false: full logits"
+        },
+    )
     chunk_size: int | None = field(
         default=None, metadata={"help": "evaluate the KD loss this many positions at a time (exact)"}
     )
@@ -75,16 +93,14 @@ class KDPathConfig:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
 
     @property
-    def name(self) -> str:
-        """The path in words, as metrics.json records it: plain, chunked, fused, each optionally + cache(k)."""
-        student = "fused" if self.fused else ("chunked" if self.chunk_size is not None else "plain")
-        return student + (f"+cache(k={self.teacher_cache_k})" if self.teacher_cache else "")  # m: summary()
+    def explicit(self) -> bool:
+        """Whether a flag asked for a path (--teacher-cache, --fused or --chunk-size given as on)."""
+        return bool(self.teacher_cache or self.fused or self.chunk_size is not None)
 
     def result_key(self) -> dict[str, Any]:
-        """What of the path changes a trained student (for cache keys): only the lossy teacher cache; the fused and
-        chunked paths compute the same loss and gradient as the plain one."""
-        if not self.teacher_cache:
-            return {}
+        """What of the path changes a trained student (for cache keys): only the teacher cache (an unbiased
+        estimate, not the same gradient); the fused and chunked paths compute the same loss and gradient as the
+        plain one."""
         return {"teacher_cache_k": self.teacher_cache_k, "teacher_cache_samples": self.teacher_cache_samples}
 
 
@@ -98,8 +114,20 @@ class KDPath:
         cache_root: Path,
         tokenizer_key: str,
         pad_token_id: int,
+        pretrained_teacher: bool = False,
+        student: torch.nn.Module | None = None,
     ) -> None:
+        """pretrained_teacher: the run's teacher is a pretrained model (--teacher), which makes forward KL read the
+        teacher cache unless --teacher-cache says otherwise. student: a model of the run's student architecture,
+        to decide the fused path when --fused is unset (default: the teacher decides alone)."""
         self.cfg, self.teacher, self.cache_root = cfg, teacher, cache_root
+        # forward KL reads the cache: asked for, or by default on a pretrained teacher
+        self.cache_fkl = bool(cfg.teacher_cache) or (cfg.teacher_cache is None and pretrained_teacher)
+        if cfg.fused is not None:
+            self.fused = cfg.fused
+        else:  # exact, and the fastest path wherever both heads are linear (docs/performance.md)
+            models = [m for m in (teacher, student) if m is not None]
+            self.fused = cfg.chunk_size is None and bool(models) and all(projects_from_hidden(m) for m in models)
         self.tokenizer_key, self.pad_token_id = tokenizer_key, pad_token_id
         self._caches: dict[tuple[str, float], TeacherLogitCache] = {}  # by (data fingerprint, temperature)
         self._opened: dict[tuple[int, float], tuple[Any, TeacherLogitCache]] = {}  # by (id of features, temperature)
@@ -107,9 +135,27 @@ class KDPath:
         self.hits = 0  # examples whose teacher rows came from the cache
         self.misses = 0  # examples the cache does not hold (the teacher ran for their batch)
 
+    def reads_cache(self, divergence: Divergence) -> bool:
+        """Whether a KD loss with this divergence reads the teacher cache: every divergence under --teacher-cache
+        (k < V refuses all but forward KL), forward KL alone by default on a pretrained teacher."""
+        return bool(self.cfg.teacher_cache) or (
+            self.cache_fkl and getattr(divergence, "func", divergence) is forward_kl
+        )
+
+    def result_key(self, divergence: Divergence) -> dict[str, Any]:
+        """The part of a KD student's cache key that the path decides: the teacher cache's k and m when the loss
+        reads it (core.pipeline.get_kd_baseline)."""
+        return self.cfg.result_key() if self.reads_cache(divergence) else {}
+
     @property
     def name(self) -> str:
-        return self.cfg.name
+        """The path in words, as metrics.json records it: plain, chunked, fused, each optionally + cache(k) (m:
+        summary()); the cache part names the forward-KL losses' path where only they read it."""
+        cfg = self.cfg
+        student = "fused" if self.fused else ("chunked" if cfg.chunk_size is not None else "plain")
+        if cfg.teacher_cache:
+            return student + f"+cache(k={cfg.teacher_cache_k})"
+        return student + (f"+cache(k={cfg.teacher_cache_k}, forward KL)" if self.cache_fkl else "")
 
     def cache_for(self, features: list[dict[str, list[int]]], temperature: float) -> TeacherLogitCache:
         """The teacher cache over `features` at `temperature`, built on first use (keyed by teacher and data)."""
@@ -154,9 +200,9 @@ class KDPath:
     def loss(self, divergence: Divergence, kd_ratio: float = 1.0, features=None):
         """Word-level KD (core.objectives.make_kd_loss) on this path. `features`: the data the loss trains on (the
         teacher cache is built over it); required with --teacher-cache."""
-        cfg = self.cfg
-        if not cfg.teacher_cache:
-            return make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)
+        cfg, fused = self.cfg, self.fused
+        if not self.reads_cache(divergence):
+            return make_kd_loss(self.teacher, divergence, kd_ratio, cfg.chunk_size, fused)
         if features is None:
             raise ValueError("KDPath.loss needs the training features when the teacher cache is on")
         function = getattr(divergence, "func", divergence)
@@ -164,14 +210,14 @@ class KDPath:
             name = {fn: key for key, fn in DIVERGENCES.items()}.get(function, getattr(function, "__name__", "?"))
             self.require_exact_cache(f"the divergence {name}")
         cache = self.cache_for(features, divergence_temperature(divergence))
-        cached = make_kd_loss(None, divergence, kd_ratio, cfg.chunk_size, cfg.fused, teacher_cache=cache)
+        cached = make_kd_loss(None, divergence, kd_ratio, cfg.chunk_size, fused, teacher_cache=cache)
 
         def loss_fn(model, batch) -> LossOutput:
             if self.covers(cache, batch):
                 return cached(model, batch)
             # Built per miss, not captured up front, so that release_teacher() leaves no reference in this closure.
             teacher = self._live_teacher("a batch the teacher cache does not hold")
-            return make_kd_loss(teacher, divergence, kd_ratio, cfg.chunk_size, cfg.fused)(model, batch)
+            return make_kd_loss(teacher, divergence, kd_ratio, cfg.chunk_size, fused)(model, batch)
 
         return loss_fn
 
@@ -222,7 +268,7 @@ class KDPath:
 
     def release_teacher(self) -> None:
         """Drop this path's reference to the teacher, to train from the teacher cache alone (module docstring)."""
-        if not self.cfg.teacher_cache:
+        if not self.cache_fkl:
             raise ConfigError("KDPath.release_teacher: without --teacher-cache every KD step runs the teacher")
         self.teacher = None
 
@@ -246,7 +292,7 @@ class KDPath:
     def summary(self) -> dict[str, Any]:
         """What metrics.json records: the path, and for the teacher cache its size per token and hit rate."""
         out: dict[str, Any] = {"path": self.name}
-        if self.cfg.teacher_cache:
+        if self.cache_fkl:
             lookups = self.hits + self.misses
             out["cache"] = {
                 "k": self.cfg.teacher_cache_k,

@@ -47,7 +47,10 @@ from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.losses import Divergence, divergence_temperature, forward_kl
 from core.objectives import final_hidden_and_head, shifted_targets
 
-CACHE_FORMAT = 2  # 2: the sampled tail and the entropy (issue 12); a format-1 cache is another key, so rebuilt
+# 2: the sampled tail and the entropy (issue 12); 3: the teacher runs over each shard's examples longest first, in
+# batches of similar length (issue 31), which changes the order of the seeded tail draws. An older cache is another
+# key, so rebuilt.
+CACHE_FORMAT = 3
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -302,7 +305,7 @@ def _build(
     index_dtype = torch.uint16 if vocab <= 2**16 else torch.int32
     collate = Collator(pad_token_id)
     shards: list[dict[str, Any]] = []
-    total_bytes = total_tokens = 0
+    total_bytes = total_tokens = positions = filled = 0
     was_training = teacher.training
     teacher.eval()
     try:
@@ -310,22 +313,35 @@ def _build(
             range(0, len(features), shard_examples), desc="teacher-logit cache", disable=not progress
         ):
             shard_features = features[shard_start : shard_start + shard_examples]
-            values, indices, tails, draws, entropies, counts = [], [], [], [], [], []
-            for start in range(0, len(shard_features), batch_size):
-                batch = {k_: v.to(device) for k_, v in collate(shard_features[start : start + batch_size]).items()}
+            # Longest first, in batches of similar length: little padding for the teacher to run over. The rows are
+            # stored in the shard's own order (offsets per example), so only the order of the seeded draws depends
+            # on this.
+            order = sorted(range(len(shard_features)), key=lambda i: -len(shard_features[i]["input_ids"]))
+            rows: list[tuple[torch.Tensor, ...]] = [()] * len(shard_features)  # per example: its columns
+            for start in range(0, len(order), batch_size):
+                members = order[start : start + batch_size]
+                batch = {k_: v.to(device) for k_, v in collate([shard_features[i] for i in members]).items()}
                 mask, _ = shifted_targets(batch["labels"])
+                positions += batch["attention_mask"].numel()
+                filled += int(batch["attention_mask"].sum())
                 with torch.no_grad():
                     signal = final_hidden_and_head(teacher, batch)
                     top, idx, tail, *sampled = teacher_topk(
                         signal.hidden[mask], signal.weight, signal.bias, k, temperature, samples, generator
                     )
-                values.append(top.to("cpu", LOGPROB_DTYPES[logprob_dtype]))
-                indices.append(idx.to("cpu", torch.int32).to(index_dtype))
-                tails.append(tail.to("cpu", torch.float32))
+                columns = [
+                    top.to("cpu", LOGPROB_DTYPES[logprob_dtype]),
+                    idx.to("cpu", torch.int32).to(index_dtype),
+                    tail.to("cpu", torch.float32),
+                ]
                 if samples:
-                    draws.append(sampled[0].to("cpu", torch.int32).to(index_dtype))
-                    entropies.append(sampled[1].to("cpu", torch.float32))
-                counts.extend(mask.sum(-1).tolist())
+                    columns += [sampled[0].to("cpu", torch.int32).to(index_dtype), sampled[1].to("cpu", torch.float32)]
+                per_row = mask.sum(-1).tolist()  # the valid positions are row-major: each example's are contiguous
+                for i, parts in zip(members, zip(*(column.split(per_row) for column in columns))):
+                    rows[i] = parts
+            counts = [part[0].shape[0] for part in rows]
+            values, indices, tails = ([part[c] for part in rows] for c in range(3))
+            draws, entropies = ([part[c] for part in rows] for c in (3, 4)) if samples else ([], [])
             offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
             offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
             keys = torch.tensor(
@@ -364,6 +380,7 @@ def _build(
             "n_examples": len(features),
             "n_tokens": total_tokens,
             "bytes": total_bytes,
+            "padding_share": 1.0 - filled / max(positions, 1),  # of the teacher's batches while building
             "shards": shards,
         },
     )

@@ -29,10 +29,38 @@ from core.train import LossOutput
 
 
 def causal_lm_loss(model, batch) -> LossOutput:
-    """Supervised fine-tuning: summed NLL of the target tokens (prompt and padding are masked)."""
+    """Supervised fine-tuning: summed NLL of the target tokens (prompt and padding are masked).
+
+    Where the model allows it (`projects_from_hidden`: a causal LM whose logits are its last hidden state times a
+    linear head), the head projects only the valid target positions, as the fused KD path does: the same value and
+    gradient without the prompt's and padding's logits (on SmolLM2's 49,152-token head the projection and its
+    gradient are most of a small student's step). Other models take the full logits."""
+    if projects_from_hidden(model):
+        return LossOutput(fused_cross_entropy_sum(model, batch))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     logits, labels = shift_for_causal_lm(logits, batch["labels"])
     return LossOutput(cross_entropy_sum(logits, labels))
+
+
+def fused_cross_entropy_sum(model, batch) -> torch.Tensor:
+    """Summed NLL of the valid target tokens, projecting the logits of those positions only (N x V, not B x T x V)."""
+    signal = final_hidden_and_head(model, batch)
+    mask, targets = shifted_targets(batch["labels"])
+    logits = F.linear(signal.hidden[mask], signal.weight, signal.bias)  # (N, V)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[mask], reduction="sum")
+
+
+def projects_from_hidden(model: torch.nn.Module) -> bool:
+    """Whether final_hidden_and_head can serve `model`: its forward takes `logits_to_keep`, its head is a
+    torch.nn.Linear and its config sets no logit soft-capping (a model that passes these and still scales its
+    logits is caught by final_hidden_and_head's check on every batch)."""
+    core = _unwrap(model)
+    return (
+        "logits_to_keep" in inspect.signature(core.forward).parameters
+        and hasattr(core, "get_output_embeddings")
+        and isinstance(core.get_output_embeddings(), torch.nn.Linear)
+        and not getattr(getattr(core, "config", None), "final_logit_softcapping", None)
+    )
 
 
 def word_level_kd_sum(

@@ -154,7 +154,7 @@ def get_kd_baseline(setup: BaselineSetup, divergence: str, kd: KDPath, teacher_s
     KD path (a lossy teacher cache is part of its key; the exact fused and chunked paths are not)."""
     return setup.train_student(
         f"kd-{divergence}",
-        {"teacher": teacher_source, "divergence": divergence, **kd.cfg.result_key()},
+        {"teacher": teacher_source, "divergence": divergence, **kd.result_key(get_divergence(divergence))},
         kd.loss(get_divergence(divergence), features=setup.features),
     )
 
@@ -216,7 +216,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     evaluation, settings, run = shell.cfg(EvalConfig), shell.cfg(method.settings), shell.run
     cross = shell.cfg(CrossTokenizerConfig) if method.cross_tokenizer else None
     path_cfg = shell.cfg(KDPathConfig)
-    if cross is not None and path_cfg.name != "plain":
+    if cross is not None and path_cfg.explicit:
         raise ConfigError(
             f"{shell.name}: --teacher-cache, --fused and --chunk-size are paths of one-vocabulary word-level KD; "
             "a cross-tokenizer method computes its own loss: drop them"
@@ -258,7 +258,12 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
             )
     if not method.cross_tokenizer:
         teacher = check_same_vocabulary(teacher, student, name, tokenizer)  # a padded head is cut to the ids
-    kd = KDPath(path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id)
+    # A pretrained teacher (--teacher) is read from its cache by forward KL unless --teacher-cache says otherwise:
+    # built once per teacher and data, shared by every run and seed (docs/performance.md, "Which methods read it").
+    kd = KDPath(
+        path_cfg, teacher, cache, teacher_tokenizer_key, teacher_tokenizer.pad_token_id,
+        pretrained_teacher=model_cfg.teacher is not None and not method.cross_tokenizer, student=student,
+    )  # fmt: skip
     for divergence in method.kd_baselines(settings) if method.kd_baselines else []:
         if divergence != "fkl":  # refused before any training: a top-k teacher cache serves forward KL only
             kd.require_exact_cache(f"the KD baseline kd-{divergence}")

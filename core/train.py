@@ -5,7 +5,9 @@ What it guarantees:
   micro-batches; the loss of a step is the sum over all its valid tokens divided by their total count, so the
   result does not depend on how the batch was split (tests/core/test_train.py checks 8 x 1 == 1 x 8);
 - the order of examples is a pure function of (seed, step), so a resumed run sees exactly the batches an
-  uninterrupted run would have seen;
+  uninterrupted run would have seen; by default it is length-grouped (--length-group: windows of 50 batches sorted
+  by length, the batches of a window shuffled), so a batch of token lists pads little, and every example still
+  appears once per epoch; the padding share of the run's batches is in its TrainResult (metrics.json);
 - checkpoints (model, optimizer, scheduler, and each process's RNG and method state) are written to a temporary
   folder and renamed, so a kill mid-write leaves the previous checkpoint intact; resume restores all of it, each
   process its own RNG and method state (another number of processes is refused);
@@ -60,6 +62,14 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
     seed: int = field(default=0, metadata={"help": "seed of the student's initialisation, data order and sampling"})
+    length_group: int = field(
+        default=50,
+        metadata={
+            "help": "length-grouped batches: each window of this many batches of the seeded order is sorted by "
+            "length, cut into batches and their order shuffled (seeded), so a batch pads little; 0 or 1: off "
+            "(the plain seeded order)"
+        },
+    )
     checkpoint_every: int = field(
         default=100, metadata={"help": "write a checkpoint every this many steps (0: only at the end)"}
     )
@@ -82,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("--warmup-steps, --max-grad-norm and --weight-decay must be non-negative")
+        if self.length_group < 0:
+            raise ConfigError(f"--length-group must be 0 (off) or more batches, got {self.length_group}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be at least 1 (a line every N steps), got {self.log_every}")
         if self.checkpoint_every < 0:
@@ -136,6 +148,9 @@ class TrainResult:
     first_loss: float
     last_loss: float
     unit: str = "tokens"  # what `tokens` and `tokens_per_s` count (tokens, frames, examples)
+    # the share of the batches' token positions that were padding (1 - attention_mask.sum() / input_ids.numel(),
+    # over every micro-batch of the run); None where batches have no attention mask (not token batches)
+    padding_share: float | None = None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -156,14 +171,75 @@ def check_batch_size(batch_size: int, n_examples: int, flag: str = "--batch-size
         )
 
 
-def example_indices(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
-    """Dataset indices of the global batch of optimizer step `step`: epochs are independent permutations."""
-    out = []
+def example_indices(
+    step: int,
+    n_examples: int,
+    batch_size: int,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    group: int = 0,
+) -> list[int]:
+    """Dataset indices of the global batch of optimizer step `step`, a pure function of its arguments: the examples
+    are a stream of independent seeded permutations, one per epoch, and step s takes positions [s B, (s + 1) B).
+
+    With `lengths` (one per example) and `group` > 1, each epoch's permutation is length-grouped first
+    (`grouped_permutation`): every example still appears once per epoch, and a batch holds examples of similar
+    length, so it pads little."""
+    out, perms = [], {}
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(g, n_examples)
-        perm = _permutation(n_examples, seed, epoch)
-        out.append(perm[pos])
+        if epoch not in perms:
+            grouped = lengths is not None and group > 1
+            perms[epoch] = (
+                grouped_permutation(n_examples, seed, epoch, batch_size, group, lengths)
+                if grouped
+                else _permutation(n_examples, seed, epoch)
+            )
+        out.append(perms[epoch][pos])
     return out
+
+
+def grouped_permutation(
+    n: int, seed: int, epoch: int, batch_size: int, group: int, lengths: Sequence[int]
+) -> list[int]:
+    """Epoch `epoch`'s seeded permutation, length-grouped as Hugging Face's group_by_length does it: cut into windows
+    of `group` batches, each window sorted by length (longest first, ties in permutation order), cut into batches,
+    and the batches of the window shuffled (seeded by seed, epoch and window). The cuts fall on the global batch
+    boundaries of the stream (epoch e starts at position e * n), so every batch inside the epoch is one sorted
+    piece; the batch that straddles two epochs keeps its permutation order."""
+    key = (n, seed, epoch, batch_size, group, hash(tuple(lengths)))
+    if key in _GROUPED_CACHE:
+        return _GROUPED_CACHE[key]
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} examples")
+    perm = _permutation(n, seed, epoch)
+    head = min((-epoch * n) % batch_size, n)  # positions of this epoch that end a batch begun in the previous one
+    out = perm[:head]
+    window = group * batch_size
+    for start in range(head, n, window):
+        ordered = sorted(perm[start : start + window], key=lambda i: -lengths[i])  # stable: ties keep perm order
+        batches = [ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size)]
+        tail = batches.pop() if len(batches[-1]) < batch_size else []  # the epoch's last, unfinished batch
+        random.Random(f"length-group-{seed}-{epoch}-{start}").shuffle(batches)
+        out += [i for batch in batches for i in batch] + tail
+    if len(_GROUPED_CACHE) > 4:
+        _GROUPED_CACHE.clear()
+    _GROUPED_CACHE[key] = out
+    return out
+
+
+def feature_lengths(features: Sequence[Any]) -> list[int] | None:
+    """The token length of each encoded example (its input_ids), or None when the features are not token lists
+    (speech frames, a classifier's tensors): those are not length-grouped."""
+    if not all(isinstance(f, dict) and isinstance(f.get("input_ids"), list | tuple) for f in features):
+        return None
+    return [len(f["input_ids"]) for f in features]
+
+
+def train_indices(step: int, features: Sequence[Any], cfg: TrainConfig) -> list[int]:
+    """The global batch of optimizer step `step` as core.train.Trainer draws it (length-grouped per
+    cfg.length_group where the features are token lists): for a method that must know which examples a run sees."""
+    return example_indices(step, len(features), cfg.batch_size, cfg.seed, feature_lengths(features), cfg.length_group)
 
 
 def process_shard(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
@@ -174,6 +250,7 @@ def process_shard(indices: list[int], rank: int, world: int, micro: int) -> list
 
 
 _PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+_GROUPED_CACHE: dict[tuple[int, ...], list[int]] = {}
 
 
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -246,6 +323,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0  # throughput units processed (an LM's non-padding input tokens): the tokens/s numerator
         self.target_tokens = 0  # units of the loss normalizer (an LM's valid target tokens)
+        self.positions = 0  # token positions of the batches with an attention mask, padding included
+        self.filled = 0  # ... of which not padding: padding share = 1 - filled / positions
+        self.lengths = feature_lengths(features) if cfg.length_group > 1 else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -271,7 +351,13 @@ class Trainer:
                 torch.save([p["method_state"] for p in per_process], tmp / "method_state.pt")
                 atomic_write_json(
                     tmp / "trainer_state.json",
-                    {"step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens},
+                    {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "target_tokens": self.target_tokens,
+                        "positions": self.positions,
+                        "filled": self.filled,
+                    },
                 )
             for old in sorted(p for p in self.ckpt_root.glob("step_*") if p != final)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)  # keep the newest two
@@ -338,6 +424,8 @@ class Trainer:
             int(state["tokens"]),
             int(state["target_tokens"]),
         )
+        # absent from checkpoints written before the padding share was recorded: counted from the resume on
+        self.positions, self.filled = int(state.get("positions", 0)), int(state.get("filled", 0))
 
     def _gather_process_states(self) -> list[dict[str, Any]]:
         """Every process's RNG and method state, indexed by process (on every process)."""
@@ -370,7 +458,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        indices = example_indices(step, len(self.features), self.cfg.batch_size, self.cfg.seed)
+        indices = example_indices(
+            step, len(self.features), self.cfg.batch_size, self.cfg.seed, self.lengths, self.cfg.length_group
+        )
         shards = process_shard(indices, self.accelerator.process_index, self.accelerator.num_processes, self.micro)
         device = self.accelerator.device
         return [
@@ -433,14 +523,19 @@ class Trainer:
                 micro_batches = [
                     self.prepare_batch(self.model, batch, self.step, i) for i, batch in enumerate(micro_batches)
                 ]
+            masks = [b["attention_mask"] for b in micro_batches if torch.is_tensor(b.get("attention_mask"))]
             local = torch.tensor(
                 [
                     sum(self.count_fn(b) for b in micro_batches),
                     sum(self.throughput_fn(b) for b in micro_batches),
+                    sum(m.numel() for m in masks),
+                    sum(int(m.sum()) for m in masks),
                 ],
                 device=acc.device,
             )
-            total, input_tokens = (int(x) for x in acc.reduce(local, reduction="sum").tolist())
+            total, input_tokens, positions, filled = (int(x) for x in acc.reduce(local, reduction="sum").tolist())
+            self.positions += positions
+            self.filled += filled
             # DDP averages gradients over processes; multiplying by the world size turns that into a sum, so each
             # process's gradient is its share of (sum of token losses) / (all valid tokens of the step).
             scale = acc.num_processes / max(total, 1)
@@ -516,6 +611,7 @@ class Trainer:
             first_loss=first_loss,
             last_loss=last_loss,
             unit=self.unit,
+            padding_share=1.0 - self.filled / self.positions if self.positions else None,
         )
 
     @property

@@ -256,9 +256,10 @@ class Suite:
         return (*start, *self.method_args.get(method.name, ()))
 
 
-# No --teacher-cache: the cache is honest only for forward KL (top k + a sampled tail: unbiased); the bucketed top-k
-# cache read forward KL 6-13% low and reverse KL 78% low on this teacher (benchmarks/cache_fidelity.md), and every
-# other divergence refuses a lossy cache. So every KD row runs the live teacher, on equal terms.
+# No --teacher-cache flag: by default (issue 31, core.kdpath) the forward-KL rows (vanilla KD, every kd-fkl baseline)
+# read the teacher cache, whose sampled tail makes forward KL unbiased, and every other row runs the live teacher (a
+# top-k cache reads reverse KL 78% low on this teacher, benchmarks/cache_fidelity.md). Before issue 31 every KD row
+# ran the live teacher.
 # Sized on this project's 2-core CPU machine so that the whole smollm suite takes at most about two hours for one
 # seed (measured: see README.md "A real pretrained LLM"); every LLM method gets the same steps, batch and data.
 SMOLLM_BUDGET = ("--train-size", "200", "--steps", "30", "--batch-size", "4", "--lr", "5e-4", "--warmup-steps", "3",

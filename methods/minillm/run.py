@@ -62,7 +62,7 @@ from core.pipeline import (
 from core.results import write_metrics
 from core.shell import parse_recipe, run_recipe
 from core.teacher import get_teacher, get_tokenizer
-from core.train import LossOutput, TrainConfig, count_label_tokens, example_indices
+from core.train import LossOutput, TrainConfig, count_label_tokens, train_indices
 from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
 
 
@@ -188,13 +188,7 @@ def _seqkd_loss(cfg: MiniLLMConfig):
         limit = ctx.data.max_length - max_new_tokens
         # The teacher's outputs of exactly the prompts the loop will draw (cached with the teacher's samples).
         train = ctx.train
-        seen = sorted(
-            {
-                i
-                for step in range(train.steps)
-                for i in example_indices(step, len(ctx.features), train.batch_size, train.seed)
-            }
-        )
+        seen = sorted({i for step in range(train.steps) for i in train_indices(step, ctx.features, train)})
         prompts = [encode_prompt(ctx.tokenizer, ctx.task.train[i].prompt) for i in seen]
         outputs = teacher_examples(ctx, prompts, max_new_tokens, do_sample=False)
         table = {tuple(example["input_ids"][: example["labels"].count(-100)]): example for example in outputs}
@@ -292,7 +286,11 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     cfg, evaluation = shell.cfg(MiniLLMConfig), shell.cfg(EvalConfig)
     data, task, tokenizer = setup.data, setup.task, setup.tokenizer
     teacher, info = get_teacher(setup.model, data, task, tokenizer, setup.tokenizer_key, setup.cache, setup.accelerator)
-    kd = KDPath(shell.cfg(KDPathConfig), teacher, setup.cache, setup.tokenizer_key, tokenizer.pad_token_id)
+    # the run's path, as core.pipeline resolves it: the same cached KD baselines
+    kd = KDPath(
+        shell.cfg(KDPathConfig), teacher, setup.cache, setup.tokenizer_key, tokenizer.pad_token_id,
+        pretrained_teacher=setup.model.teacher is not None,
+    )  # fmt: skip
     students = {"sft_student": get_sft_baseline(setup)[0]}
     for divergence in cfg.divergences():
         students[f"kd_{divergence}_student"] = get_kd_baseline(setup, divergence, kd, info["source"])[0]

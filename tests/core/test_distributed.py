@@ -14,7 +14,7 @@ import pytest
 
 from core.data import Collator
 from core.errors import CheckpointError
-from core.train import example_indices, process_shard
+from core.train import TrainConfig, example_indices, process_shard, train_indices
 from tests.core.train_job import setup as _setup
 from tests.core.train_job import train as _train
 
@@ -74,7 +74,7 @@ def test_each_process_resumes_its_own_replay_buffer_and_rng(tmp_path):
     collate = Collator(tokenizer.pad_token_id)
     for rank in range(2):
         expected = [row for step in (1, 2, 3)
-                    for (shard,) in [process_shard(example_indices(step, len(features), 4, 0), rank, world=2, micro=2)]
+                    for (shard,) in [process_shard(train_indices(step, features, TrainConfig(batch_size=4)), rank, world=2, micro=2)]
                     for row in collate([features[i] for i in shard])["input_ids"].tolist()]  # fmt: skip
         assert before[rank]["buffer"] == expected and before[rank]["step"] == 4
     # The two processes hold different states, so restoring process 0's on both would fail the check below.

@@ -18,7 +18,7 @@ from core.fused import (
     sparse_divergence_sum,
 )
 from core.losses import DIVERGENCES, get_divergence, sparse_divergence
-from core.objectives import final_hidden_and_head, make_kd_loss
+from core.objectives import causal_lm_loss, final_hidden_and_head, make_kd_loss, projects_from_hidden
 
 B, T, V, H = 3, 6, 23, 5
 D64 = torch.float64
@@ -315,3 +315,32 @@ def test_make_kd_loss_needs_a_teacher_signal():
         make_kd_loss(None, _divergence("fkl"))
     with pytest.raises(ConfigError, match="chunk_size"):
         make_kd_loss(_llama(0, 8, 1), _divergence("fkl"), chunk_size=0)
+
+
+def test_sft_projects_only_the_targets_with_the_plain_value_and_gradient():
+    # causal_lm_loss on a Llama projects the valid positions only (fused_cross_entropy_sum); the reference here is
+    # the plain full-logit NLL, written out: shift, then cross-entropy over every position whose label is not -100.
+    batch = _batch()
+    fused_model, plain_model = _llama(1, 8, 1), _llama(1, 8, 1)
+    assert projects_from_hidden(fused_model)
+    fused = causal_lm_loss(fused_model, batch).loss_sum
+    logits = plain_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 41), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    fused.backward()
+    plain.backward()
+    assert torch.allclose(fused, plain, atol=1e-11)
+    for (name, a), (_, b) in zip(fused_model.named_parameters(), plain_model.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-11), name
+
+
+def test_sft_keeps_the_full_logits_for_a_model_that_soft_caps():
+    model = _llama(1, 8, 1, final_logit_softcapping=30.0)  # a config that soft-caps: never projected by hand
+    assert not projects_from_hidden(model)
+    batch = _batch()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 41), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    assert torch.allclose(causal_lm_loss(model, batch).loss_sum, plain)

@@ -181,3 +181,19 @@ def test_a_killed_build_leaves_no_cache(tmp_path):
     cache = _build(tmp_path)
     key = cache_key(cache.manifest["key"]["teacher"], "tok-a", features, 5, 1.0)
     assert cache.manifest["key"] == key and len(cache) == len(features)
+
+
+def test_the_teacher_runs_over_batches_of_similar_length(tmp_path):
+    # Lengths 3, 5, 4, 6 in batches of 2. In file order the batches are (3, 5) and (4, 6): 2 x 5 + 2 x 6 = 22
+    # positions for 18 tokens. Longest first they are (6, 5) and (4, 3): 2 x 6 + 2 x 4 = 20 positions, so the
+    # padding share is 2 / 20 = 0.1. The rows still come back in each example's own place (round-trip test above).
+    features = [{"input_ids": list(range(1, n + 1)), "labels": [-100] + list(range(2, n + 1))} for n in (3, 5, 4, 6)]
+    cache = _build(tmp_path, features=features, batch_size=2)
+    assert cache.manifest["padding_share"] == pytest.approx(0.1)
+    teacher = _teacher()
+    batch = _batch(features)
+    mask, _ = shifted_targets(batch["labels"])
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    top = F.log_softmax(logits[mask], dim=-1).topk(5, dim=-1).values
+    assert torch.allclose(cache.sparse_teacher(batch, mask).logprobs.float(), top, atol=2e-3)  # float16 storage

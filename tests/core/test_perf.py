@@ -25,6 +25,15 @@ def test_the_smoke_run_measures_every_kd_path(tmp_path):
         assert loop in rows, loop
     for loop in ("kd --teacher-cache --teacher-cache-k 64 --fused", "kd --teacher-cache --teacher-cache-k 64"):
         assert rows[loop].endswith("| 1.00 |"), rows[loop]  # hit rate: every training batch came from the cache
+    # the real-LLM section (toy models at --smoke): every row, each against the plain loop of its batches
+    real = {
+        line.split(" | ")[0][2:]: line for line in text.split("## Real LLM")[1].splitlines() if line.startswith("| ")
+    }
+    for loop in ("plain SFT (seeded order)", "plain SFT", "sft", "plain KD (seeded order)", "plain KD", "kd"):
+        assert loop in real, loop
+    assert real["kd"].endswith("| fused+cache(k=64, forward KL) |")  # the default on a pretrained teacher
+    assert real["kd --teacher-cache false"].endswith("| fused |")
+    assert "KD step from the cache / SFT step" in text
 
 
 def test_a_kd_step_case_trains_on_the_path_its_flags_select():

@@ -108,7 +108,7 @@ def test_the_sample_is_fixed_by_the_seed_and_the_format_is_in_the_key(tmp_path):
     assert ids[0].shape == (int(mask.sum()), 4)
     assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], ids[2])
     assert other.folder != first.folder
-    assert first.manifest["key"]["format"] == 2  # format 1 (no sample) is another key: rebuilt, never misread
+    assert first.manifest["key"]["format"] == 3  # formats 1 (no sample), 2 (file-order draws): other keys, rebuilt
     # The draws are outside the top k: the sample is of the tail only.
     top = first.sparse_teacher(batch, mask).indices
     assert not (ids[0].unsqueeze(-1) == top.unsqueeze(-2)).any()

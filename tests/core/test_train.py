@@ -15,7 +15,7 @@ from core.data import Collator
 from core.errors import ConfigError, NonFiniteLossError
 from core.models import build_model
 from core.objectives import causal_lm_loss
-from core.train import LossOutput, TrainConfig, Trainer, example_indices
+from core.train import LossOutput, TrainConfig, Trainer, example_indices, grouped_permutation, train_indices
 from tests.core.train_job import setup as _setup
 from tests.core.train_job import train as _train
 
@@ -23,7 +23,8 @@ from tests.core.train_job import train as _train
 def test_accumulation_equals_full_batch(tmp_path):
     tokenizer, features = _setup()
     # The first 8 examples of step 0 must have unequal numbers of target tokens, or the test proves nothing.
-    counts = {sum(label != -100 for label in features[i]["labels"]) for i in example_indices(0, len(features), 8, 0)}
+    first = train_indices(0, features, TrainConfig(batch_size=8))
+    counts = {sum(label != -100 for label in features[i]["labels"]) for i in first}
     assert len(counts) > 1
     full = _train(tmp_path / "a", tokenizer, features, steps=2, batch_size=8, grad_accum=1)
     accum = _train(tmp_path / "b", tokenizer, features, steps=2, batch_size=8, grad_accum=8)
@@ -34,7 +35,9 @@ def test_accumulation_equals_full_batch(tmp_path):
 def test_step_loss_is_the_token_mean_over_the_batch(tmp_path):
     tokenizer, features = _setup()
     model = build_model("tiny", tokenizer, seed=0)
-    batch = Collator(tokenizer.pad_token_id)([features[i] for i in example_indices(0, len(features), 8, 0)])
+    batch = Collator(tokenizer.pad_token_id)(
+        [features[i] for i in train_indices(0, features, TrainConfig(batch_size=8))]
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # Independent reference: mean NLL over every valid target token of the 8 examples (not a mean of means).
@@ -124,3 +127,87 @@ def test_bad_train_settings():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="--lr"):
         TrainConfig(lr=-1.0)
+
+
+def test_length_grouped_order_covers_each_epoch_once_and_is_a_pure_function():
+    # 23 examples (not a multiple of the batch, so batches straddle epochs), batch 4, windows of 2 batches
+    lengths = [(i * 37) % 61 + 1 for i in range(23)]
+    stream = [i for step in range(4 * 23) for i in example_indices(step, 23, 4, 5, lengths, group=2)]  # 16 epochs
+    for epoch in range(16):
+        assert sorted(stream[epoch * 23 : (epoch + 1) * 23]) == list(range(23)), epoch
+    again = [i for step in range(4 * 23) for i in example_indices(step, 23, 4, 5, lengths, group=2)]
+    assert again == stream  # (seed, step) -> batch, nothing else: what makes resume exact
+    assert stream != [i for step in range(4 * 23) for i in example_indices(step, 23, 4, 5)]  # grouping did something
+
+
+def test_length_grouping_sorts_each_window_and_shuffles_its_batches():
+    # epoch 0 of 16 examples, batch 2, windows of 4 batches: each window's 8 examples sorted longest first, cut in
+    # 4 batches whose order is shuffled. So every batch is 2 neighbours of its window's sorted order.
+    lengths = list(range(100, 116))
+    perm = grouped_permutation(16, 0, 0, 2, 4, lengths)
+    plain = example_indices(0, 16, 16, 0)  # the seeded permutation of epoch 0 (one batch of everything)
+    for w in range(2):
+        window = sorted(plain[8 * w : 8 * w + 8], key=lambda i: -lengths[i])
+        pairs = [window[j : j + 2] for j in range(0, 8, 2)]
+        got = [perm[8 * w + j : 8 * w + j + 2] for j in range(0, 8, 2)]
+        assert sorted(got) == sorted(pairs)  # the same batches...
+    assert perm[:8] != sorted(plain[:8], key=lambda i: -lengths[i]) or perm[8:] != sorted(
+        plain[8:], key=lambda i: -lengths[i]
+    )  # ...not (both windows) in sorted order
+
+
+def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path):
+    tokenizer, features = _setup()
+    seen: dict[str, list] = {"straight": [], "split": []}
+
+    def recorder(name):
+        def loss_fn(model, batch):
+            seen[name].append(batch["input_ids"].tolist())
+            return causal_lm_loss(model, batch)
+
+        return loss_fn
+
+    def run(name, out, **extra):
+        cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=0, **extra)
+        model = build_model("tiny", tokenizer, seed=0)
+        trainer = Trainer(model, recorder(name), features, Collator(tokenizer.pad_token_id), cfg, out,
+                          Accelerator(cpu=True))  # fmt: skip
+        return trainer.train()
+
+    run("straight", tmp_path / "a")
+    run("split", tmp_path / "b", stop_after=2)
+    result = run("split", tmp_path / "b")
+    assert seen["split"] == seen["straight"]
+    assert 0.0 <= result.padding_share < 1.0
+
+
+def test_the_padding_share_is_padding_over_all_positions(tmp_path):
+    # Two examples of 3 and 5 tokens in one batch of 2: the batch is 2 x 5 = 10 positions, 8 of them tokens, so
+    # 2 / 10 = 0.2 is padding. Two steps see the same batch (one epoch each): still 4 / 20 = 0.2.
+    features = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},
+    ]
+    tokenizer, _ = _setup()
+    cfg = TrainConfig(steps=2, batch_size=2, warmup_steps=0, checkpoint_every=0)
+    model = build_model("tiny", tokenizer, seed=0)
+    trainer = Trainer(model, causal_lm_loss, features, Collator(0), cfg, tmp_path, Accelerator(cpu=True))
+    assert trainer.train().padding_share == pytest.approx(0.2)
+
+
+def test_length_grouping_pads_less_than_the_plain_order():
+    # 64 examples of lengths 1..64, batch 8: the plain seeded order pads a lot; grouped windows of 8 batches (the
+    # whole epoch) give batches of 8 consecutive lengths, padding (0+1+...+7) / (8 x top) per batch.
+    lengths = list(range(1, 65))
+
+    def share(group):
+        pad = total = 0
+        for step in range(8):
+            batch = [lengths[i] for i in example_indices(step, 64, 8, 0, lengths, group)]
+            pad += sum(max(batch) - n for n in batch)
+            total += 8 * max(batch)
+        return pad / total
+
+    grouped = share(8)
+    assert grouped == pytest.approx(28 * 8 / (8 * sum(range(8, 65, 8))))  # 28 pads per batch over 8 x (8+16+...+64)
+    assert grouped < share(0) / 4

@@ -114,8 +114,8 @@ def test_speed_paths_reach_the_run_and_match_the_plain_loss(tmp_path):
     """--fused is exact; --teacher-cache at k >= vocabulary size is exact up to its float16 storage of log-probs.
     Same data order, initialisation and teacher, so the first steps' losses must agree."""
     short = [*TINY, "--steps", "4", "--eval-size", "4"]
-    plain = main([*short, "--out", str(tmp_path / "plain")])
-    fused = main([*short, "--fused", "--out", str(tmp_path / "fused")])
+    plain = main([*short, "--fused", "false", "--out", str(tmp_path / "plain")])
+    fused = main([*short, "--out", str(tmp_path / "fused")])  # the default: fused where the heads allow it
     cached = main([*short, "--teacher-cache", "--teacher-cache-k", "100000", "--out", str(tmp_path / "cached")])
     first = [r["loss"] for r in _log(tmp_path / "plain")]
     assert [r["loss"] for r in _log(tmp_path / "fused")] == pytest.approx(first, rel=1e-5)
@@ -124,7 +124,7 @@ def test_speed_paths_reach_the_run_and_match_the_plain_loss(tmp_path):
     assert plain["train"]["kd_path"] == {"path": "plain"}
     assert fused["train"]["kd_path"] == {"path": "fused"}
     record = cached["train"]["kd_path"]
-    assert record["path"] == "plain+cache(k=100000)"
+    assert record["path"] == "fused+cache(k=100000)"
     assert record["cache"]["hit_rate"] == 1.0 and record["cache"]["hits"] == 4 * 16  # 4 steps x 16 examples
     # k >= V: every vocabulary entry of every target token is stored (2-byte log-prob + 2-byte id) plus the tail
     (bytes_per_token,) = record["cache"]["bytes_per_token"]
