@@ -243,3 +243,19 @@ def test_bad_flag_is_one_line(capsys):
         cli(main, ["--distributions", "uniform"])
     assert exc.value.code == 2
     assert "--distributions" in capsys.readouterr().err
+    for argv, flag in (
+        (["--algorithm", "sgd"], "--algorithm"),
+        (["--distributions", "ei:0.5:skewed"], "--distributions"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli(main, argv)
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_parse_distribution_specs():
+    from methods.disco.run import parse_distribution
+
+    assert parse_distribution("ei:0.8", 1.0) == WeightDistribution("ei", f_exc=0.8)
+    assert parse_distribution("ei:0.8:balanced", 0.5) == WeightDistribution("ei", f_exc=0.8, sigma=0.5, balanced=True)
+    assert parse_distribution("eimix:0.65", 1.0) == WeightDistribution("ei_mixture", f_exc=0.65)
+    assert WeightDistribution("ei", f_exc=0.8, balanced=True).inh == pytest.approx(4.0)  # f / (1 - f)
