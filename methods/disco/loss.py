@@ -215,7 +215,8 @@ def transport_from_normal(dist: WeightDistribution, z: np.ndarray) -> np.ndarray
     magnitude = stats.lognorm(s=dist.sigma)
     f_inh = 1.0 - dist.f_exc
     out = np.empty_like(z)
-    inh = lower < f_inh
+    # all inhibitory at f_exc = 0 (Phi(z) rounds to 1 for z > 8.3, so `lower < 1` would leave those unset)
+    inh = np.ones_like(z, dtype=bool) if dist.f_exc == 0 else lower < f_inh
     if f_inh > 0:  # inhibitory: -scale * ppf(1 - u / f_inh) = -scale * isf(u / f_inh)
         out[inh] = -dist.inh * magnitude.isf(lower[inh] / f_inh)
     if dist.f_exc > 0:  # excitatory: ppf((u - f_inh) / f_exc) = isf((1 - u) / f_exc)

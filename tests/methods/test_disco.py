@@ -97,7 +97,7 @@ def test_ei_capacity_eq10_by_hand():
         got = capacity_theory(WeightDistribution("ei", f_exc=f, sigma=s, inh_scale=c))
         assert got == pytest.approx(hand, rel=1e-6)
     # the E/I balance g_E <w_E> = g_I <|w_I|> at equal shapes sets c = f / (1 - f): the bracket becomes 4 f (1 - f)
-    for f in (0.5, 0.65, 0.8):
+    for f in np.linspace(0.02, 0.98, 49):  # the whole curve the run plots (once had garbage in the far tail)
         got = capacity_theory(WeightDistribution("ei", f_exc=f, sigma=1.0, balanced=True))
         assert got == pytest.approx(2 / np.e * 4 * f * (1 - f), rel=1e-6)
     # the one-mixture model's values at s = 1 (what this package computed before following Eq. 10)
