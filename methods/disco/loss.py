@@ -20,9 +20,14 @@ standard normal,
 
     alpha_c(P) = 2 E[Z T(Z)]^2 / E[T(Z)^2] = 2 (1 - W2(P~, N(0,1))^2 / 2)^2                        (capacity)
 
-where P~ is P rescaled to unit second moment and W2 the Wasserstein-2 distance. It gives Gardner's 2 for a
-Gaussian P and shrinks with the distance of P from the Gaussian; for a lognormal with shape sigma it is
-2 sigma^2 exp(-sigma^2) (largest, 2/e, at sigma = 1).
+where P~ is P rescaled to unit second moment and W2 the Wasserstein-2 distance (the paper's Eq. 3-5 at zero
+margin). It gives Gardner's 2 for a Gaussian P and shrinks with the distance of P from the Gaussian; for a
+lognormal with shape sigma it is 2 sigma^2 exp(-sigma^2) (largest, 2/e, at sigma = 1).
+
+Populations with fixed identities (the paper's E/I model, Eq. 10): population m holds a fraction g_m of the
+synapses, each transported onto its own distribution P_m, never across, and
+
+    alpha_c = 2 (sum_m g_m E[Z T_m(Z)])^2 / sum_m g_m E[T_m(Z)^2]                                  (Eq. 10)
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
     python -m methods.disco.run --distributions gaussian,lognormal:1.0,ei:0.8
 
 For each prescribed distribution P: random Gaussian patterns with random labels at loads alpha = P / N around
-the theory's critical load; the constrained algorithm (gradient steps on the hinge loss alternated with
-Wasserstein geodesic steps toward P, methods/disco/loss.py) on `trials` tasks per load; the load where half the
+the theory's critical load; the constrained algorithm (gradient steps on the hinge loss, or with --algorithm
+logistic the paper's logistic loss, alternated with Wasserstein geodesic steps toward P, methods/disco/loss.py) on `trials` tasks per load; the load where half the
 tasks are solved is the measured critical load, beside the theory's alpha_c(P). The unconstrained perceptron is
 measured twice: by exact linear-programming feasibility (Cover's 2) and by the same gradient algorithm without
 the constraint (what the optimizer alone reaches).
