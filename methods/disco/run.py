@@ -5,8 +5,8 @@
     python -m methods.disco.run --distributions gaussian,lognormal:1.0,ei:0.8
 
 For each prescribed distribution P: random Gaussian patterns with random labels at loads alpha = P / N around
-the theory's critical load; the constrained algorithm (gradient steps on the hinge loss alternated with
-Wasserstein geodesic steps toward P, methods/disco/loss.py) on `trials` tasks per load; the load where half the
+the theory's critical load; the constrained algorithm (gradient steps on the hinge loss, or with --algorithm
+logistic the paper's logistic loss, alternated with Wasserstein geodesic steps toward P, methods/disco/loss.py) on `trials` tasks per load; the load where half the
 tasks are solved is the measured critical load, beside the theory's alpha_c(P). The unconstrained perceptron is
 measured twice: by exact linear-programming feasibility (Cover's 2) and by the same gradient algorithm without
 the constraint (what the optimizer alone reaches).
@@ -39,19 +39,24 @@ DEFAULT_DISTRIBUTIONS = "gaussian,lognormal:0.5,lognormal:1.0,lognormal:1.5,ei:0
 
 
 def parse_distribution(spec: str, sigma: float) -> WeightDistribution:
-    """'gaussian', 'halfnormal', 'lognormal:<sigma>', 'ei:<f_exc>' (E/I magnitudes lognormal of shape --ei-sigma)."""
+    """'gaussian', 'halfnormal', 'lognormal:<sigma>', 'ei:<f_exc>' (the paper's E/I model, Eq. 10: fixed
+    identities, magnitudes lognormal of shape --ei-sigma), 'ei:<f_exc>:balanced' (the inhibitory scale from the
+    E/I balance g_E <w_E> = g_I <|w_I|>), 'eimix:<f_exc>' (the same distribution as one population, signs free)."""
     name, _, arg = spec.strip().partition(":")
+    arg, _, extra = arg.partition(":")
     try:
         if name in ("gaussian", "halfnormal") and not arg:
             return WeightDistribution(name)
-        if name == "lognormal":
+        if name == "lognormal" and not extra:
             return WeightDistribution("lognormal", sigma=float(arg))
-        if name == "ei":
-            return WeightDistribution("ei", f_exc=float(arg), sigma=sigma)
+        if name in ("ei", "eimix") and extra in ("", "balanced"):
+            kind = "ei" if name == "ei" else "ei_mixture"
+            return WeightDistribution(kind, f_exc=float(arg), sigma=sigma, balanced=extra == "balanced")
     except ValueError as exc:
         raise ConfigError(f"--distributions: {spec!r}: {exc}") from None
     raise ConfigError(
         f"--distributions: {spec!r} is not one of gaussian, halfnormal, lognormal:<sigma>, ei:<excitatory fraction>"
+        "[:balanced], eimix:<excitatory fraction>[:balanced]"
     )
 
 
@@ -61,13 +66,21 @@ class DiscoConfig:
 
     distributions: str = field(
         default=DEFAULT_DISTRIBUTIONS,
-        metadata={"help": "comma-separated: gaussian, halfnormal, lognormal:<sigma>, ei:<excitatory fraction>"},
+        metadata={
+            "help": "comma-separated: gaussian, halfnormal, lognormal:<sigma>, ei:<excitatory fraction>[:balanced] "
+            "(the paper's E/I model, Eq. 10), eimix:<excitatory fraction>[:balanced] (one mixture, signs free)"
+        },
     )
     ei_sigma: float = field(default=1.0, metadata={"help": "lognormal shape of the E/I magnitudes"})
     n: int = field(default=100, metadata={"help": "synapses N of the perceptron"})
     trials: int = field(default=10, metadata={"help": "random tasks per load"})
     loads: int = field(default=8, metadata={"help": "loads per distribution, from 0.2 to 1.3 x the theory's alpha_c"})
-    lr: float = field(default=0.5, metadata={"help": "step size of the hinge-loss gradient step"})
+    algorithm: str = field(
+        default="hinge",
+        metadata={"help": "hinge (ours, default) or logistic (the paper's Eq. 7 with a trainable norm)"},
+    )
+    lr: float = field(default=0.5, metadata={"help": "step size of the gradient step (hinge or logistic)"})
+    beta0: float = field(default=1.0, metadata={"help": "logistic only: initial value of the trainable norm beta"})
     eta: float = field(default=0.02, metadata={"help": "fraction of the way along the W2 geodesic toward P per step"})
     margin: float = field(default=0.5, metadata={"help": "hinge margin on the normalized fields"})
     max_iter: int = field(default=1000, metadata={"help": "iterations before a task counts as unsolved"})
@@ -78,8 +91,10 @@ class DiscoConfig:
             raise ConfigError(f"--n must be at least 5, got {self.n}")
         if self.trials < 1 or self.loads < 2 or self.max_iter < 1:
             raise ConfigError("--trials and --max-iter must be at least 1, --loads at least 2")
-        if not (self.lr > 0 and 0 < self.eta <= 1 and self.margin >= 0 and self.ei_sigma > 0):
-            raise ConfigError("--lr and --ei-sigma must be positive, --eta in (0, 1], --margin non-negative")
+        if self.algorithm not in ("hinge", "logistic"):
+            raise ConfigError(f"--algorithm must be hinge or logistic, got {self.algorithm!r}")
+        if not (self.lr > 0 and 0 < self.eta <= 1 and self.margin >= 0 and self.ei_sigma > 0 and self.beta0 > 0):
+            raise ConfigError("--lr, --ei-sigma, --beta0 must be positive, --eta in (0, 1], --margin non-negative")
         self.parsed()  # checks the names
 
     def parsed(self) -> list[WeightDistribution]:
@@ -91,7 +106,9 @@ class DiscoConfig:
 
 def body(ctx: RunContext) -> Outcome:
     cfg: DiscoConfig = ctx.cfg(DiscoConfig)
-    kwargs = dict(lr=cfg.lr, eta=cfg.eta, margin=cfg.margin, max_iter=cfg.max_iter)
+    kwargs = dict(
+        lr=cfg.lr, eta=cfg.eta, margin=cfg.margin, max_iter=cfg.max_iter, algorithm=cfg.algorithm, beta0=cfg.beta0
+    )
     curves = {}
     rows = {}
     for i, dist in enumerate(tqdm(cfg.parsed(), desc="distributions")):
@@ -183,13 +200,16 @@ def _plots(out: Path, rows, curves, cfg: DiscoConfig) -> None:
     ax.legend()
     ax = axes[2]
     fe = np.linspace(0.02, 0.98, 49)
-    ax.plot(fe, [capacity_theory(WeightDistribution("ei", f_exc=f, sigma=cfg.ei_sigma)) for f in fe], label="theory")
-    pts = [(d.f_exc, rows[d.label()]["alpha_c"]) for d in cfg.parsed() if d.kind == "ei"]
-    if pts:
-        ax.plot(*zip(*pts, strict=True), "o", label="measured")
+    for balanced, style in ((False, "-"), (True, "--")):
+        theory = [capacity_theory(WeightDistribution("ei", f_exc=f, sigma=cfg.ei_sigma, balanced=balanced)) for f in fe]
+        name = "balanced g_E<w_E> = g_I<|w_I|>" if balanced else "equal E and I scales"
+        ax.plot(fe, theory, style, label=f"theory (Eq. 10), {name}")
+        pts = [(d.f_exc, rows[d.label()]["alpha_c"]) for d in cfg.parsed() if d.kind == "ei" and d.balanced == balanced]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o" if not balanced else "s", label=f"measured, {name}")
     ax.set_xlabel("excitatory fraction f_exc")
-    ax.set_title(f"E/I mixture, lognormal magnitudes (sigma={cfg.ei_sigma:g})")
-    ax.legend()
+    ax.set_title(f"E/I populations, lognormal magnitudes (sigma={cfg.ei_sigma:g})", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "capacity.png", dpi=120)
     plt.close(fig)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,23 @@ class KDXConfig:
     layers: int = field(default=3, metadata={"help": "layers of the tree student"})
     modules: int = field(default=4, metadata={"help": "modules per layer of the tree student"})
     width: int = field(default=64, metadata={"help": "width of each module (and of the ordinary students)"})
-    tau_start: float = field(default=10.0, metadata={"help": "routing temperature at step 0 (official t = 10)"})
-    tau_end: float = field(default=0.05, metadata={"help": "routing temperature at the last step"})
+    tau_start: float = field(
+        default=10.0, metadata={"help": "routing t at step 0 (official t = 10; the softmax runs at 0.5 t)"}
+    )
+    tau_end: float = field(
+        default=10.0 / 300, metadata={"help": "routing t at the last step (official t / epoch at epoch 300: 10 / 300)"}
+    )
     gumbel: bool = field(
-        default=False, metadata={"help": "Gumbel noise on the routing logits in training (README: why off)"}
+        default=False,
+        metadata={"help": "Gumbel noise on the routing logits in training (ours; the official adds none)"},
+    )
+    head_hidden: int = field(
+        default=128, metadata={"help": "hidden width of the per-class MLP heads (official 128; 0: linear heads)"}
+    )
+    head_dropout: float = field(default=0.15, metadata={"help": "dropout in the per-class heads (official 0.15)"})
+    routing_freeze_epochs: float = field(
+        default=2.0,
+        metadata={"help": "epochs of the data before the routing logits move (official: branch lr 0 for 2)"},
     )
     ls_eps: float = field(default=0.1, metadata={"help": "label smoothing epsilon"})
     kd_temperature: float = field(default=4.0, metadata={"help": "KD temperature T (official config: 4)"})
@@ -71,6 +85,8 @@ class KDXConfig:
             raise ConfigError(f"--compare names unknown objectives {bad}; choose from {', '.join(LOSSES)}")
         if self.layers < 1 or self.modules < 2 or self.width < 2:
             raise ConfigError("--layers must be >= 1, --modules >= 2 and --width >= 2")
+        if self.head_hidden < 0 or not 0 <= self.head_dropout < 1 or self.routing_freeze_epochs < 0:
+            raise ConfigError("--head-hidden and --routing-freeze-epochs must be >= 0, --head-dropout in [0, 1)")
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"need 0 < --tau-end <= --tau-start, got {self.tau_end} and {self.tau_start}")
         if not 0 <= self.ls_eps < 1:
@@ -100,8 +116,15 @@ class KDXTrain(TrainConfig):
 
 
 def tau_at(step: int, steps: int, start: float, end: float) -> float:
-    """tau(s) = start / (1 + (start / end - 1) s / S): the official t / epoch decay, stretched to end at `end`."""
+    """tau(s) = start / (1 + (start / end - 1) s / S): the official t / epoch decay, stretched to end at `end`.
+    With the defaults (10, 10 / 300) this is exactly 10 / e at the fractional epoch e = 1 + 299 s / S, the
+    official schedule over 300 epochs mapped onto our S steps."""
     return start / (1 + (start / end - 1) * step / steps)
+
+
+def routing_freeze_steps(epochs: float, n_examples: int, batch_size: int) -> int:
+    """Optimizer steps in the first `epochs` passes over the data (the official branch lr is 0 in epochs 1-2)."""
+    return math.ceil(epochs * n_examples / batch_size)
 
 
 def build_teacher(folder: Path, task: Task, steps: int) -> None:
@@ -140,12 +163,20 @@ def train_student(ctx, model, objective: str, task: Task, teacher_logits, cfg: K
         return LossOutput(per_example.sum())
 
     buffers = [m.temperature for m in model.modules() if hasattr(m, "temperature")]
+    # the official routing learning rate is 0 for the first 2 epochs (Adam's moments still accumulate): we restore
+    # the routing logits after each optimizer step of that span, which is the same as a zero learning rate
+    routing = getattr(model, "routing_logits", None)
+    frozen = routing.detach().clone() if routing is not None else None
+    freeze = routing_freeze_steps(cfg.routing_freeze_epochs, len(examples), train.batch_size)
 
     def on_step_end(step, loss, logs):
         tau = tau_at(step, train.steps, cfg.tau_start, cfg.tau_end)
         for buffer in buffers:
             buffer.fill_(tau)
         logs["tau"] = tau
+        if frozen is not None and step <= freeze:
+            with torch.no_grad():
+                routing.copy_(frozen)
 
     trainer = ctx.trainer(model, loss_fn, examples, collate, train, subdir=subdir, count_fn=count_rows,
                           throughput_fn=count_rows, unit="examples", on_step_end=on_step_end,
@@ -202,7 +233,8 @@ def body(ctx: RunContext) -> Outcome | None:
     evals, sims, results = {}, {}, {}
     for objective in [cfg.loss, *cfg.compare_list]:
         torch.manual_seed(train.seed)  # the same initialisation for every objective
-        model = TreeStudent(in_dim, task.num_classes, cfg.layers, cfg.modules, cfg.width, cfg.tau_start, cfg.gumbel)
+        model = TreeStudent(in_dim, task.num_classes, cfg.layers, cfg.modules, cfg.width, cfg.tau_start, cfg.gumbel,
+                            cfg.head_hidden, cfg.head_dropout)  # fmt: skip
         subdir = None if objective == cfg.loss else objective
         trained = train_student(ctx, model, objective, task, logits["train"], cfg, train, subdir)
         if trained is None:

@@ -14,7 +14,9 @@ from methods.disco.loss import (
     cover_separable_probability,
     critical_load,
     geodesic_step,
+    make_constraint,
     ot_map,
+    project,
     success_curve,
     target_quantiles,
     train_constrained_perceptron,
@@ -72,17 +74,98 @@ def test_capacity_theory_closed_forms():
         assert capacity_theory(WeightDistribution("lognormal", sigma=s)) == pytest.approx(
             2 * s**2 * np.exp(-(s**2)), rel=1e-5
         )
-    # a symmetric E/I mixture of half-normal-like magnitudes is below 2; the balanced one above the skewed one
-    balanced = capacity_theory(WeightDistribution("ei", f_exc=0.5, sigma=1.0))
-    skewed = capacity_theory(WeightDistribution("ei", f_exc=0.8, sigma=1.0))
+    # one E/I mixture transported as a whole (signs free): below 2, the balanced one above the skewed one
+    balanced = capacity_theory(WeightDistribution("ei_mixture", f_exc=0.5, sigma=1.0))
+    skewed = capacity_theory(WeightDistribution("ei_mixture", f_exc=0.8, sigma=1.0))
     assert skewed < balanced < 2.0
     # sign-constrained weights have capacity 1 (Amit et al.); a fixed half-normal distribution can only do less
     assert capacity_theory(WeightDistribution("halfnormal")) < 1.0
 
 
+def test_ei_capacity_eq10_by_hand():
+    # Paper Eq. 10: alpha_c = 2 [sum_m g_m <dw_m/dx>]^2 with the overall second moment 1, i.e. (any scale)
+    # 2 (sum_m g_m E[Z T_m])^2 / sum_m g_m E[T_m^2]. E: T_E(z) = e^{s z}; I: T_I(z) = -c e^{-s z} (the monotone map
+    # from N(0,1) onto minus a lognormal scaled by c). E[Z e^{aZ}] = a e^{a^2/2} and E[e^{2aZ}] = e^{2 a^2} give
+    # E[Z T_E] = s e^{s^2/2}, E[Z T_I] = c s e^{s^2/2}, E[T_E^2] = e^{2 s^2}, E[T_I^2] = c^2 e^{2 s^2}, so
+    # alpha_c = 2 s^2 e^{-s^2} (f + (1 - f) c)^2 / (f + (1 - f) c^2).
+    # At equal scales (c = 1): 2 s^2 e^{-s^2}, independent of f: 2/e = 0.7358 at s = 1 (the one-mixture model
+    # gave 1.611 / 1.535 / 1.306 at f = 0.5 / 0.65 / 0.8).
+    for f in (0.5, 0.65, 0.8):
+        assert capacity_theory(WeightDistribution("ei", f_exc=f, sigma=1.0)) == pytest.approx(2 / np.e, rel=1e-6)
+    for f, s, c in ((0.8, 0.7, 2.0), (0.3, 1.3, 0.5)):
+        hand = 2 * s**2 * np.exp(-(s**2)) * (f + (1 - f) * c) ** 2 / (f + (1 - f) * c**2)
+        got = capacity_theory(WeightDistribution("ei", f_exc=f, sigma=s, inh_scale=c))
+        assert got == pytest.approx(hand, rel=1e-6)
+    # the E/I balance g_E <w_E> = g_I <|w_I|> at equal shapes sets c = f / (1 - f): the bracket becomes 4 f (1 - f)
+    for f in np.linspace(0.02, 0.98, 49):  # the whole curve the run plots (once had garbage in the far tail)
+        got = capacity_theory(WeightDistribution("ei", f_exc=f, sigma=1.0, balanced=True))
+        assert got == pytest.approx(2 / np.e * 4 * f * (1 - f), rel=1e-6)
+    # the one-mixture model's values at s = 1 (what this package computed before following Eq. 10)
+    mix = [capacity_theory(WeightDistribution("ei_mixture", f_exc=f)) for f in (0.5, 0.65, 0.8)]
+    np.testing.assert_allclose(mix, [1.611, 1.535, 1.306], atol=1e-3)
+
+
+def test_ei_synapses_never_change_sign_in_training():
+    # the paper's E/I model: identities fixed at initialisation, each population transported onto its own targets
+    rng = np.random.default_rng(5)
+    n = 60
+    patterns, labels = rng.standard_normal((20, n)), rng.choice([-1.0, 1.0], 20)
+    dist = WeightDistribution("ei", f_exc=0.7, sigma=1.0)
+    seen = []
+    res = train_constrained_perceptron(
+        patterns, labels, dist, rng, algorithm="hinge", callback=lambda it, w: seen.append(np.sign(w))
+    )
+    assert res.solved and len(seen) > 3
+    signs = np.array(seen)  # (iterations, n): the sign of every synapse at every iteration
+    assert (signs == signs[0]).all() and (signs[0] > 0).sum() == 42  # round(0.7 x 60) excitatory throughout
+    np.testing.assert_array_equal(np.sign(res.weights), signs[0])
+    # each population holds exactly its own midpoint quantiles (42 lognormal, 18 negated lognormal)
+    exc = res.weights[res.weights > 0]
+    np.testing.assert_allclose(np.sort(exc), stats.lognorm(s=1.0).ppf((np.arange(42) + 0.5) / 42))
+    np.testing.assert_allclose(
+        np.sort(-res.weights[res.weights < 0]), stats.lognorm(s=1.0).ppf((np.arange(18) + 0.5) / 18)
+    )
+    # the same task under the one-mixture model: synapses do change sign (the behaviour Eq. 10 rules out)
+    seen.clear()
+    mix = WeightDistribution("ei_mixture", f_exc=0.7, sigma=1.0)
+    train_constrained_perceptron(
+        patterns,
+        labels,
+        mix,
+        np.random.default_rng(5),
+        algorithm="hinge",
+        callback=lambda it, w: seen.append(np.sign(w)),
+    )
+    assert (np.array(seen) != seen[0]).any()
+
+
+def test_make_constraint_and_project():
+    rng = np.random.default_rng(6)
+    c = make_constraint(WeightDistribution("ei", f_exc=0.75), 8, rng)
+    assert [len(i) for i in c.index] == [6, 2] and sorted(np.concatenate(c.index).tolist()) == list(range(8))
+    w = rng.standard_normal(8)
+    out = project(w, c)
+    for idx, target in zip(c.index, c.targets, strict=True):
+        np.testing.assert_array_equal(out[idx], ot_map(w[idx], target))  # quantile-matched within its population
+    assert (out[c.index[0]] > 0).all() and (out[c.index[1]] < 0).all()
+    with pytest.raises(ConfigError, match="empty"):
+        make_constraint(WeightDistribution("ei", f_exc=0.99), 10, rng)
+
+
+def test_logistic_algorithm_solves_and_stays_on_constraint():
+    # the paper's rule (Eq. 7 with a trainable norm, alternated with Eq. 9) on an easy load
+    rng = np.random.default_rng(7)
+    n = 60
+    patterns, labels = rng.standard_normal((20, n)), rng.choice([-1.0, 1.0], 20)
+    dist = WeightDistribution("lognormal", sigma=0.5)
+    res = train_constrained_perceptron(patterns, labels, dist, rng, algorithm="logistic", lr=5.0)
+    assert res.solved
+    np.testing.assert_allclose(np.sort(res.weights), target_quantiles(dist, n))
+
+
 def test_capacity_theory_matches_wasserstein_form():
     # alpha_c = 2 (1 - W2(P~, N(0,1))^2 / 2)^2 with P~ scaled to unit second moment: check on a quantile grid
-    dist = WeightDistribution("ei", f_exc=0.6, sigma=0.8)
+    dist = WeightDistribution("ei_mixture", f_exc=0.6, sigma=0.8)
     u = (np.arange(200_000) + 0.5) / 200_000
     q = dist.quantile(u)
     q = q / np.sqrt(np.mean(q**2))
@@ -110,12 +193,12 @@ def test_constrained_perceptron_solves_easy_load_and_stays_on_constraint():
     n = 60
     patterns, labels = rng.standard_normal((30, n)), rng.choice([-1.0, 1.0], 30)
     dist = WeightDistribution("gaussian")
-    res = train_constrained_perceptron(patterns, labels, dist, rng)
+    res = train_constrained_perceptron(patterns, labels, dist, rng, algorithm="hinge")
     assert res.solved and res.train_error == 0.0
     np.testing.assert_allclose(np.sort(res.weights), target_quantiles(dist, n))
     # an impossible load (far beyond 2) is not solved
     patterns, labels = rng.standard_normal((200, 20)), rng.choice([-1.0, 1.0], 200)
-    assert not train_constrained_perceptron(patterns, labels, dist, rng, max_iter=200).solved
+    assert not train_constrained_perceptron(patterns, labels, dist, rng, max_iter=200, algorithm="hinge").solved
 
 
 def test_critical_load_interpolates():
@@ -160,3 +243,19 @@ def test_bad_flag_is_one_line(capsys):
         cli(main, ["--distributions", "uniform"])
     assert exc.value.code == 2
     assert "--distributions" in capsys.readouterr().err
+    for argv, flag in (
+        (["--algorithm", "sgd"], "--algorithm"),
+        (["--distributions", "ei:0.5:skewed"], "--distributions"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli(main, argv)
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_parse_distribution_specs():
+    from methods.disco.run import parse_distribution
+
+    assert parse_distribution("ei:0.8", 1.0) == WeightDistribution("ei", f_exc=0.8)
+    assert parse_distribution("ei:0.8:balanced", 0.5) == WeightDistribution("ei", f_exc=0.8, sigma=0.5, balanced=True)
+    assert parse_distribution("eimix:0.65", 1.0) == WeightDistribution("ei_mixture", f_exc=0.65)
+    assert WeightDistribution("ei", f_exc=0.8, balanced=True).inh == pytest.approx(4.0)  # f / (1 - f)
