@@ -71,7 +71,7 @@ class GridConfig:
     eval_sequences: int = field(default=256, metadata={"help": "held-out sequences for the expected cross-entropy"})
     bootstrap: int = field(default=20, metadata={"help": "bootstrap refits for the intervals (0: none)"})
     fit_starts: int = field(default=16, metadata={"help": "initializations of each fit (evenly spaced on its grid)"})
-    huber_delta: float = field(default=1e-3, metadata={"help": "Huber delta of the log-loss fit (Hoffmann et al.)"})
+    huber_delta: float = field(default=1e-4, metadata={"help": "Huber delta of the log-loss fit (the paper's 1e-4)"})
     free_exponents: bool = field(
         default=False, metadata={"help": "fit alpha', beta', gamma' of Eq. (8) too (default: tied to Eq. (1)'s)"}
     )

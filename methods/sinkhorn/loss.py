@@ -8,11 +8,12 @@ transport cost between them, with the cost of moving s_i onto t_j the L1 distanc
     P*   = argmin_{P in U(a, b)} <P, C> - eps * H(P),   U(a, b) = {P >= 0 : P 1 = a, P^T 1 = b}
     W_eps(s, t) = <P*, C> = sum_ij P*_ij C_ij                              the transport cost (Sinkhorn distance)
 
-P* = diag(u) K diag(v) with K = exp(-C / eps), and u, v come from Sinkhorn's alternating scalings
-(v <- b / K^T u, u <- a / K v). We run them in the log domain (f = eps log u, g = eps log v):
+P* = diag(u) K diag(v) with K = exp(-C / eps), and u, v come from Sinkhorn's alternating scalings, in the
+official code's order: rows first, then columns (u <- a / K v, v <- b / K^T u, from v = 1; official loss.py
+normalizes the rows of K, then its columns, 20 times). We run them in the log domain (f = eps log u, g = eps log v):
 
-    g_j <- eps log b_j - eps logsumexp_i((f_i - C_ij) / eps)
     f_i <- eps log a_i - eps logsumexp_j((g_j - C_ij) / eps)
+    g_j <- eps log b_j - eps logsumexp_i((f_i - C_ij) / eps)
     log P_ij = (f_i + g_j - C_ij) / eps
 
 which never forms exp(-C / eps): with small eps the plain kernel underflows to 0 and the scalings to inf/NaN,
@@ -25,6 +26,9 @@ The training objective (official glue_train.py `distill_train`, names "kd" and t
 
 Conventions that differ between POT and the official code, and which one each function uses:
 - `sinkhorn_log` takes the marginals a, b (POT's `ot.sinkhorn2(a, b, M, reg)` convention; tests compare with it).
+- the update order is the official one (rows first, the plan's columns exact after each iteration); POT's
+  `sinkhorn_knopp` scales the columns first, so after a fixed number of iterations `sinkhorn_log(C)` equals POT on
+  the transposed problem, `ot.sinkhorn(b, a, C^T)^T`, and POT itself only at convergence.
 - the official code normalizes the rows and then the columns of K to sum to 1 (marginals of ONE per sample, a plan
   of total mass n), so its <P, C> is n times the cost with uniform marginals 1/n. `batch_sinkhorn_cost` returns
   the official quantity (mass n); `w` then has the official meaning (beta * 0.001 with beta = 0.8).
@@ -57,18 +61,19 @@ def sinkhorn_log(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropic OT in the log domain: cost (n, m), marginals a (n,), b (m,) (default uniform 1/n, 1/m).
 
-    Returns (plan P (n, m), transport cost <P, C>). The update order and the start (u = 1/n) are POT's
-    `sinkhorn_knopp`, so after the same number of iterations the plans agree, not only at convergence."""
+    Returns (plan P (n, m), transport cost <P, C>). The order is the official SinKD code's (loss.py,
+    `sinkhorn_normalized`: rows of K normalized, then columns, from K itself, i.e. v = 1): each iteration is
+    u = a / K v, then v = b / K^T u, so the columns of the returned plan sum exactly to b. With a = b = 1 this is
+    the official iterate itself; with the default 1/n, 1/m it is the official one divided by n (n = m)."""
     n, m = cost.shape
     dtype = cost.dtype
     log_a = torch.full((n,), -math.log(n), dtype=dtype, device=cost.device) if a is None else a.log()
     log_b = torch.full((m,), -math.log(m), dtype=dtype, device=cost.device) if b is None else b.log()
     log_kernel = -cost / epsilon  # (n, m), log K
-    log_u = torch.full((n,), -math.log(n), dtype=dtype, device=cost.device)  # POT starts from u = 1/n
-    log_v = torch.zeros(m, dtype=dtype, device=cost.device)
+    log_v = torch.zeros(m, dtype=dtype, device=cost.device)  # v = 1: the official code starts from K itself
     for _ in range(n_iters):
-        log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(1), dim=0)  # Eq. (2): v = b / K^T u
-        log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(0), dim=1)  # Eq. (2): u = a / K v
+        log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(0), dim=1)  # Eq. (2): u = a / K v (rows)
+        log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(1), dim=0)  # Eq. (2): v = b / K^T u (columns)
     plan = torch.exp(log_u.unsqueeze(1) + log_kernel + log_v.unsqueeze(0))  # Eq. (3): P = diag(u) K diag(v)
     return plan, (plan * cost).sum()  # Eq. (3): <P, C>
 
@@ -76,7 +81,7 @@ def sinkhorn_log(
 def sinkhorn_plain(
     cost: torch.Tensor, epsilon: float, n_iters: int, a: torch.Tensor | None = None, b: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same iterations with the kernel K = exp(-C / eps) itself (POT's `sinkhorn_knopp` without its guards).
+    """The same iterations with the kernel K = exp(-C / eps) itself (rows first, as `sinkhorn_log`, no guards).
 
     Kept to show why the log domain is needed: for eps much smaller than the costs K underflows and this returns
     NaN or inf. Use `sinkhorn_log`."""
@@ -84,11 +89,10 @@ def sinkhorn_plain(
     a = torch.full((n,), 1.0 / n, dtype=cost.dtype) if a is None else a
     b = torch.full((m,), 1.0 / m, dtype=cost.dtype) if b is None else b
     kernel = torch.exp(-cost / epsilon)
-    u = torch.full((n,), 1.0 / n, dtype=cost.dtype)
     v = torch.ones(m, dtype=cost.dtype)
     for _ in range(n_iters):
-        v = b / (kernel.T @ u)
         u = a / (kernel @ v)
+        v = b / (kernel.T @ u)
     plan = u.unsqueeze(1) * kernel * v.unsqueeze(0)
     return plan, (plan * cost).sum()
 
