@@ -367,7 +367,12 @@ def test_cache_folder_through_a_file(tmp_path, capsys):
 
 def test_read_only_cache_folder(tmp_path):
     """A real read-only cache: the CLI runs as an unprivileged user (root writes anywhere) on a cache it cannot
-    write; one line, exit 2, no traceback, no run folder left."""
+    write; one line, exit 2, no traceback, no run folder left.
+
+    The user is given its own copy of the packages, so the test does not depend on where the checkout lies (a clone
+    in a private 0700 folder, as mktemp makes it, is unreadable to that user); when that user cannot import the
+    interpreter's own dependencies (they lie in a private folder too, e.g. a virtualenv inside such a clone), the
+    test is skipped and says so."""
     import os
     import shutil
     import subprocess
@@ -378,15 +383,29 @@ def test_read_only_cache_folder(tmp_path):
         pytest.skip("needs root and setpriv to run the CLI as another user")
     base = Path(tempfile.mkdtemp(prefix="distillab-ro-"))
     try:
-        base.chmod(0o777)
-        cache, home = base / "cache", base / "home"
+        base.chmod(0o755)
+        cache, home, code = base / "cache", base / "home", base / "code"
         cache.mkdir(mode=0o755)  # root's: read-only to the user below
         home.mkdir(mode=0o777)
+        for package in ("core", "methods", "speech", "unlearning", "privacy"):
+            shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home), "HF_HOME": str(home / "hf")}
-        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
+        env["PYTHONPATH"] = str(code)
+        env.pop("PYTHONSAFEPATH", None)
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = "import importlib.util as u; print(*[m for m in ('torch', 'transformers', 'accelerate', 'filelock') if u.find_spec(m) is None])"
+        seen = subprocess.run(
+            [*nobody, sys.executable, "-c", probe], cwd=code, env=env, capture_output=True, text=True, timeout=60
+        )
+        if seen.returncode != 0 or seen.stdout.strip():
+            missing = seen.stdout.strip() or seen.stderr.strip().splitlines()[-1:]
+            pytest.skip(
+                f"user nobody cannot use this interpreter's packages ({sys.executable}; missing: {missing}): they lie "
+                "in a folder only root can read"
+            )
+        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
         done = subprocess.run(
-            [*nobody, sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            [*nobody, sys.executable, *argv], cwd=code, env=env, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 2, done.stderr[-2000:]
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
