@@ -66,6 +66,16 @@ class UnlearnData:
     task: str = field(default="people", metadata={"help": "people (generated, no files) or tofu (--data-dir)"})
     data_dir: str | None = field(default=None, metadata={"help": "tofu: the folder of TOFU's json files"})
     tofu_split: str = field(default="forget01", metadata={"help": "tofu: forget01, forget05 or forget10"})
+    forget_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "tofu: the forget questions' file (.json or .jsonl; default <tofu-split>.json(l) in --data-dir)"
+        },
+    )
+    retain_file: str | None = field(
+        default=None,
+        metadata={"help": "tofu: the retain questions' file (default retain99/95/90.json(l) matching --tofu-split)"},
+    )
     n_people: int = field(default=24, metadata={"help": "people: how many fictitious people"})
     n_targets: int = field(default=2, metadata={"help": "people: how many of them to unlearn"})
     data_seed: int = field(default=1234, metadata={"help": "people: seed of the generated people (fixed across seeds)"})
@@ -82,12 +92,16 @@ class UnlearnData:
             raise ConfigError("--task tofu needs --data-dir (the folder of TOFU's json files, ../shared/data/tofu)")
         if self.tofu_split not in TOFU_SPLITS:
             raise ConfigError(f"--tofu-split must be one of {', '.join(TOFU_SPLITS)}, got {self.tofu_split!r}")
-        if self.eval_size < 1 or self.max_new_tokens < 1 or self.max_length < 16:
-            raise ConfigError("--eval-size and --max-new-tokens must be at least 1, --max-length at least 16")
+        for flag, value, least in (("--eval-size", self.eval_size, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                   ("--max-length", self.max_length, 16)):  # fmt: skip
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least}, got {value}")
+        if self.task != "tofu" and (self.forget_file or self.retain_file):
+            raise ConfigError("--forget-file and --retain-file are for --task tofu (TOFU-like question files)")
 
     def load(self) -> UnlearningTask:
         if self.task == "tofu":
-            return tofu_task(self.data_dir, self.tofu_split, self.eval_size)
+            return tofu_task(self.data_dir, self.tofu_split, self.eval_size, self.forget_file, self.retain_file)
         task = generated_task(self.n_people, self.n_targets, self.data_seed)
         task.retain = task.retain[: self.eval_size]
         return task
@@ -535,7 +549,9 @@ def plot_curves(out: Path, methods: list[str], main: str) -> None:
 
 def task_name(ctx: RunContext) -> str:
     data = ctx.cfg(UnlearnData)
-    return f"tofu-{data.tofu_split}" if data.task == "tofu" else "people"
+    if data.task != "tofu":
+        return "people"
+    return f"tofu-{Path(data.forget_file).stem}" if data.forget_file else f"tofu-{data.tofu_split}"
 
 
 RECIPE = Recipe(
