@@ -175,6 +175,11 @@ def parse(
             first = doc.splitlines()[0] if doc and not generated else ""
             cls._argument_group_name = f"{first.rstrip('.:')} ({cls.__name__})" if first else cls.__name__
     parser = HfArgumentParser(types, prog=prog, description=description, formatter_class=_HelpFormatter)
+
+    def refuse(message: str):  # argparse's own errors (a value of the wrong type): one line, not the usage block
+        raise ConfigError(f"{message}; run with --help for the flags this script takes")
+
+    parser.error = refuse
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -212,11 +217,24 @@ def to_dict(*configs: Any) -> dict[str, Any]:
     return {type(c).__name__: asdict(c) for c in configs if is_dataclass(c)}
 
 
+def comma_list(text: str, flag: str) -> list[str]:
+    """The items of a comma-separated flag value, stripped. "" (or only spaces) is the empty list; an empty item
+    ("fkl,,rkl", ",,", "fkl,") is refused: it is a typo, not a request for nothing."""
+    if not text.strip():
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigError(
+            f"{flag} {text!r} has an empty item; separate names by single commas (or pass {flag} '' for none)"
+        )
+    return items
+
+
 def divergence_list(text: str, flag: str = "--compare") -> list[str]:
     """A comma-separated list of core divergence names (the --compare convention of every method), checked."""
     from core.losses import DIVERGENCES
 
-    names = [d.strip() for d in text.split(",") if d.strip()]
+    names = comma_list(text, flag)
     unknown = [d for d in names if d not in DIVERGENCES]
     if unknown:
         raise ConfigError(f"{flag} names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
+from core.config import comma_list
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from methods.disco.loss import (
@@ -83,7 +84,7 @@ class DiscoConfig:
         self.parsed()  # checks the names
 
     def parsed(self) -> list[WeightDistribution]:
-        specs = [s for s in self.distributions.split(",") if s.strip()]
+        specs = comma_list(self.distributions, "--distributions")
         if not specs:
             raise ConfigError("--distributions is empty")
         return [parse_distribution(s, self.ei_sigma) for s in specs]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import comma_list
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.train import LossOutput, TrainConfig, count_rows
@@ -84,7 +85,7 @@ class KDXConfig:
 
     @property
     def compare_list(self) -> list[str]:
-        names = [c.strip() for c in self.compare.split(",") if c.strip()]
+        names = comma_list(self.compare, "--compare")
         return [c for c in dict.fromkeys(names) if c != self.loss]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from core.config import comma_list
 from core.data import Collator, encode_examples
 from core.errors import ConfigError, ModelError
 from core.io import atomic_write_text, stable_hash
@@ -194,7 +195,7 @@ class UnlearnConfig:
             raise ConfigError("--beta must be positive and --confident in [0, 1]")
 
     def compared(self) -> list[str]:
-        names = [m.strip() for m in self.compare.split(",") if m.strip()]
+        names = comma_list(self.compare, "--compare")
         return [m for m in dict.fromkeys(names) if m != self.method]
 
     def strength(self, method: str) -> float:
