@@ -66,8 +66,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.teacher_steps < 1 or self.teacher_batch_size < 1:
-            raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
+        require(self, "at least 1", lambda v: v >= 1, "teacher_steps", "teacher_batch_size")
         from core.pretrained import is_real_model_spec, locate_gguf, parse_prune
 
         if is_real_model_spec(self.teacher):
@@ -210,6 +209,15 @@ def check_numbers(settings: Any) -> None:
         is_seed = f.name == "seed" or f.name.endswith("_seed")
         if is_seed and isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{flag} must be a non-negative integer (a seed), got {value}")
+
+
+def require(settings: Any, rule: str, ok: Any, *names: str) -> None:
+    """Check each named field of `settings` on its own: the first whose value fails `ok(value)` is refused in one
+    line that names that flag and its value ("--eta must be in (0, 1], got nan"), never several flags at once."""
+    for name in names:
+        value = getattr(settings, name)
+        if not ok(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

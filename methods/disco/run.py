@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from core.config import comma_list
+from core.config import comma_list, require
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from methods.disco.loss import (
@@ -77,10 +77,11 @@ class DiscoConfig:
     def __post_init__(self) -> None:
         if self.n < 5:
             raise ConfigError(f"--n must be at least 5, got {self.n}")
-        if self.trials < 1 or self.loads < 2 or self.max_iter < 1:
-            raise ConfigError("--trials and --max-iter must be at least 1, --loads at least 2")
-        if not (self.lr > 0 and 0 < self.eta <= 1 and self.margin >= 0 and self.ei_sigma > 0):
-            raise ConfigError("--lr and --ei-sigma must be positive, --eta in (0, 1], --margin non-negative")
+        require(self, "at least 1", lambda v: v >= 1, "trials", "max_iter")
+        require(self, "at least 2", lambda v: v >= 2, "loads")
+        require(self, "positive", lambda v: v > 0, "lr", "ei_sigma")
+        require(self, "in (0, 1]", lambda v: 0 < v <= 1, "eta")
+        require(self, "non-negative", lambda v: v >= 0, "margin")
         self.parsed()  # checks the names
 
     def parsed(self) -> list[WeightDistribution]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from core.config import require
 from core.errors import ConfigError
 
 # topic -> (answers, probabilities): flat and skewed ones, every answer with real support (>= 0.1).
@@ -50,10 +51,15 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if self.teachers < 2:
             raise ConfigError(f"--teachers must be at least 2, got {self.teachers}")
-        if min(self.people_per_teacher, self.events_per_topic, self.public_people, self.test_people) < 1:
-            raise ConfigError(
-                "--people-per-teacher, --events-per-topic, --public-people and --test-people must be at least 1"
-            )
+        require(
+            self,
+            "at least 1",
+            lambda v: v >= 1,
+            "people_per_teacher",
+            "events_per_topic",
+            "public_people",
+            "test_people",
+        )
         if not 0 <= self.canaries <= self.teachers:
             raise ConfigError(f"--canaries must be in [0, --teachers = {self.teachers}], got {self.canaries}")
         if self.canary_repeats < 1:
@@ -62,9 +68,9 @@ class CorpusConfig:
             raise ConfigError(f"--secret-digits must be in [2, 8], got {self.secret_digits}")
         if self.people() > MAX_PEOPLE:
             raise ConfigError(
-                f"--teachers {self.teachers} x --people-per-teacher {self.people_per_teacher} (+ canaries, public and "
-                f"test people) asks for {self.people():,} people; at most {MAX_PEOPLE:,}: lower --teachers or "
-                "--people-per-teacher"
+                f"--teachers {self.teachers} x --people-per-teacher {self.people_per_teacher} + --canaries "
+                f"{self.canaries} + --public-people {self.public_people} + --test-people {self.test_people} + "
+                f"{TOKENIZER_NAMES} tokenizer names = {self.people():,} people; at most {MAX_PEOPLE:,}: lower them"
             )
 
     def people(self) -> int:

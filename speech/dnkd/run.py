@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from core.config import comma_list
+from core.config import comma_list, require
 from core.errors import ConfigError
 from core.io import atomic_dir, atomic_write_text, stable_hash
 from core.plots import plot_log
@@ -145,8 +145,7 @@ class DNKDConfig:
             raise ConfigError(f"--k must be at least 1, got {self.k}")
         if not self.knn_temperature > 0:
             raise ConfigError(f"--knn-temperature must be positive, got {self.knn_temperature}")
-        if self.alpha < 0 or self.beta < 0 or self.kd_weight < 0:
-            raise ConfigError("--alpha, --beta and --kd-weight must be non-negative")
+        require(self, "non-negative", lambda v: v >= 0, "alpha", "beta", "kd_weight")
         if self.index not in ("auto", "flat", "ivfpq"):
             raise ConfigError(f"--index must be auto, flat or ivfpq, got {self.index!r}")
         unknown = [c for c in self.compare_list if c not in BASELINES]

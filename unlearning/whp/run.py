@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from core.config import comma_list
+from core.config import comma_list, require
 from core.data import Collator, encode_examples
 from core.errors import ConfigError, ModelError
 from core.io import atomic_write_text, stable_hash
@@ -142,8 +142,8 @@ class BaseModelConfig:
                 )
         if self.base_preset not in PRESETS:
             raise ConfigError(f"--base-preset must be one of {', '.join(PRESETS)}, got {self.base_preset!r}")
-        if self.teacher_steps < 1 or self.base_batch_size < 1 or not self.base_lr > 0:
-            raise ConfigError("--teacher-steps and --base-batch-size must be at least 1, --base-lr positive")
+        require(self, "at least 1", lambda v: v >= 1, "teacher_steps", "base_batch_size")
+        require(self, "positive", lambda v: v > 0, "base_lr")
         if self.vocab_size < 300:
             raise ConfigError(f"--vocab-size must be at least 300, got {self.vocab_size}")
 
@@ -187,12 +187,13 @@ class UnlearnConfig:
             raise ConfigError(
                 f"--n-counterfactual must be between 1 and {len(REPLACEMENT_NAMES)}, got {self.n_counterfactual}"
             )
-        if self.alpha < 0 or self.reinforce_steps < 1 or not self.reinforce_lr > 0:
-            raise ConfigError("--alpha must be >= 0, --reinforce-steps >= 1 and --reinforce-lr > 0")
+        require(self, "non-negative", lambda v: v >= 0, "alpha")
+        require(self, "at least 1", lambda v: v >= 1, "reinforce_steps")
+        require(self, "positive", lambda v: v > 0, "reinforce_lr")
         if self.retain_strength is not None and self.retain_strength < 0:
             raise ConfigError(f"--retain-strength must be non-negative, got {self.retain_strength}")
-        if not self.beta > 0 or not 0 <= self.confident <= 1:
-            raise ConfigError("--beta must be positive and --confident in [0, 1]")
+        require(self, "positive", lambda v: v > 0, "beta")
+        require(self, "in [0, 1]", lambda v: 0 <= v <= 1, "confident")
 
     def compared(self) -> list[str]:
         names = comma_list(self.compare, "--compare")
