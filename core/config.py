@@ -216,6 +216,8 @@ def require(settings: Any, rule: str, ok: Any, *names: str) -> None:
     line that names that flag and its value ("--eta must be in (0, 1], got nan"), never several flags at once."""
     for name in names:
         value = getattr(settings, name)
+        if isinstance(value, float) and not math.isfinite(value):  # as check_numbers says it, whichever runs first
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if not ok(value):
             raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 

@@ -5,7 +5,8 @@
     digits      real recordings of the Free Spoken Digit Dataset (../shared/data/fsdd/recordings), concatenated
                 into utterances of 2 to 6 digits; target: the digits as German number words; split by speaker
     multi30k    English sentences of ../shared/data/multi30k spoken by espeak-ng; target: the German side
-    s2t         any corpus in fairseq's speech-to-text layout (a tsv manifest per split + audio), e.g. MuST-C
+    s2t         any corpus in fairseq's speech-to-text layout (a tsv manifest per split + audio), e.g. MuST-C,
+                or a plain audio<TAB>text list per split; wav or FLAC at any rate, resampled to 16 kHz
 
 An utterance carries its audio lazily (`load()`), so a task of thousands of utterances costs memory only for the
 features computed from it (speech/features.py). Text is tokenized by a `TargetVocab`: a word-level vocabulary

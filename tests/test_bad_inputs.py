@@ -352,14 +352,14 @@ def test_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_previous_o
 
 
 def test_cache_folder_through_a_file(tmp_path, capsys):
-    """A --cache-dir that cannot be created (a file in its path) is one line at its first write (the tokenizer)."""
+    """A --cache-dir that cannot be created (a file in its path) is one line, before any work (core.shell)."""
     _write(tmp_path / "file", "x")
     out = tmp_path / "o"
     _fails(
         vanilla_main,
         [*TINY, "--cache-dir", str(tmp_path / "file" / "cache"), "--out", str(out)],
         capsys,
-        "cannot write the cache folder",
+        "cannot create the cache folder",
         "--cache-dir",
     )
     assert not out.exists()
@@ -624,10 +624,9 @@ def test_a_json_array_given_as_jsonl_names_the_fix(tmp_path, capsys):
 def test_a_lumped_check_names_the_one_flag_and_its_value(tmp_path, capsys):
     from methods.disco.run import main as disco_main
 
-    line = _fails(
-        disco_main, ["--eta", "nan", "--out", str(tmp_path / "o")], capsys, "--eta must be in (0, 1], got nan"
-    )
-    assert "--lr" not in line and "--margin" not in line
+    for value, said in (("nan", "--eta must be a finite number, got nan"), ("2", "--eta must be in (0, 1], got 2.0")):
+        line = _fails(disco_main, ["--eta", value, "--out", str(tmp_path / "o")], capsys, said)
+        assert "--lr" not in line and "--margin" not in line  # it named --lr, --ei-sigma, --eta and --margin
 
 
 def test_instruct_prompt_and_response_fields_map_any_layout(tmp_path, capsys):
