@@ -67,8 +67,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.teacher_steps < 1 or self.teacher_batch_size < 1:
-            raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
+        require(self, "at least 1", lambda v: v >= 1, "teacher_steps", "teacher_batch_size")
         from core.pretrained import is_real_model_spec, locate_gguf, parse_prune
 
         if is_real_model_spec(self.teacher):
@@ -191,6 +190,11 @@ def parse(
         # plain bool does (HfArgumentParser gives it nargs "?" only when its default is not None).
         if action.type is string_to_bool and action.nargs is None:
             action.nargs, action.const = "?", True
+
+    def refuse(message: str):  # argparse's own errors (a value of the wrong type): one line, not the usage block
+        raise ConfigError(f"{message}; run with --help for the flags this script takes")
+
+    parser.error = refuse
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -223,16 +227,40 @@ def check_numbers(settings: Any) -> None:
             raise ConfigError(f"{flag} must be a non-negative integer (a seed), got {value}")
 
 
+def require(settings: Any, rule: str, ok: Any, *names: str) -> None:
+    """Check each named field of `settings` on its own: the first whose value fails `ok(value)` is refused in one
+    line that names that flag and its value ("--eta must be in (0, 1], got nan"), never several flags at once."""
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, float) and not math.isfinite(value):  # as check_numbers says it, whichever runs first
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not ok(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
 def to_dict(*configs: Any) -> dict[str, Any]:
     """All settings, grouped by dataclass name (for config.json and metrics.json)."""
     return {type(c).__name__: asdict(c) for c in configs if is_dataclass(c)}
+
+
+def comma_list(text: str, flag: str) -> list[str]:
+    """The items of a comma-separated flag value, stripped. "" (or only spaces) is the empty list; an empty item
+    ("fkl,,rkl", ",,", "fkl,") is refused: it is a typo, not a request for nothing."""
+    if not text.strip():
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigError(
+            f"{flag} {text!r} has an empty item; separate names by single commas (or pass {flag} '' for none)"
+        )
+    return items
 
 
 def divergence_list(text: str, flag: str = "--compare") -> list[str]:
     """A comma-separated list of core divergence names (the --compare convention of every method), checked."""
     from core.losses import DIVERGENCES
 
-    names = [d.strip() for d in text.split(",") if d.strip()]
+    names = comma_list(text, flag)
     unknown = [d for d in names if d not in DIVERGENCES]
     if unknown:
         raise ConfigError(f"{flag} names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")

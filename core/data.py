@@ -64,8 +64,15 @@ class DataConfig:
         default=None, metadata={"help": "folder or file of the real data (multi30k, commongen, instruct)"}
     )
     dataset: str | None = field(default=None, metadata={"help": "task hf: a `datasets` name or local path"})
-    prompt_field: str = field(default="prompt", metadata={"help": "task hf: the column holding the prompt"})
-    response_field: str = field(default="response", metadata={"help": "task hf: the column holding the answer"})
+    prompt_field: str = field(
+        default="prompt",
+        metadata={
+            "help": "task hf and instruct: the field holding the prompt (instruct: used when a row has both this and --response-field, before the dolly/alpaca/self-instruct layouts)"
+        },
+    )
+    response_field: str = field(
+        default="response", metadata={"help": "task hf and instruct: the field holding the answer"}
+    )
     train_split: str = field(default="train", metadata={"help": "task hf: the training split"})
     eval_split: str = field(default="validation", metadata={"help": "task hf: the evaluation split"})
     source_lang: str = field(default="en", metadata={"help": "multi30k: translate from this side (en or de)"})
@@ -234,6 +241,12 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     for lineno, line in _text_lines(path):
         if not line.strip():
             continue
+        if not rows and line.lstrip().startswith("["):
+            raise DataError(
+                f"{path} line {lineno}: a JSON array, but this reader expects JSON lines (one object per line); "
+                'write each record as one line, e.g. python -c "import json,sys; [print(json.dumps(r)) for r in '
+                'json.load(open(sys.argv[1]))]" FILE > FILE.jsonl'
+            )
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -438,7 +451,15 @@ def _text_field(row: dict[str, Any], key: str, path: Path, lineno: int, referenc
     )
 
 
-def instruction_example(row: dict[str, Any], path: Path, lineno: int, group: str = "") -> Example:
+def instruction_example(
+    row: dict[str, Any], path: Path, lineno: int, group: str = "", fields: tuple[str, str] | None = None
+) -> Example:
+    """One instruction example: the fields named by --prompt-field/--response-field (`fields`) when the row holds
+    both (the prompt goes into the Alpaca template without input), else the first of the three layouts it matches."""
+    if fields is not None and fields[0] in row and fields[1] in row:
+        instruction = _text_field(row, fields[0], path, lineno)[0]
+        answers = tuple(a.strip() for a in _text_field(row, fields[1], path, lineno, references=True))
+        return Example(instruction_prompt(instruction), answers[0], answers, group=group, user=instruction)
     for layout, (inst_key, ctx_key, out_key) in INSTRUCTION_LAYOUTS.items():
         if inst_key in row and out_key in row:
             instruction = _text_field(row, inst_key, path, lineno)[0]
@@ -451,7 +472,10 @@ def instruction_example(row: dict[str, Any], path: Path, lineno: int, group: str
             user = f"{instruction}\n\n{context}" if context.strip() else instruction
             return Example(prompt, answers[0], answers, group=group, user=user)
     layouts = "; ".join(f"{name}: {', '.join(k for k in keys if k)}" for name, keys in INSTRUCTION_LAYOUTS.items())
-    raise DataError(f"{path} line {lineno}: fields {sorted(row)} match no instruction layout ({layouts})")
+    raise DataError(
+        f"{path} line {lineno}: fields {sorted(row)} match no instruction layout ({layouts}); name yours with "
+        "--prompt-field and --response-field"
+    )
 
 
 def load_instruct(cfg: DataConfig) -> TaskData:
@@ -462,7 +486,8 @@ def load_instruct(cfg: DataConfig) -> TaskData:
     report: dict[str, dict[str, int]] = {}
 
     def examples(file: Path, split: str) -> list[Example]:
-        rows = [instruction_example(row, file, lineno) for lineno, row in read_jsonl(file)]
+        fields = (cfg.prompt_field, cfg.response_field)
+        rows = [instruction_example(row, file, lineno, fields=fields) for lineno, row in read_jsonl(file)]
         return _screen(((ex, ex.user) for ex in rows), split, report)
 
     if path.is_file():

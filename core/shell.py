@@ -200,9 +200,24 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{ctx.name}] {out} is complete; showing its results (pass --overwrite to run again)", file=sys.stderr)
         print_summary(done)
         return done
+    _make_cache(ctx.cache)
     created = not out.exists()
     with _run_lock(out) if ctx.is_main_process else contextlib.nullcontext():
         return _run_locked(recipe, ctx, config, created)
+
+
+def _make_cache(cache: Path) -> None:
+    """Create the cache folder up front: one that cannot be created (under /proc, through a file, on a read-only
+    disk) is refused in one line before any work, rather than by the first write deep inside a recipe."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the cache folder {cache} ({exc.strerror or exc}); pass a writable --cache-dir "
+            "(or set DISTILLAB_CACHE)"
+        ) from exc
+    if not cache.is_dir():
+        raise ConfigError(f"the cache folder {cache} is not a folder; pass a folder as --cache-dir")
 
 
 def run_lock_path(out: Path) -> Path:
@@ -387,13 +402,18 @@ def print_summary(metrics: dict[str, Any]) -> None:
     print(format_table(summary_rows(evals, metrics["method"]), columns))
 
 
+def one_line(message: str) -> str:
+    """A message as one line: a library's multi-line text quoted inside an error joins its lines."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """For run.py's `__main__`: typed errors become one clear line on stderr and exit status 2; Ctrl-C one line
     and exit status 130 (the run resumes from its last checkpoint when the same command runs again)."""
     try:
         main(argv)
     except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

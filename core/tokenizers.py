@@ -45,10 +45,21 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
             "pass a folder written by tokenizer.save_pretrained, or omit --tokenizer to train one on the task"
         )
+    described = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "config.json"))
+    if not described and (path / "vocab.json").exists():
+        # A bare BPE vocabulary: nothing says which tokenizer class reads it (transformers then asks for
+        # sentencepiece or tiktoken, which would not help). Say what the folder lacks.
+        lacks = "no merges.txt and " if not (path / "merges.txt").exists() else ""
+        raise ModelError(
+            f"{path} holds vocab.json but {lacks}no tokenizer.json or tokenizer_config.json saying which tokenizer "
+            "reads it; copy the tokenizer files of the model it came from (tokenizer.json, or tokenizer_config.json "
+            "with vocab.json and merges.txt), or save it with tokenizer.save_pretrained"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as exc:  # the library's own message is kept, with the folder named
-        raise ModelError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    except Exception as exc:  # the library's own message is kept (on one line), with the folder named
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer in {path}: {said}") from exc
     if tokenizer.eos_token is None:
         # Folders without tokenizer_config.json (gpt2's raw files) do not declare their end-of-text token.
         vocab = tokenizer.get_vocab()

@@ -42,6 +42,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from core.config import require
 from core.data import IGNORE_INDEX
 from core.errors import CheckpointError, ConfigError, DistillError, NonFiniteLossError, ResourceError, out_of_memory
 from core.io import atomic_dir, atomic_write_json, atomic_write_text, free_space
@@ -90,10 +91,8 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("--warmup-steps, --max-grad-norm and --weight-decay must be non-negative")
-        if self.length_group < 0:
-            raise ConfigError(f"--length-group must be 0 (off) or more batches, got {self.length_group}")
+        require(self, "non-negative", lambda v: v >= 0, "warmup_steps", "max_grad_norm", "weight_decay")
+        require(self, "0 (off) or more batches", lambda v: v >= 0, "length_group")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be at least 1 (a line every N steps), got {self.log_every}")
         if self.checkpoint_every < 0:

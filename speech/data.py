@@ -5,7 +5,8 @@
     digits      real recordings of the Free Spoken Digit Dataset (../shared/data/fsdd/recordings), concatenated
                 into utterances of 2 to 6 digits; target: the digits as German number words; split by speaker
     multi30k    English sentences of ../shared/data/multi30k spoken by espeak-ng; target: the German side
-    s2t         any corpus in fairseq's speech-to-text layout (a tsv manifest per split + audio), e.g. MuST-C
+    s2t         any corpus in fairseq's speech-to-text layout (a tsv manifest per split + audio), e.g. MuST-C,
+                or a plain audio<TAB>text list per split; wav or FLAC at any rate, resampled to 16 kHz
 
 An utterance carries its audio lazily (`load()`), so a task of thousands of utterances costs memory only for the
 features computed from it (speech/features.py). Text is tokenized by a `TargetVocab`: a word-level vocabulary
@@ -117,17 +118,54 @@ class TargetVocab:
 # -- audio helpers ---------------------------------------------------------------------------------------------
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".npy")
+
+
 def read_wav(path: Path | str, data: bytes | None = None) -> tuple[np.ndarray, int]:
-    """A wav file (or its bytes) as mono float32 in [-1, 1] and its sample rate."""
+    """A wav file (or its bytes) as mono float32 in [-1, 1] and its sample rate. A file cut short (its header
+    promises more samples than it holds) is refused: training on the clipped audio would be silent damage."""
+    import struct
+    import warnings
+
     try:
-        rate, audio = wavfile.read(io.BytesIO(data) if data is not None else str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the wav file {path}: {exc}") from exc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", wavfile.WavFileWarning)
+            rate, audio = wavfile.read(io.BytesIO(data) if data is not None else str(path))
+    except (OSError, ValueError, EOFError, struct.error, IndexError) as exc:
+        said = str(exc) or type(exc).__name__
+        raise DataError(f"cannot read the wav file {path}: {said} (is it cut short or not a wav?)") from exc
+    for warning in caught:
+        if "prematurely" in str(warning.message) or "EOF" in str(warning.message):
+            raise DataError(
+                f"the wav file {path} is cut short ({warning.message}); replace it with a complete file or drop it "
+                "from the manifest"
+            )
     if audio.ndim == 2:
         audio = audio.mean(axis=1)
     if np.issubdtype(audio.dtype, np.integer):
         audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max + 1)
     return audio.astype(np.float32), int(rate)
+
+
+def read_flac(path: Path | str) -> tuple[np.ndarray, int]:
+    """A FLAC file as mono float32 in [-1, 1] and its sample rate, through soundfile (libsndfile)."""
+    try:
+        import soundfile
+    except ImportError:
+        raise DataError(
+            f"{path} is FLAC, which needs the soundfile package: pip install soundfile (or convert it to wav)"
+        ) from None
+    try:
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:  # soundfile.LibsndfileError is a RuntimeError
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read the FLAC file {path}: {said}") from exc
+    return audio.mean(axis=1).astype(np.float32), int(rate)
+
+
+def read_audio(path: Path | str) -> tuple[np.ndarray, int]:
+    """A wav or FLAC file (by its suffix) as mono float32 and its sample rate."""
+    return read_flac(path) if Path(path).suffix.lower() == ".flac" else read_wav(path)
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -314,42 +352,86 @@ S2T_COLUMNS = ("id", "audio", "n_frames", "tgt_text")
 
 
 def read_s2t_manifest(path: Path | str, limit: int | None = None) -> list[Utterance]:
-    """A fairseq S2T tsv: header with at least id, audio, n_frames, tgt_text (src_text, speaker optional).
+    """A fairseq S2T tsv: header with at least id, audio, n_frames, tgt_text (src_text, speaker optional); or a
+    plain list without header, one `audio<TAB>text` line per utterance.
 
-    `audio` is a path relative to the manifest's folder: a .wav file, a .npy filterbank, or a byte range
-    `archive.zip:offset:length` of a wav or npy stored uncompressed in a zip (how fairseq's MuST-C recipe
-    stores its features)."""
+    `audio` is a path relative to the manifest's folder: a .wav or .flac file (any sample rate, resampled to
+    16 kHz), a .npy filterbank, or a byte range `archive.zip:offset:length` of a wav or npy stored uncompressed in
+    a zip (how fairseq's MuST-C recipe stores its features)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist; pass --data-dir and --train-split/--eval-split")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    lines = text.splitlines()
+    first = lines[0] if lines else ""
+    if not first.strip():
+        raise DataError(f"manifest {path} is empty (line 1 holds no header); fairseq S2T needs {S2T_COLUMNS}")
+    header = first.split("\t")
+    if not set(S2T_COLUMNS) <= set(header):
+        if "\t" not in first and set(S2T_COLUMNS) <= set(first.split()):
+            raise DataError(
+                f"{path}, line 1: the columns are separated by spaces; a manifest's separator is a tab (\\t)"
+            )
+        audio_like = Path(header[0]).suffix.lower() in AUDIO_SUFFIXES or _is_byte_range(header[0])
+        if len(header) == 2 and audio_like:
+            return _read_plain_list(path, lines, limit)
+        missing = [c for c in S2T_COLUMNS if c not in header]
+        raise DataError(
+            f"{path}, line 1: the header lacks the column(s) {missing}; fairseq S2T needs {S2T_COLUMNS} separated "
+            "by tabs, or give a plain list of audio<TAB>text lines"
+        )
     root = path.parent
     out: list[Utterance] = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = [c for c in S2T_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"{path}, line 1: the header lacks the column(s) {missing}; fairseq S2T needs {S2T_COLUMNS}"
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    for line, row in enumerate(reader, start=2):
+        if None in row or any(row.get(c) is None for c in S2T_COLUMNS):
+            raise DataError(f"{path}, line {line}: expected {len(reader.fieldnames)} tab-separated fields")
+        if not row["tgt_text"].strip():
+            raise DataError(f"{path}, line {line}: tgt_text is empty")
+        spec = row["audio"]
+        out.append(
+            Utterance(
+                row["id"],
+                row.get("src_text") or "",
+                row["tgt_text"],
+                row.get("speaker") or "",
+                lambda spec=spec, line=line: load_s2t_audio(root, spec, f"{path}, line {line}"),
             )
-        for line, row in enumerate(reader, start=2):
-            if None in row or any(row.get(c) is None for c in S2T_COLUMNS):
-                raise DataError(f"{path}, line {line}: expected {len(reader.fieldnames)} tab-separated fields")
-            if not row["tgt_text"].strip():
-                raise DataError(f"{path}, line {line}: tgt_text is empty")
-            spec = row["audio"]
-            out.append(
-                Utterance(
-                    row["id"],
-                    row.get("src_text") or "",
-                    row["tgt_text"],
-                    row.get("speaker") or "",
-                    lambda spec=spec, line=line: load_s2t_audio(root, spec, f"{path}, line {line}"),
-                )
-            )
-            if limit is not None and len(out) >= limit:
-                break
+        )
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise DataError(f"manifest {path} holds no utterances")
+    return out
+
+
+def _is_byte_range(spec: str) -> bool:
+    parts = spec.split(":")
+    return len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
+
+
+def _read_plain_list(path: Path, lines: list[str], limit: int | None) -> list[Utterance]:
+    """`audio<TAB>text` per line, no header: the id is the audio path, the speaker unknown."""
+    root, out = path.parent, []
+    for line, entry in enumerate(lines, start=1):
+        if not entry.strip():
+            continue
+        fields = entry.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise DataError(f"{path}, line {line}: expected audio<TAB>text (two tab-separated fields, neither empty)")
+        spec, target = fields[0].strip(), fields[1].strip()
+        out.append(
+            Utterance(
+                spec, "", target, "", lambda spec=spec, line=line: load_s2t_audio(root, spec, f"{path}, line {line}")
+            )
+        )
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
@@ -373,8 +455,11 @@ def load_s2t_audio(root: Path, spec: str, where: str) -> tuple[np.ndarray, int]:
     if not file.is_file():
         raise DataError(f"{where}: the audio file {file} does not exist")
     if file.suffix == ".npy":
-        return np.load(file).astype(np.float32), 0
-    audio, rate = read_wav(file)
+        try:
+            return np.load(file).astype(np.float32), 0
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{where}: cannot read the filterbank {file} ({exc})") from exc
+    audio, rate = read_audio(file)
     return resample(audio, rate), SAMPLE_RATE
 
 

@@ -352,14 +352,14 @@ def test_full_disk_during_a_checkpoint_names_the_folder_and_keeps_the_previous_o
 
 
 def test_cache_folder_through_a_file(tmp_path, capsys):
-    """A --cache-dir that cannot be created (a file in its path) is one line at its first write (the tokenizer)."""
+    """A --cache-dir that cannot be created (a file in its path) is one line, before any work (core.shell)."""
     _write(tmp_path / "file", "x")
     out = tmp_path / "o"
     _fails(
         vanilla_main,
         [*TINY, "--cache-dir", str(tmp_path / "file" / "cache"), "--out", str(out)],
         capsys,
-        "cannot write the cache folder",
+        "cannot create the cache folder",
         "--cache-dir",
     )
     assert not out.exists()
@@ -367,7 +367,12 @@ def test_cache_folder_through_a_file(tmp_path, capsys):
 
 def test_read_only_cache_folder(tmp_path):
     """A real read-only cache: the CLI runs as an unprivileged user (root writes anywhere) on a cache it cannot
-    write; one line, exit 2, no traceback, no run folder left."""
+    write; one line, exit 2, no traceback, no run folder left.
+
+    The user is given its own copy of the packages, so the test does not depend on where the checkout lies (a clone
+    in a private 0700 folder, as mktemp makes it, is unreadable to that user); when that user cannot import the
+    interpreter's own dependencies (they lie in a private folder too, e.g. a virtualenv inside such a clone), the
+    test is skipped and says so."""
     import os
     import shutil
     import subprocess
@@ -378,15 +383,29 @@ def test_read_only_cache_folder(tmp_path):
         pytest.skip("needs root and setpriv to run the CLI as another user")
     base = Path(tempfile.mkdtemp(prefix="distillab-ro-"))
     try:
-        base.chmod(0o777)
-        cache, home = base / "cache", base / "home"
+        base.chmod(0o755)
+        cache, home, code = base / "cache", base / "home", base / "code"
         cache.mkdir(mode=0o755)  # root's: read-only to the user below
         home.mkdir(mode=0o777)
+        for package in ("core", "methods", "speech", "unlearning", "privacy"):
+            shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home), "HF_HOME": str(home / "hf")}
-        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
+        env["PYTHONPATH"] = str(code)
+        env.pop("PYTHONSAFEPATH", None)
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = "import importlib.util as u; print(*[m for m in ('torch', 'transformers', 'accelerate', 'filelock') if u.find_spec(m) is None])"
+        seen = subprocess.run(
+            [*nobody, sys.executable, "-c", probe], cwd=code, env=env, capture_output=True, text=True, timeout=60
+        )
+        if seen.returncode != 0 or seen.stdout.strip():
+            missing = seen.stdout.strip() or seen.stderr.strip().splitlines()[-1:]
+            pytest.skip(
+                f"user nobody cannot use this interpreter's packages ({sys.executable}; missing: {missing}): they lie "
+                "in a folder only root can read"
+            )
+        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
         done = subprocess.run(
-            [*nobody, sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            [*nobody, sys.executable, *argv], cwd=code, env=env, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 2, done.stderr[-2000:]
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -446,3 +465,183 @@ def test_flags_out_of_range_are_refused_at_parse_time(tmp_path, capsys, script, 
     out = tmp_path / "o"
     _fails(main, [flag, value, "--out", str(out)], capsys, flag, phrase)
     assert not out.exists()
+
+
+# -- issue 32, item 1: what a newcomer's first hour still met ----------------------------------------------------
+
+
+def _one_line(capsys, call, *phrases):
+    """cli() around any call: exit 2, one 'error:' line holding every phrase, no traceback."""
+    return _fails(lambda _argv: call(), [], capsys, *phrases)
+
+
+@pytest.mark.parametrize("merges", [False, True])
+def test_a_bare_vocab_json_tokenizer_folder_says_what_it_lacks(tmp_path, capsys, merges):
+    from core.tokenizers import load_tokenizer
+
+    _write(tmp_path / "tok" / "vocab.json", json.dumps({"a": 0, "b": 1, "<|endoftext|>": 2}))
+    if merges:
+        _write(tmp_path / "tok" / "merges.txt", "#version: 0.2\na b\n")
+    line = _one_line(capsys, lambda: load_tokenizer(tmp_path / "tok"), "holds vocab.json but", "tokenizer_config.json")
+    assert ("no merges.txt" in line) != merges and "sentencepiece" not in line
+
+
+def _wav(path, seconds=0.2, rate=16000):
+    import numpy as np
+    from scipy.io import wavfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(rate * seconds)) / rate
+    wavfile.write(path, rate, (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16))
+    return path
+
+
+def test_a_wav_cut_to_a_few_bytes_or_mid_data_is_one_line(tmp_path, capsys):
+    from speech.data import read_wav
+
+    whole = _wav(tmp_path / "a.wav").read_bytes()
+    (tmp_path / "stub.wav").write_bytes(whole[:10])  # scipy: struct.error before
+    _one_line(capsys, lambda: read_wav(tmp_path / "stub.wav"), "cannot read the wav file", "stub.wav")
+    (tmp_path / "cut.wav").write_bytes(whole[: 44 + 1000])  # header promises 6,400 bytes of samples, holds 1,000
+    _one_line(capsys, lambda: read_wav(tmp_path / "cut.wav"), "cut.wav is cut short")
+
+
+def test_a_space_separated_manifest_is_told_the_separator(tmp_path, capsys):
+    from speech.data import read_s2t_manifest
+
+    _write(tmp_path / "train.tsv", "id audio n_frames tgt_text\nu1 a.wav 100 hallo\n")
+    _one_line(capsys, lambda: read_s2t_manifest(tmp_path / "train.tsv"), "separated by spaces", "tab")
+
+
+def test_plain_audio_tab_text_list_flac_and_any_rate_are_read(tmp_path):
+    """The plain list (no header) and fairseq's manifest; wav at 8 and 44.1 kHz and FLAC all come out at 16 kHz."""
+    import numpy as np
+    import soundfile
+
+    from speech.data import SAMPLE_RATE, read_s2t_manifest
+
+    _wav(tmp_path / "a.wav", 0.5, 8000)
+    _wav(tmp_path / "b.wav", 0.5, 44100)
+    t = np.arange(22050) / 44100
+    soundfile.write(tmp_path / "c.flac", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44100)
+    _write(tmp_path / "list.tsv", "a.wav\teins zwei\nb.wav\tdrei\n\nc.flac\tvier\n")
+    utts = read_s2t_manifest(tmp_path / "list.tsv")
+    assert [(u.id, u.target) for u in utts] == [("a.wav", "eins zwei"), ("b.wav", "drei"), ("c.flac", "vier")]
+    for u in utts:
+        audio, rate = u.load()
+        assert rate == SAMPLE_RATE and abs(len(audio) - SAMPLE_RATE // 2) <= 2  # 0.5 s at 16 kHz
+    _write(tmp_path / "s2t.tsv", "id\taudio\tn_frames\ttgt_text\tspeaker\nx\tc.flac\t50\tvier\tspk\n")
+    (u,) = read_s2t_manifest(tmp_path / "s2t.tsv")
+    assert (u.id, u.speaker, u.load()[1]) == ("x", "spk", SAMPLE_RATE)
+
+
+def test_flac_without_soundfile_names_the_fix(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from speech.data import read_audio
+
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # import soundfile now raises ImportError
+    _one_line(capsys, lambda: read_audio(tmp_path / "x.flac"), "x.flac is FLAC", "pip install soundfile")
+
+
+def test_a_cache_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    _write(tmp_path / "afile", "x")
+    for cache in [tmp_path / "afile" / "cache", *([Path("/proc/distillab-cache")] if Path("/proc").is_dir() else [])]:
+        _fails(
+            vanilla_main,
+            ["--cache-dir", str(cache), "--out", str(tmp_path / "o")],
+            capsys,
+            f"cannot create the cache folder {cache}",
+            "--cache-dir",
+        )
+        assert not (tmp_path / "o").exists()
+
+
+def test_hot_pate_sizes_its_name_space_to_the_request(capsys):
+    """4,352 names of 2-3 syllables (16^2 + 16^3); make_names looped forever past them. The default corpus (540
+    names: 64 x 4 private + 4 canaries + 40 public + 40 test + 200 tokenizer) keeps its 2-3 syllable names."""
+    import random
+
+    from privacy.hot_pate.corpus import CorpusConfig, make_names, name_lengths
+    from privacy.hot_pate.run import main as hot_pate_main
+
+    assert CorpusConfig().people() == 540 and name_lengths(540) == (2, 3)
+    assert name_lengths(4352) == (2, 3, 4)  # past half of 4,352: one syllable more
+    names = make_names(5000, random.Random(0), set())  # more than 2-3 syllables hold: used to hang
+    assert len(set(names)) == 5000
+    _fails(hot_pate_main, ["--teachers", "1000000"], capsys, "--teachers 1000000", "--people-per-teacher")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["methods.taid.run", "methods.dskd.run", "unlearning.whp.run", "methods.phis.run", "methods.kdexplainer.run",
+     "methods.sinkhorn.classify"],
+)  # fmt: skip
+def test_empty_compare_items_are_refused(module, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(module).main
+    _fails(main, ["--compare", ",,", "--out", str(tmp_path / "o")], capsys, "--compare ',,' has an empty item")
+    assert not (tmp_path / "o").exists()
+
+
+def test_minillm_checks_out_before_training(tmp_path, capsys, monkeypatch):
+    """An --out holding another run's settings (and progress) is refused before the teacher or the SFT student
+    trains, as vanilla refuses it (with_sft_start is where the SFT student would train)."""
+    import methods.minillm.run as minillm
+
+    out = _write(tmp_path / "o" / "config.json", json.dumps({"method": {"name": "other"}})).parent
+    _write(out / "log.jsonl", '{"step": 1}\n')
+
+    def trains(argv):
+        raise AssertionError("the SFT student trained before --out was checked")
+
+    monkeypatch.setattr(minillm, "with_sft_start", trains)
+    _fails(minillm.main, ["--out", str(out)], capsys, f"{out} holds a run with a different configuration")
+
+
+@pytest.mark.slow
+def test_dnkd_stop_after_says_where_it_stopped(tmp_path, capsys):
+    from speech.dnkd.run import main as dnkd_main
+
+    argv = ["--n-train", "8", "--n-eval", "4", "--steps", "3", "--batch-size", "4", "--warmup-steps", "0",
+            "--stop-after", "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    cli(dnkd_main, argv)
+    assert "[baselines/ce] stopped at step 1 of 3; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_json_array_given_as_jsonl_names_the_fix(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3, indent=1))
+    _fails(
+        vanilla_main,
+        ["--task", "instruct", "--data-dir", str(data), "--out", str(tmp_path / "o")],
+        capsys,
+        "d.jsonl line 1: a JSON array",
+        "one object per line",
+    )
+
+
+def test_a_lumped_check_names_the_one_flag_and_its_value(tmp_path, capsys):
+    from methods.disco.run import main as disco_main
+
+    for value, said in (("nan", "--eta must be a finite number, got nan"), ("2", "--eta must be in (0, 1], got 2.0")):
+        line = _fails(disco_main, ["--eta", value, "--out", str(tmp_path / "o")], capsys, said)
+        assert "--lr" not in line and "--margin" not in line  # it named --lr, --ei-sigma, --eta and --margin
+
+
+def test_instruct_prompt_and_response_fields_map_any_layout(tmp_path, capsys):
+    from core.data import DataConfig, load_task
+
+    rows = [{"q": f"say {i}", "a": f"word {i}"} for i in range(20)]
+    data = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(DataConfig(task="instruct", data_dir=str(data), prompt_field="q", response_field="a"))
+    examples = task.train + task.eval
+    assert len(examples) == 20 and {e.target for e in examples} == {f"word {i}" for i in range(20)}
+    assert all("### Instruction:\nsay " in e.prompt for e in examples)
+    _fails(
+        vanilla_main,
+        ["--task", "instruct", "--data-dir", str(data), "--out", str(tmp_path / "o")],
+        capsys,
+        "match no instruction layout",
+        "--prompt-field and --response-field",
+    )

@@ -225,13 +225,28 @@ def replacement_names(people: list[Person], n_targets: int, seed: int, n: int = 
 
 TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 TOFU_PER_AUTHOR = 20
+NAME_FIELDS = ("subject", "name")  # where a record names its person: TOFU's `subject`, other releases' `name`
+
+
+def find_split(root: Path, stem: str) -> Path:
+    """The file of one split, `<stem>.json` or `<stem>.jsonl` (releases ship either, with either content)."""
+    for suffix in (".json", ".jsonl"):
+        if (root / f"{stem}{suffix}").is_file():
+            return root / f"{stem}{suffix}"
+    raise DataError(
+        f"missing TOFU file {root / stem}.json (or .jsonl); --data-dir must hold the TOFU files "
+        "(see ../shared/data/tofu), or name the files with --forget-file/--retain-file"
+    )
 
 
 def _read_json_list(path: Path) -> list[dict]:
-    """A JSON array, or JSON lines (TOFU ships both under .json names)."""
+    """A JSON array, or JSON lines (TOFU ships both, under .json and .jsonl names alike)."""
     if not path.is_file():
         raise DataError(f"missing TOFU file {path}; --data-dir must hold the TOFU files (see ../shared/data/tofu)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -244,7 +259,10 @@ def _read_json_list(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from exc
+                    raise DataError(
+                        f"{path}: line {lineno}: not valid JSON ({exc.msg}); the file must be a JSON array of "
+                        "records or one JSON object per line"
+                    ) from exc
     for i, row in enumerate(rows, 1):
         if (
             not isinstance(row, dict)
@@ -260,17 +278,31 @@ def _read_json_list(path: Path) -> list[dict]:
 def _tofu_qa(row: dict, path: Path, index: int, person: str, paraphrase_key: str) -> QA:
     perturbed = row.get("perturbed_answer")
     paraphrased = row.get(paraphrase_key)
-    if not isinstance(perturbed, list) or not perturbed or not isinstance(paraphrased, str):
+    if (
+        not isinstance(perturbed, list)
+        or not perturbed
+        or not all(isinstance(p, str) for p in perturbed)
+        or not isinstance(paraphrased, str)
+    ):
         raise DataError(f"{path}: record {index} lacks '{paraphrase_key}' or a non-empty 'perturbed_answer' list")
     return QA(row["question"], row["answer"], person, paraphrased, tuple(perturbed))
 
 
-def tofu_author_names(rows: list[dict]) -> list[str]:
-    """The author of each block of 20 forget questions: the `subject` most of the block's questions mention."""
+def person_of(row: dict) -> str:
+    """The person a record names, under `subject` (TOFU) or `name`; "" when neither is a string."""
+    for key in NAME_FIELDS:
+        if isinstance(row.get(key), str) and row[key].strip():
+            return row[key].strip()
+    return ""
+
+
+def tofu_author_names(rows: list[dict], path: Path | str = "TOFU forget file") -> list[str]:
+    """The author of each block of 20 forget questions (TOFU's layout): the name (`subject` or `name`) most of the
+    block's questions mention; TOFU's per-record `subject` is sometimes a place or a title, so the block decides."""
     names = []
     for start in range(0, len(rows), TOFU_PER_AUTHOR):
         block = rows[start : start + TOFU_PER_AUTHOR]
-        counts = Counter(r.get("subject", "") for r in block)
+        counts = Counter(person_of(r) for r in block)
         name = next(
             (
                 s
@@ -280,43 +312,81 @@ def tofu_author_names(rows: list[dict]) -> list[str]:
             "",
         )
         if not name:
-            raise DataError(f"TOFU forget questions {start + 1}-{start + len(block)}: no author name in 'subject'")
+            raise DataError(
+                f"{path}: questions {start + 1}-{start + len(block)}: no author name in "
+                f"{' or '.join(repr(k) for k in NAME_FIELDS)} that most of them mention"
+            )
         names.append(name)
     return names
 
 
-def tofu_task(data_dir: str | Path, split: str = "forget01", eval_size: int | None = None) -> UnlearningTask:
+def forget_owners(rows: list[dict], path: Path) -> tuple[list[str], list[str]]:
+    """(the distinct people to forget, the person of each forget record). TOFU's layout (blocks of 20 questions per
+    author) is read by blocks; any other count by each record's own `subject`/`name`."""
+    if len(rows) % TOFU_PER_AUTHOR == 0:
+        authors = tofu_author_names(rows, path)
+        return authors, [authors[i // TOFU_PER_AUTHOR] for i in range(len(rows))]
+    owner = [person_of(r) for r in rows]
+    missing = [i + 1 for i, name in enumerate(owner) if not name]
+    if missing:
+        raise DataError(
+            f"{path}: record {missing[0]} names no person (a string 'subject' or 'name'); each forget record needs "
+            "one (or give 20 records per person, TOFU's layout)"
+        )
+    return list(dict.fromkeys(owner)), owner
+
+
+def _data_file(data_dir: Path, name: str, flag: str) -> Path:
+    path = Path(name)
+    if not path.is_file() and not path.is_absolute() and (data_dir / path).is_file():
+        path = data_dir / path
+    if not path.is_file():
+        raise DataError(f"{flag} {name} does not exist (neither as given nor inside --data-dir {data_dir})")
+    return path
+
+
+def tofu_task(
+    data_dir: str | Path,
+    split: str = "forget01",
+    eval_size: int | None = None,
+    forget_file: str | None = None,
+    retain_file: str | None = None,
+) -> UnlearningTask:
     """TOFU: the forget split and its matching retain split (their union is all 4,000 questions, what the model
     to unlearn is trained on); evaluation on the forget questions, the 400 retain questions that have perturbed
-    answers, and the real-author and world-fact sets (TOFU's model-utility sets)."""
+    answers, and the real-author and world-fact sets (TOFU's model-utility sets).
+
+    Every file may be `.json` or `.jsonl` (a JSON array or one object per line); `forget_file`/`retain_file`
+    (--forget-file, --retain-file) replace the forget split's and the retain split's file names."""
     if split not in TOFU_SPLITS:
         raise ConfigError(f"--tofu-split must be one of {', '.join(TOFU_SPLITS)}, got {split!r}")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} does not exist (the folder of TOFU's json files)")
-    forget_rows = _read_json_list(root / f"{split}.json")
-    retain_rows = _read_json_list(root / f"{TOFU_SPLITS[split]}.json")
-    retain_eval_rows = _read_json_list(root / "retain_perturbed.jsonl")
-    authors = tofu_author_names(forget_rows)
-    owner = [authors[i // TOFU_PER_AUTHOR] for i in range(len(forget_rows))]
-    forget = [
-        _tofu_qa(r, root / f"{split}.json", i + 1, owner[i], "paraphrased_answer") for i, r in enumerate(forget_rows)
-    ]
-    retain = [
-        _tofu_qa(r, root / "retain_perturbed.jsonl", i + 1, "", "paraphrased_answer")
-        for i, r in enumerate(retain_eval_rows)
-    ]
+    forget_path = _data_file(root, forget_file, "--forget-file") if forget_file else find_split(root, split)
+    forget_rows = _read_json_list(forget_path)
+    retain_path = (
+        _data_file(root, retain_file, "--retain-file") if retain_file else find_split(root, TOFU_SPLITS[split])
+    )
+    retain_rows = _read_json_list(retain_path)
+    retain_eval_path = find_split(root, "retain_perturbed")
+    retain_eval_rows = _read_json_list(retain_eval_path)
+    authors, owner = forget_owners(forget_rows, forget_path)
+    forget = [_tofu_qa(r, forget_path, i + 1, owner[i], "paraphrased_answer") for i, r in enumerate(forget_rows)]
+    retain = [_tofu_qa(r, retain_eval_path, i + 1, "", "paraphrased_answer") for i, r in enumerate(retain_eval_rows)]
     extra = {}
-    for key, file in (("real_authors", "real_authors_perturbed.json"), ("world_facts", "world_facts_perturbed.json")):
+    for key, stem in (("real_authors", "real_authors_perturbed"), ("world_facts", "world_facts_perturbed")):
         # TOFU scores these against the answer itself (base_answer_key: answer in the official config).
-        extra[key] = [_tofu_qa(r, root / file, i + 1, "", "answer") for i, r in enumerate(_read_json_list(root / file))]
+        path = find_split(root, stem)
+        extra[key] = [_tofu_qa(r, path, i + 1, "", "answer") for i, r in enumerate(_read_json_list(path))]
     if eval_size is not None:
         retain = retain[:eval_size]
         extra = {k: v[:eval_size] for k, v in extra.items()}
     forget_docs = [Example(qa_prompt(r["question"]), " " + r["answer"], (" " + r["answer"],)) for r in forget_rows]
     retain_docs = [Example(qa_prompt(r["question"]), " " + r["answer"], (" " + r["answer"],)) for r in retain_rows]
+    name = f"tofu-{split}" if forget_file is None else f"tofu-{forget_path.stem}"
     return UnlearningTask(
-        f"tofu-{split}", forget_docs + retain_docs, forget_docs, retain_docs, authors, owner, forget, retain, extra,
+        name, forget_docs + retain_docs, forget_docs, retain_docs, authors, owner, forget, retain, extra,
         source=str(root),
     )  # fmt: skip
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from core.config import ModelConfig
+from core.config import ModelConfig, comma_list
 from core.data import Collator, DataConfig, TaskData, encode_examples, load_task
 from core.errors import ConfigError
 from core.losses import cross_entropy_sum, get_divergence, shift_for_causal_lm
@@ -92,7 +92,7 @@ class DeltaConfig:
 
     def ops(self, which: str) -> list[str]:
         text = self.pretrain_ops if which == "pretrain" else self.finetune_ops
-        names = [o.strip() for o in text.split(",") if o.strip()]
+        names = comma_list(text, f"--{which}-ops")
         unknown = [o for o in names if o not in OPS]
         if not names or unknown:
             raise ConfigError(f"--{which}-ops must name operations among {', '.join(OPS)}, got {text!r}")

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
+from core.config import comma_list, require
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from methods.disco.loss import (
@@ -89,16 +90,18 @@ class DiscoConfig:
     def __post_init__(self) -> None:
         if self.n < 5:
             raise ConfigError(f"--n must be at least 5, got {self.n}")
-        if self.trials < 1 or self.loads < 2 or self.max_iter < 1:
-            raise ConfigError("--trials and --max-iter must be at least 1, --loads at least 2")
+        require(self, "at least 1", lambda v: v >= 1, "trials", "max_iter")
+        require(self, "at least 2", lambda v: v >= 2, "loads")
+        require(self, "positive", lambda v: v > 0, "lr", "ei_sigma")
+        require(self, "in (0, 1]", lambda v: 0 < v <= 1, "eta")
+        require(self, "non-negative", lambda v: v >= 0, "margin")
+        require(self, "positive", lambda v: v > 0, "beta0")
         if self.algorithm not in ("hinge", "logistic"):
             raise ConfigError(f"--algorithm must be hinge or logistic, got {self.algorithm!r}")
-        if not (self.lr > 0 and 0 < self.eta <= 1 and self.margin >= 0 and self.ei_sigma > 0 and self.beta0 > 0):
-            raise ConfigError("--lr, --ei-sigma, --beta0 must be positive, --eta in (0, 1], --margin non-negative")
         self.parsed()  # checks the names
 
     def parsed(self) -> list[WeightDistribution]:
-        specs = [s for s in self.distributions.split(",") if s.strip()]
+        specs = comma_list(self.distributions, "--distributions")
         if not specs:
             raise ConfigError("--distributions is empty")
         return [parse_distribution(s, self.ei_sigma) for s in specs]

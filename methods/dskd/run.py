@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from core.config import comma_list
 from core.crosstok import common_vocabulary
 from core.errors import ConfigError
 from core.losses import DIVERGENCES, IGNORE_INDEX, cross_entropy_sum, get_divergence, shift_for_causal_lm
@@ -67,7 +68,7 @@ class DSKDConfig:
             raise ConfigError(f"--compare names unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
 
     def baselines(self) -> list[str]:
-        return [b.strip() for b in self.compare.split(",") if b.strip() and b.strip() != self.variant]
+        return [b for b in comma_list(self.compare, "--compare") if b != self.variant]
 
 
 class Projectors(torch.nn.Module):

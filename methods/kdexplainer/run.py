@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import comma_list, require
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.train import LossOutput, TrainConfig, count_rows
@@ -83,16 +84,18 @@ class KDXConfig:
         bad = [c for c in self.compare_list if c not in LOSSES]
         if bad:
             raise ConfigError(f"--compare names unknown objectives {bad}; choose from {', '.join(LOSSES)}")
-        if self.layers < 1 or self.modules < 2 or self.width < 2:
-            raise ConfigError("--layers must be >= 1, --modules >= 2 and --width >= 2")
-        if self.head_hidden < 0 or not 0 <= self.head_dropout < 1 or self.routing_freeze_epochs < 0:
-            raise ConfigError("--head-hidden and --routing-freeze-epochs must be >= 0, --head-dropout in [0, 1)")
+        require(self, "at least 1", lambda v: v >= 1, "layers")
+        require(self, "at least 2", lambda v: v >= 2, "modules", "width")
+        require(self, "at least 0", lambda v: v >= 0, "head_hidden", "routing_freeze_epochs")
+        require(self, "in [0, 1)", lambda v: 0 <= v < 1, "head_dropout")
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"need 0 < --tau-end <= --tau-start, got {self.tau_end} and {self.tau_start}")
         if not 0 <= self.ls_eps < 1:
             raise ConfigError(f"--ls-eps must lie in [0, 1), got {self.ls_eps}")
-        if self.kd_temperature <= 0 or self.kd_alpha < 0 or self.kd_gamma < 0 or self.kd_alpha + self.kd_gamma == 0:
-            raise ConfigError("--kd-temperature must be > 0, --kd-alpha and --kd-gamma >= 0 and not both 0")
+        require(self, "positive", lambda v: v > 0, "kd_temperature")
+        require(self, "non-negative", lambda v: v >= 0, "kd_alpha", "kd_gamma")
+        if self.kd_alpha + self.kd_gamma == 0:
+            raise ConfigError("--kd-alpha 0 and --kd-gamma 0 leave no loss: give one of them a positive weight")
         if self.vam_groups < 2 or self.width % self.vam_groups:
             raise ConfigError(f"--vam-groups must be >= 2 and divide --width {self.width}, got {self.vam_groups}")
         if self.teacher_steps < 1:
@@ -100,7 +103,7 @@ class KDXConfig:
 
     @property
     def compare_list(self) -> list[str]:
-        names = [c.strip() for c in self.compare.split(",") if c.strip()]
+        names = comma_list(self.compare, "--compare")
         return [c for c in dict.fromkeys(names) if c != self.loss]
 
 

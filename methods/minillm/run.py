@@ -237,6 +237,35 @@ def _pieces(argv: list[str]):
     return shell, setup
 
 
+def check_out_first(argv: list[str]) -> None:
+    """Refuse an --out that holds another run's settings now, before the teacher and the SFT student train (the
+    shell checks it again, with --student set to the SFT student's folder, once they are cached). The student's
+    path is left out of the comparison: it is what this run sets."""
+    import json
+
+    from core.errors import OutputDirError
+    from core.results import has_progress, stable_config
+    from core.shell import run_config
+
+    ctx = parse_recipe(RECIPE, argv)
+    existing = ctx.out / "config.json"
+    if ctx.run.overwrite or not existing.is_file() or not has_progress(ctx.out):
+        return
+    try:
+        previous = stable_config(json.loads(existing.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        previous = None
+    config = stable_config(run_config(RECIPE, ctx))
+    for settings in (previous, config):
+        if isinstance(settings, dict) and isinstance(settings.get("ModelConfig"), dict):
+            settings["ModelConfig"].pop("student", None)
+    if previous != config:
+        what = "a different configuration" if previous is not None else "an unreadable config.json"
+        raise OutputDirError(
+            f"{ctx.out} holds a run with {what} ({existing}); choose another --out, or pass --overwrite to replace it"
+        )
+
+
 def with_sft_start(argv: list[str]) -> list[str]:
     """The flags with --student set to the cached SFT student of the same settings (trained now if missing), unless
     --student names a folder or --no-from-sft is given."""
@@ -366,7 +395,9 @@ DEFAULTS = ["--steps", "200"]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run MiniLLM (from the SFT student) and its baselines; returns metrics.json's content."""
-    argv = with_sft_start([*DEFAULTS, *(sys.argv[1:] if argv is None else argv)])
+    argv = [*DEFAULTS, *(sys.argv[1:] if argv is None else argv)]
+    check_out_first(argv)  # before the SFT student trains (vanilla and the shell check it before any training)
+    argv = with_sft_start(argv)
     metrics = record_generation_share(run_recipe(RECIPE, argv))
     if metrics and shell_settings(argv).exposure and "exposure_bias" not in metrics:
         metrics = exposure_bias(argv, metrics)

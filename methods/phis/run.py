@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import comma_list
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.train import LossOutput, TrainConfig, count_rows
@@ -69,12 +70,12 @@ class PHISConfig:
 
     @property
     def compare_list(self) -> list[str]:
-        names = [n.strip() for n in self.compare.split(",") if n.strip()]
+        names = comma_list(self.compare, "--compare")
         return [n for n in dict.fromkeys(names) if n != self.normalization]
 
     @property
     def teacher_list(self) -> list[str]:
-        return [n.strip() for n in self.teachers.split(",") if n.strip()]
+        return comma_list(self.teachers, "--teachers")
 
 
 @dataclass

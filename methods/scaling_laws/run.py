@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.config import require
 from core.errors import ConfigError
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
 from core.train import LossOutput, TrainConfig, Trainer
@@ -86,12 +87,18 @@ class GridConfig:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ConfigError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.vocab < 2 or self.order < 1 or self.order * math.log(self.vocab) > math.log(200_000):
+            # the source's own check (source.py), here at parsing; by logarithms, so a huge --order cannot stall it
+            raise ConfigError(
+                f"--vocab {self.vocab} and --order {self.order}: need vocab >= 2, order >= 1 and vocab^order <= 200000"
+            )
         if self.seq_len < self.order + 2:
-            raise ConfigError(f"--seq-len must be at least order + 2 = {self.order + 2}, got {self.seq_len}")
-        if self.eval_sequences < 1 or self.bootstrap < 0 or self.fit_starts < 1:
-            raise ConfigError("--eval-sequences and --fit-starts must be at least 1, --bootstrap non-negative")
-        if self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)) or self.warmup_steps < 0:
-            raise ConfigError("--batch-size must be at least 1, --lr positive and --warmup-steps non-negative")
+            raise ConfigError(f"--seq-len {self.seq_len} must be at least --order {self.order} + 2 = {self.order + 2}")
+        require(self, "at least 1", lambda v: v >= 1, "eval_sequences", "fit_starts")
+        require(self, "non-negative", lambda v: v >= 0, "bootstrap")
+        require(self, "at least 1", lambda v: v >= 1, "batch_size")
+        require(self, "a positive number", lambda v: v > 0 and math.isfinite(v), "lr")
+        require(self, "non-negative", lambda v: v >= 0, "warmup_steps")
         if not self.huber_delta > 0:
             raise ConfigError(f"--huber-delta must be positive, got {self.huber_delta}")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from core.config import divergence_list
+from core.config import divergence_list, require
 from core.errors import ConfigError
 from core.losses import get_divergence
 from core.shell import Outcome, Recipe, RunContext, cli, run_recipe
@@ -80,9 +80,10 @@ class PairModels:
     def __post_init__(self) -> None:
         for name in ("teacher_dim", "student_dim"):
             if getattr(self, name) < 4 or getattr(self, name) % 2:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an even number >= 4 (2 attention heads)")
-        if self.teacher_layers < 1 or self.student_layers < 1 or self.teacher_steps < 1:
-            raise ConfigError("--teacher-layers, --student-layers and --teacher-steps must be at least 1")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an even number >= 4 (2 attention heads), got {getattr(self, name)}"
+                )
+        require(self, "at least 1", lambda v: v >= 1, "teacher_layers", "student_layers", "teacher_steps")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from core.config import require
 from core.errors import ConfigError
 
 # topic -> (answers, probabilities): flat and skewed ones, every answer with real support (>= 0.1).
@@ -30,6 +31,7 @@ TOPICS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
 }
 CODE_TOPIC = "code"
 DIGITS = tuple("0123456789")
+TOKENIZER_NAMES = 200  # names of nobody, the tokenizer's training text
 SYLLABLES = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "da", "pe", "zu", "ho", "bi", "ga", "fe", "ju")
 
 
@@ -49,16 +51,37 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if self.teachers < 2:
             raise ConfigError(f"--teachers must be at least 2, got {self.teachers}")
-        if min(self.people_per_teacher, self.events_per_topic, self.public_people, self.test_people) < 1:
-            raise ConfigError(
-                "--people-per-teacher, --events-per-topic, --public-people and --test-people must be at least 1"
-            )
+        require(
+            self,
+            "at least 1",
+            lambda v: v >= 1,
+            "people_per_teacher",
+            "events_per_topic",
+            "public_people",
+            "test_people",
+        )
         if not 0 <= self.canaries <= self.teachers:
             raise ConfigError(f"--canaries must be in [0, --teachers = {self.teachers}], got {self.canaries}")
         if self.canary_repeats < 1:
             raise ConfigError(f"--canary-repeats must be at least 1, got {self.canary_repeats}")
         if not 2 <= self.secret_digits <= 8:
             raise ConfigError(f"--secret-digits must be in [2, 8], got {self.secret_digits}")
+        if self.people() > MAX_PEOPLE:
+            raise ConfigError(
+                f"--teachers {self.teachers} x --people-per-teacher {self.people_per_teacher} + --canaries "
+                f"{self.canaries} + --public-people {self.public_people} + --test-people {self.test_people} + "
+                f"{TOKENIZER_NAMES} tokenizer names = {self.people():,} people; at most {MAX_PEOPLE:,}: lower them"
+            )
+
+    def people(self) -> int:
+        """Every name the corpus draws: private people, canaries, public and test people, the tokenizer's names."""
+        return (
+            self.teachers * self.people_per_teacher
+            + self.canaries
+            + self.public_people
+            + self.test_people
+            + TOKENIZER_NAMES
+        )
 
 
 @dataclass
@@ -95,10 +118,25 @@ def draw_answer(topic: str, rng: random.Random) -> str:
     return rng.choices(answers, weights=probs)[0]
 
 
-def make_names(count: int, rng: random.Random, taken: set[str]) -> list[str]:
+MAX_PEOPLE = 1_000_000  # people of all sets together: beyond, the corpus alone outgrows memory
+
+
+def name_lengths(count: int) -> tuple[int, ...]:
+    """Syllable counts of the names: 2 or 3 (4,352 names) while the request fills at most half of that, so that
+    rejection sampling stays fast and the default corpus is unchanged; one more syllable per shortfall."""
+    lengths = (2, 3)
+    while count > sum(len(SYLLABLES) ** k for k in lengths) // 2:
+        lengths = (*lengths, lengths[-1] + 1)
+    return lengths
+
+
+def make_names(count: int, rng: random.Random, taken: set[str], total: int | None = None) -> list[str]:
+    """`count` new names, none in `taken`; `total` (default count + len(taken)): every name the corpus will draw,
+    which sizes the name space (an exhausted one would loop forever)."""
+    lengths = name_lengths(total if total is not None else count + len(taken))
     names = []
     while len(names) < count:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3))))
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice(lengths)))
         if name not in taken:
             taken.add(name)
             names.append(name)
@@ -112,11 +150,12 @@ def make_secret(digits: int, rng: random.Random) -> str:
 def build_corpus(cfg: CorpusConfig, seed: int) -> Corpus:
     rng = random.Random(f"hot-pate-corpus-{seed}")
     taken: set[str] = set()
-    private = make_names(cfg.teachers * cfg.people_per_teacher, rng, taken)
-    canary_names = make_names(cfg.canaries, rng, taken)
-    public = make_names(cfg.public_people, rng, taken)
-    test = make_names(cfg.test_people, rng, taken)
-    tokenizer_names = make_names(200, rng, taken)
+    total = cfg.people()
+    private = make_names(cfg.teachers * cfg.people_per_teacher, rng, taken, total)
+    canary_names = make_names(cfg.canaries, rng, taken, total)
+    public = make_names(cfg.public_people, rng, taken, total)
+    test = make_names(cfg.test_people, rng, taken, total)
+    tokenizer_names = make_names(TOKENIZER_NAMES, rng, taken, total)
     partitions: list[list[tuple[str, str]]] = []
     for t in range(cfg.teachers):
         records = []

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import require
 from core.data import Collator
 from core.errors import ConfigError
 from core.generate import left_padded
@@ -65,8 +66,7 @@ class TeacherConfig:
             raise ConfigError(
                 f"--teacher-preset {self.teacher_preset!r} is unknown; choose one of {', '.join(PRESETS)}"
             )
-        if self.teacher_steps < 1 or self.teacher_batch_size < 1:
-            raise ConfigError("--teacher-steps and --teacher-batch-size must be at least 1")
+        require(self, "at least 1", lambda v: v >= 1, "teacher_steps", "teacher_batch_size")
         if not (self.teacher_lr > 0 and math.isfinite(self.teacher_lr)):
             raise ConfigError(f"--teacher-lr must be a positive number, got {self.teacher_lr}")
         if self.vocab_size < 400:
@@ -107,8 +107,7 @@ class HotPateConfig:
             raise ConfigError(f"--sampler must be coordinated or independent, got {self.sampler!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if self.draws < 1 or self.sweep_people < 1 or self.sweep_draws < 1:
-            raise ConfigError("--draws, --sweep-people and --sweep-draws must be at least 1")
+        require(self, "at least 1", lambda v: v >= 1, "draws", "sweep_people", "sweep_draws")
         if self.student_preset not in PRESETS:
             raise ConfigError(
                 f"--student-preset {self.student_preset!r} is unknown; choose one of {', '.join(PRESETS)}"

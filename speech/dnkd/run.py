@@ -15,6 +15,7 @@ Each is evaluated by greedy decoding on the held-out split: BLEU, chrF (sacreble
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from core.config import comma_list, require
 from core.errors import ConfigError
 from core.io import atomic_dir, atomic_write_text, stable_hash
 from core.plots import plot_log
@@ -94,7 +96,7 @@ class SpeechData:
             raise ConfigError(f"--n-mels must be in [8, 128], got {self.n_mels}")
         if self.vocab_size < 300:
             raise ConfigError(f"--vocab-size must be at least 300 (256 byte symbols + specials), got {self.vocab_size}")
-        if not [s for s in self.test_speakers.split(",") if s.strip()]:
+        if not comma_list(self.test_speakers, "--test-speakers"):
             raise ConfigError("--test-speakers must name at least one speaker")
 
 
@@ -143,8 +145,7 @@ class DNKDConfig:
             raise ConfigError(f"--k must be at least 1, got {self.k}")
         if not self.knn_temperature > 0:
             raise ConfigError(f"--knn-temperature must be positive, got {self.knn_temperature}")
-        if self.alpha < 0 or self.beta < 0 or self.kd_weight < 0:
-            raise ConfigError("--alpha, --beta and --kd-weight must be non-negative")
+        require(self, "non-negative", lambda v: v >= 0, "alpha", "beta", "kd_weight")
         if self.index not in ("auto", "flat", "ivfpq"):
             raise ConfigError(f"--index must be auto, flat or ivfpq, got {self.index!r}")
         unknown = [c for c in self.compare_list if c not in BASELINES]
@@ -153,7 +154,7 @@ class DNKDConfig:
 
     @property
     def compare_list(self) -> list[str]:
-        return [c.strip() for c in self.compare.split(",") if c.strip()]
+        return comma_list(self.compare, "--compare")
 
 
 @dataclass
@@ -272,14 +273,15 @@ def knn_targets(ctx: RunContext, model, features: list, cfg: DNKDConfig) -> dict
 
 
 def teacher_stats(knn: dict[str, torch.Tensor], vocab_size: int, temperature: float) -> dict[str, float]:
-    """How the kNN teacher looks over the training tokens: top-1 agreement with the gold token, its mass on the
-    gold token, and how often it puts no mass off the gold token (NCKD undefined there)."""
+    """How the kNN teacher looks over the training tokens, each in percent (the unit of every share in metrics.json,
+    as BLEU, chrF and exact match): top-1 agreement with the gold token, its mean mass on the gold token, and how
+    often it puts no mass off the gold token (NCKD undefined there)."""
     probs = knn_distribution(knn["distances"], knn["values"], vocab_size, temperature)  # (N, V)
     gold = knn["gold"]
     p_gold = probs.gather(-1, gold[:, None]).squeeze(-1)
     return {
         "teacher_top1_agreement": 100.0 * float((probs.argmax(-1) == gold).float().mean()),
-        "teacher_mean_p_gold": float(p_gold.mean()),
+        "teacher_mean_p_gold": 100.0 * float(p_gold.mean()),  # a percentage, as every share in metrics.json
         "teacher_one_hot_on_gold": 100.0 * float((p_gold >= 1.0 - 1e-6).float().mean()),
         "mean_neighbour_sq_distance": float(knn["distances"][torch.isfinite(knn["distances"])].mean()),
     }
@@ -322,7 +324,14 @@ def body(ctx: RunContext) -> Outcome | None:
     def fit(model, loss_fn, feats, subdir):
         trainer = ctx.trainer(model, loss_fn, feats, collate, train, subdir=subdir, **kwargs)
         result = trainer.train()
-        return (result, model) if trainer.finished else (None, None)
+        if not trainer.finished:  # --stop-after: say where, as the LLM runs do (core.pipeline)
+            print(
+                f"[{subdir or ctx.name}] stopped at step {trainer.step} of {train.steps}; rerun the same command to "
+                "resume",
+                file=sys.stderr,
+            )
+            return None, None
+        return result, model
 
     # 1. the base ST model (CE): the datastore's source, and the CE row of the table
     ce_result, ce_model = fit(new_model(), ce_loss(model_cfg.label_smoothing), features, "baselines/ce")

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from core.config import comma_list, require
 from core.data import Collator, encode_examples
 from core.errors import ConfigError, ModelError
 from core.io import atomic_write_text, stable_hash
@@ -66,6 +67,16 @@ class UnlearnData:
     task: str = field(default="people", metadata={"help": "people (generated, no files) or tofu (--data-dir)"})
     data_dir: str | None = field(default=None, metadata={"help": "tofu: the folder of TOFU's json files"})
     tofu_split: str = field(default="forget01", metadata={"help": "tofu: forget01, forget05 or forget10"})
+    forget_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "tofu: the forget questions' file (.json or .jsonl; default <tofu-split>.json(l) in --data-dir)"
+        },
+    )
+    retain_file: str | None = field(
+        default=None,
+        metadata={"help": "tofu: the retain questions' file (default retain99/95/90.json(l) matching --tofu-split)"},
+    )
     n_people: int = field(default=24, metadata={"help": "people: how many fictitious people"})
     n_targets: int = field(default=2, metadata={"help": "people: how many of them to unlearn"})
     data_seed: int = field(default=1234, metadata={"help": "people: seed of the generated people (fixed across seeds)"})
@@ -82,12 +93,16 @@ class UnlearnData:
             raise ConfigError("--task tofu needs --data-dir (the folder of TOFU's json files, ../shared/data/tofu)")
         if self.tofu_split not in TOFU_SPLITS:
             raise ConfigError(f"--tofu-split must be one of {', '.join(TOFU_SPLITS)}, got {self.tofu_split!r}")
-        if self.eval_size < 1 or self.max_new_tokens < 1 or self.max_length < 16:
-            raise ConfigError("--eval-size and --max-new-tokens must be at least 1, --max-length at least 16")
+        for flag, value, least in (("--eval-size", self.eval_size, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                   ("--max-length", self.max_length, 16)):  # fmt: skip
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least}, got {value}")
+        if self.task != "tofu" and (self.forget_file or self.retain_file):
+            raise ConfigError("--forget-file and --retain-file are for --task tofu (TOFU-like question files)")
 
     def load(self) -> UnlearningTask:
         if self.task == "tofu":
-            return tofu_task(self.data_dir, self.tofu_split, self.eval_size)
+            return tofu_task(self.data_dir, self.tofu_split, self.eval_size, self.forget_file, self.retain_file)
         task = generated_task(self.n_people, self.n_targets, self.data_seed)
         task.retain = task.retain[: self.eval_size]
         return task
@@ -127,8 +142,8 @@ class BaseModelConfig:
                 )
         if self.base_preset not in PRESETS:
             raise ConfigError(f"--base-preset must be one of {', '.join(PRESETS)}, got {self.base_preset!r}")
-        if self.teacher_steps < 1 or self.base_batch_size < 1 or not self.base_lr > 0:
-            raise ConfigError("--teacher-steps and --base-batch-size must be at least 1, --base-lr positive")
+        require(self, "at least 1", lambda v: v >= 1, "teacher_steps", "base_batch_size")
+        require(self, "positive", lambda v: v > 0, "base_lr")
         if self.vocab_size < 300:
             raise ConfigError(f"--vocab-size must be at least 300, got {self.vocab_size}")
 
@@ -172,15 +187,16 @@ class UnlearnConfig:
             raise ConfigError(
                 f"--n-counterfactual must be between 1 and {len(REPLACEMENT_NAMES)}, got {self.n_counterfactual}"
             )
-        if self.alpha < 0 or self.reinforce_steps < 1 or not self.reinforce_lr > 0:
-            raise ConfigError("--alpha must be >= 0, --reinforce-steps >= 1 and --reinforce-lr > 0")
+        require(self, "non-negative", lambda v: v >= 0, "alpha")
+        require(self, "at least 1", lambda v: v >= 1, "reinforce_steps")
+        require(self, "positive", lambda v: v > 0, "reinforce_lr")
         if self.retain_strength is not None and self.retain_strength < 0:
             raise ConfigError(f"--retain-strength must be non-negative, got {self.retain_strength}")
-        if not self.beta > 0 or not 0 <= self.confident <= 1:
-            raise ConfigError("--beta must be positive and --confident in [0, 1]")
+        require(self, "positive", lambda v: v > 0, "beta")
+        require(self, "in [0, 1]", lambda v: 0 <= v <= 1, "confident")
 
     def compared(self) -> list[str]:
-        names = [m.strip() for m in self.compare.split(",") if m.strip()]
+        names = comma_list(self.compare, "--compare")
         return [m for m in dict.fromkeys(names) if m != self.method]
 
     def strength(self, method: str) -> float:
@@ -535,7 +551,9 @@ def plot_curves(out: Path, methods: list[str], main: str) -> None:
 
 def task_name(ctx: RunContext) -> str:
     data = ctx.cfg(UnlearnData)
-    return f"tofu-{data.tofu_split}" if data.task == "tofu" else "people"
+    if data.task != "tofu":
+        return "people"
+    return f"tofu-{Path(data.forget_file).stem}" if data.forget_file else f"tofu-{data.tofu_split}"
 
 
 RECIPE = Recipe(
