@@ -93,13 +93,16 @@ def long_term_returns(
     return returns.masked_fill(~mask, 0.0)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total: int | None = None) -> torch.Tensor:
     """(values - mean) / std over the valid positions of the batch, std from the unbiased variance (divided by
-    n - 1) as the official utils.py `whiten` (torch.var_mean). The official statistics also count the padding of its
-    (B, 256) response tensor as zeros; ours count valid positions only (README, Deviations, for the size)."""
+    n - 1) as the official utils.py `whiten` (torch.var_mean). `total`: the statistics run over this many entries,
+    the valid ones and (total - n) zeros, as the official code whitens its whole (B, generation budget) response
+    tensor, padding (advantage 0) included; None: valid positions only (our default; README, Deviations)."""
     n = mask.sum()
-    mean = values[mask].sum() / n.clamp(min=1)
-    var = ((values - mean) ** 2)[mask].sum() / (n - 1).clamp(min=1)  # unbiased, as torch.var_mean
+    count = n if total is None else torch.as_tensor(max(total, int(n)))
+    mean = values[mask].sum() / count.clamp(min=1)
+    squares = ((values - mean) ** 2)[mask].sum() + (count - n) * mean**2  # the zeros' share
+    var = squares / (count - 1).clamp(min=1)  # unbiased, as torch.var_mean
     return ((values - mean) * torch.rsqrt(var + eps)).masked_fill(~mask, 0.0)
 
 
@@ -156,6 +159,7 @@ def minillm_loss_sum(
     temperature: float = 1.0,
     reward_scaling: float = 0.5,
     reward_clip: float = 100.0,
+    whiten_width: int | None = None,
 ) -> MiniLLMTerms:
     """MiniLLM's loss on rollouts sampled from (1 - alpha) q + alpha p (alpha 0: from q alone) by the current
     student, so q_old is the student's own value, detached (one update per rollout: the PPO ratio is then w alone).
@@ -168,7 +172,8 @@ def minillm_loss_sum(
     while the student's log q_theta, the importance weight's teacher and both sides of the single-step KL are at
     `temperature`; the reward enters the returns divided by `reward_scaling` and clipped to +-`reward_clip`
     (sampler.py). Whitening removes the scaling; without it the policy term is 1 / reward_scaling times that of
-    the unscaled estimator (1: the paper's Eq. 2, unbiased)."""
+    the unscaled estimator (1: the paper's Eq. 2, unbiased). `whiten_width`: whiten over B x this many entries,
+    padding counted as zeros (the official statistics; None: valid tokens only)."""
     mask, targets = shifted_targets(labels)  # (B, T)
     logprobs = token_logprobs(student_logits, targets, mask, temperature)  # (B, T), with gradient
     with torch.no_grad():
@@ -180,7 +185,8 @@ def minillm_loss_sum(
         start = returns_from if single_step else "current"
         scaled = scaled_rewards(rewards, mask, reward_scaling, reward_clip)
         returns = long_term_returns(scaled, mask, gamma, length_norm, start)
-        advantages = whiten(returns, mask) if whiten_advantages else returns
+        total = None if whiten_width is None else mask.shape[0] * whiten_width  # official: B x budget, padded
+        advantages = whiten(returns, mask, total=total) if whiten_advantages else returns
     policy, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, weights, mask, clip)
     total = policy.sum()
     logs = {}

@@ -100,6 +100,13 @@ class MiniLLMConfig(OnPolicyConfig):
     whiten: bool = field(
         default=True, metadata={"help": "whiten the advantages over the batch's valid tokens (official code; on)"}
     )
+    whiten_padding: bool = field(
+        default=False,
+        metadata={
+            "help": "count the padding of a (batch, sampled length budget) tensor as zeros in the whitening "
+            "statistics, as the official code does (off: valid tokens only)"
+        },
+    )
     reward_scaling: float = field(
         default=0.5,
         metadata={"help": "rewards are divided by this before the returns (official scripts 0.5: doubled; 1 off)"},
@@ -180,6 +187,7 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
             temperature=cfg.temperature,
             reward_scaling=cfg.reward_scaling,
             reward_clip=cfg.reward_clip,
+            whiten_width=resample.max_new_tokens if cfg.whiten_padding else None,
         )
         total, logs = terms.loss_sum, dict(terms.logs)
         if cfg.lm_coef > 0:

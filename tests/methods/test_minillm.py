@@ -194,6 +194,13 @@ def test_whitening_uses_valid_positions_and_the_unbiased_variance():
     assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
     var, mean = torch.var_mean(values[:, :3])
     assert torch.allclose(out[:, :3], (values[:, :3] - mean) / var.sqrt(), atol=1e-6)
+    # The official statistics (--whiten-padding): over a 1 x 5 tensor, the two padding entries counted as zeros:
+    # (1, 3, 5, 0, 0): mean 9 / 5 = 1.8, unbiased variance (0.64 + 1.44 + 10.24 + 3.24 + 3.24) / 4 = 4.7.
+    padded = whiten(values, mask, total=5)
+    expected = (torch.tensor([1.0, 3.0, 5.0]) - 1.8) / math.sqrt(4.7)
+    assert torch.allclose(padded[0, :3], expected, atol=1e-6) and padded[0, 3] == 0
+    var, mean = torch.var_mean(torch.tensor([1.0, 3.0, 5.0, 0.0, 0.0]))
+    assert math.isclose(mean.item(), 1.8, rel_tol=1e-6) and math.isclose(var.item(), 4.7, rel_tol=1e-6)
 
 
 def _official_policy_term(student, teacher, labels, temperature, gamma, scaling, clip_reward):
