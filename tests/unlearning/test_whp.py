@@ -305,9 +305,12 @@ def test_bad_flags_are_config_errors(tmp_path):
 
 
 # 4 people, one of them unlearned; the model to unlearn is the 2 x 64 preset trained on all 36 documents per step.
+# lr 5e-4: since the teacher trains answer positions only (official, issue 29), each question/answer document's KL
+# is a mean over about half as many positions, so its step on them is about twice as large; at the former 1e-3 the
+# causal student's retain accuracy fell from 0.79 to 0.62 on this run (0.83 at 5e-4; forget accuracy still falls).
 TINY = ["--base-preset", "student", "--n-people", "4", "--n-targets", "1", "--teacher-steps", "60",
         "--base-batch-size", "36", "--base-lr", "2e-2", "--skip-retain-model", "--steps", "10", "--batch-size", "9",
-        "--lr", "1e-3", "--reinforce-steps", "5", "--n-counterfactual", "3", "--compare", "causal,ga",
+        "--lr", "5e-4", "--reinforce-steps", "5", "--n-counterfactual", "3", "--compare", "causal,ga",
         "--max-new-tokens", "16"]  # fmt: skip
 
 
