@@ -188,7 +188,7 @@ def _sample_mixture(
     top_p,
 ) -> torch.Tensor:  # fmt: skip
     """The decoding loop of a two-model mixture: at every step both models see the same prefix (each with its own
-    KV cache), their next-token distributions at `temperature` are mixed in probability space, cut to `top_p`,
+    KV cache), their next-token distributions at `temperature`, each cut to `top_p`, are mixed in probability space
     and one token per row is drawn with torch.multinomial (as HF `generate` draws, so mix_alpha 0 gives its very
     tokens under the same seed: tests/core/test_onpolicy.py). Rows that ended are padded. Returns (B, width + n)."""
     past = mix_past = None
@@ -196,9 +196,10 @@ def _sample_mixture(
     for _ in range(max_new_tokens):
         logits, past = _next_token_logits(model, input_ids, attention_mask, past)  # (B, V)
         mix_logits, mix_past = _next_token_logits(mix_model, input_ids, attention_mask, mix_past)  # (B, V)
-        probs = (1 - mix_alpha) * torch.softmax(logits / temperature, -1)
-        probs = probs + mix_alpha * torch.softmax(mix_logits / temperature, -1)  # (B, V)
-        token = torch.multinomial(nucleus(probs, top_p), num_samples=1).squeeze(-1)  # (B,)
+        # Temperature and nucleus on each model, then the mixture (as MiniLLM's official generation fork)
+        probs = (1 - mix_alpha) * nucleus(torch.softmax(logits / temperature, -1), top_p)
+        probs = probs + mix_alpha * nucleus(torch.softmax(mix_logits / temperature, -1), top_p)  # (B, V)
+        token = torch.multinomial(probs, num_samples=1).squeeze(-1)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         input_ids = torch.cat([input_ids, token[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)

@@ -93,12 +93,26 @@ def long_term_returns(
     return returns.masked_fill(~mask, 0.0)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over the valid positions of the batch (the official code whitens the advantages)."""
-    n = mask.sum().clamp(min=1)
-    mean = values[mask].sum() / n
-    var = ((values - mean) ** 2)[mask].sum() / n
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total: int | None = None) -> torch.Tensor:
+    """(values - mean) / std over the valid positions of the batch, std from the unbiased variance (divided by
+    n - 1) as the official utils.py `whiten` (torch.var_mean). `total`: the statistics run over this many entries,
+    the valid ones and (total - n) zeros, as the official code whitens its whole (B, generation budget) response
+    tensor, padding (advantage 0) included; None: valid positions only (our default; README, Deviations)."""
+    n = mask.sum()
+    count = n if total is None else torch.as_tensor(max(total, int(n)))
+    mean = values[mask].sum() / count.clamp(min=1)
+    squares = ((values - mean) ** 2)[mask].sum() + (count - n) * mean**2  # the zeros' share
+    var = squares / (count - 1).clamp(min=1)  # unbiased, as torch.var_mean
     return ((values - mean) * torch.rsqrt(var + eps)).masked_fill(~mask, 0.0)
+
+
+def scaled_rewards(rewards: torch.Tensor, mask: torch.Tensor, scaling: float = 0.5, clip: float = 100.0):
+    """The official sampler.py's reward: r_t / reward_scaling, then clipped to [-clip, clip] (scripts:
+    --reward-scaling 0.5 --cliprange-reward 100, so the policy term sees 2 r_t); 0 off mask. clip 0: no clip."""
+    out = rewards / scaling
+    if clip > 0:
+        out = out.clamp(-clip, clip)
+    return out.masked_fill(~mask, 0.0)
 
 
 def clipped_policy_loss(
@@ -143,23 +157,36 @@ def minillm_loss_sum(
     clip: float = 0.2,
     whiten_advantages: bool = True,
     temperature: float = 1.0,
+    reward_scaling: float = 0.5,
+    reward_clip: float = 100.0,
+    whiten_width: int | None = None,
 ) -> MiniLLMTerms:
     """MiniLLM's loss on rollouts sampled from (1 - alpha) q + alpha p (alpha 0: from q alone) by the current
     student, so q_old is the student's own value, detached (one update per rollout: the PPO ratio is then w alone).
 
     single_step: add the exact token-level reverse KL (Eq. 3) and start the returns after the token (or at it with
     returns_from "current", the official code); without it, plain policy gradient on R_t. single_step_weighted
-    multiplies the single-step term by w_t as the paper's Eq. (4) does; the official code drops that weight."""
+    multiplies the single-step term by w_t as the paper's Eq. (4) does; the official code drops that weight.
+
+    As the official code: the reward's teacher term reads the teacher's raw logits (reward.py: no temperature)
+    while the student's log q_theta, the importance weight's teacher and both sides of the single-step KL are at
+    `temperature`; the reward enters the returns divided by `reward_scaling` and clipped to +-`reward_clip`
+    (sampler.py). Whitening removes the scaling; without it the policy term is 1 / reward_scaling times that of
+    the unscaled estimator (1: the paper's Eq. 2, unbiased). `whiten_width`: whiten over B x this many entries,
+    padding counted as zeros (the official statistics; None: valid tokens only)."""
     mask, targets = shifted_targets(labels)  # (B, T)
     logprobs = token_logprobs(student_logits, targets, mask, temperature)  # (B, T), with gradient
     with torch.no_grad():
-        teacher_logprobs = token_logprobs(teacher_logits, targets, mask, temperature)  # (B, T)
+        teacher_logprobs = token_logprobs(teacher_logits, targets, mask, temperature)  # (B, T), at T: the mixture
         weights = importance_weights(logprobs, teacher_logprobs, alpha) if alpha > 0 else torch.ones_like(logprobs)
         weights = weights.masked_fill(~mask, 0.0)
-        rewards = (teacher_logprobs - logprobs).masked_fill(~mask, 0.0)  # r_t = log p(y_t) - log q(y_t)
+        teacher_raw = teacher_logprobs if temperature == 1.0 else token_logprobs(teacher_logits, targets, mask)
+        rewards = (teacher_raw - logprobs).masked_fill(~mask, 0.0)  # r_t = log p(y_t) (raw) - log q_T(y_t)
         start = returns_from if single_step else "current"
-        returns = long_term_returns(rewards, mask, gamma, length_norm, start)
-        advantages = whiten(returns, mask) if whiten_advantages else returns
+        scaled = scaled_rewards(rewards, mask, reward_scaling, reward_clip)
+        returns = long_term_returns(scaled, mask, gamma, length_norm, start)
+        total = None if whiten_width is None else mask.shape[0] * whiten_width  # official: B x budget, padded
+        advantages = whiten(returns, mask, total=total) if whiten_advantages else returns
     policy, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, weights, mask, clip)
     total = policy.sum()
     logs = {}
@@ -189,13 +216,28 @@ def excess_accumulated_error(
         eps(l)      = 1/l sum_{t <= l} E_{y_<t ~ p} [ KL(p || q)(. | y_<t) ]  (the teacher's prefixes)
         ExAccErr(l) = (R(l) - l eps(l)) / (l eps(l)) x 100 %
 
-    Inputs: the per-step KL (N, L) of N completions per prefix kind and their masks (a step exists until the
-    completion ended); expectations are per step over the completions still running. Returns per l = 1..L:
-    R, eps and ExAccErr (percent)."""
-    own = (own_kl * own_mask).sum(0) / own_mask.sum(0).clamp(min=1)  # (L,) mean KL at step t, own prefixes
-    oracle = (oracle_kl * oracle_mask).sum(0) / oracle_mask.sum(0).clamp(min=1)  # (L,) at the teacher's
-    steps = torch.arange(1, own.shape[0] + 1, dtype=own.dtype)
-    regret = own.cumsum(0)  # R(l)
-    per_step = oracle.cumsum(0) / steps  # eps(l)
-    excess = (regret - steps * per_step) / (steps * per_step).clamp(min=1e-12) * 100.0
-    return {"regret": regret.tolist(), "per_step_error": per_step.tolist(), "exaccerr": excess.tolist()}
+    Inputs: the per-step KL (N, L) of one completion per prompt for N prompts, per prefix kind, and their masks (a
+    step exists until the completion ended; step 0 predicts the first generated token). As the official
+    evaluate_exposure_bias.py (`calc_batch`, `evaluate`): the expectation at each step is over ALL N prompts, a
+    completion that has ended adding 0 (so its R stops growing), and the first generated step is not counted (the
+    official reads the logits from the first generated token on; with its pad = EOS the step after EOS is masked),
+    so l = 1 is the prediction of the second token. Returns per l = 1..L-1: R, eps and ExAccErr (percent); and
+    `exaccerr_running` per l = 1..L: the same ratio with each step averaged over the completions still running
+    and the first step counted (this package's definition before issue 29)."""
+
+    def curves(kl, mask, over_all: bool):
+        mean = (kl * mask).sum(0) / (mask.shape[0] if over_all else mask.sum(0).clamp(min=1))  # (L,) per step
+        return mean.cumsum(0), torch.arange(1, mean.shape[0] + 1, dtype=mean.dtype)
+
+    regret, steps = curves(own_kl[:, 1:], own_mask[:, 1:], True)  # R(l), official: all prompts, from step 2
+    oracle, _ = curves(oracle_kl[:, 1:], oracle_mask[:, 1:], True)  # l eps(l)
+    excess = (regret - oracle) / oracle.clamp(min=1e-12) * 100.0
+    running_regret, _ = curves(own_kl, own_mask, False)
+    running_oracle, _ = curves(oracle_kl, oracle_mask, False)
+    running = (running_regret - running_oracle) / running_oracle.clamp(min=1e-12) * 100.0
+    return {
+        "regret": regret.tolist(),
+        "per_step_error": (oracle / steps).tolist(),
+        "exaccerr": excess.tolist(),
+        "exaccerr_running": running.tolist(),
+    }

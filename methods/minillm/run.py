@@ -84,14 +84,36 @@ class MiniLLMConfig(OnPolicyConfig):
         default=True,
         metadata={"help": "weigh the single-step term by w_t as the paper's Eq. 4 (official code: unweighted)"},
     )
-    length_norm: bool = field(default=True, metadata={"help": "length-normalized long-term returns (on)"})
+    length_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "length-normalized long-term returns (paper Eq. 5; the official code always normalizes, its "
+            "--length-norm only changes logged statistics); --no-length-norm is ours (on)"
+        },
+    )
     returns_from: str = field(
         default="next",
         metadata={"help": "next: R_{t+1} after the token (paper, Eq. 3); current: R_t with its own reward (official)"},
     )
     gamma: float = field(default=1.0, metadata={"help": "discount of the returns (paper 1; official default 0.95)"})
     clip: float = field(default=0.2, metadata={"help": "PPO ratio clipping epsilon (official 0.2); 0 off"})
-    whiten: bool = field(default=True, metadata={"help": "whiten the advantages over the batch (official code)"})
+    whiten: bool = field(
+        default=True, metadata={"help": "whiten the advantages over the batch's valid tokens (official code; on)"}
+    )
+    whiten_padding: bool = field(
+        default=False,
+        metadata={
+            "help": "count the padding of a (batch, sampled length budget) tensor as zeros in the whitening "
+            "statistics, as the official code does (off: valid tokens only)"
+        },
+    )
+    reward_scaling: float = field(
+        default=0.5,
+        metadata={"help": "rewards are divided by this before the returns (official scripts 0.5: doubled; 1 off)"},
+    )
+    reward_clip: float = field(
+        default=100.0, metadata={"help": "clip the scaled rewards to +-this (official --cliprange-reward 100); 0 off"}
+    )
     lm_coef: float = field(
         default=1.0, metadata={"help": "weight of the LM loss on the training data batch (L_PT; official 1)"}
     )
@@ -117,6 +139,12 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
         if not 0.0 <= self.clip < 1.0:
             raise ConfigError(f"--clip must be in [0, 1) (0 turns clipping off), got {self.clip}")
+        if not self.reward_scaling > 0:
+            raise ConfigError(
+                f"--reward-scaling must be positive (1 leaves the rewards alone), got {self.reward_scaling}"
+            )
+        if self.reward_clip < 0:
+            raise ConfigError(f"--reward-clip must be non-negative (0 turns the clip off), got {self.reward_clip}")
         if self.lm_coef < 0:
             raise ConfigError(f"--lm-coef must be non-negative, got {self.lm_coef}")
 
@@ -157,6 +185,9 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
             clip=cfg.clip,
             whiten_advantages=cfg.whiten,
             temperature=cfg.temperature,
+            reward_scaling=cfg.reward_scaling,
+            reward_clip=cfg.reward_clip,
+            whiten_width=resample.max_new_tokens if cfg.whiten_padding else None,
         )
         total, logs = terms.loss_sum, dict(terms.logs)
         if cfg.lm_coef > 0:
@@ -358,13 +389,18 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_exposure(result: dict[str, Any]) -> None:
-    print("\nexposure bias (sampled length l; R: KL(p||q) summed over own prefixes; eps: per step at teacher's)")
-    print(f"{'student':<22} {'l':>3} {'R(l)':>8} {'eps(l)':>8} {'ExAccErr %':>11}")
+    print("\nexposure bias (official: steps 2..l+1, mean over all prompts; R: KL(p||q) summed over own prefixes; eps:")
+    print("per step at the teacher's; running: mean over running completions from step 1)")
+    print(f"{'student':<22} {'l':>3} {'R(l)':>8} {'eps(l)':>8} {'ExAccErr %':>11} {'running %':>10}")
     for key, values in result.items():
         length = len(values["exaccerr"])
+        name = "minillm" if key == "student" else key.removesuffix("_student")
+        if not length:
+            print(f"{name:<22} (completions of one token: nothing after the first step)")
+            continue
         print(
-            f"{'minillm' if key == 'student' else key.removesuffix('_student'):<22} {length:>3} {values['regret'][-1]:>8.3f} "
-            f"{values['per_step_error'][-1]:>8.3f} {values['exaccerr'][-1]:>11.1f}"
+            f"{name:<22} {length:>3} {values['regret'][-1]:>8.3f} {values['per_step_error'][-1]:>8.3f} "
+            f"{values['exaccerr'][-1]:>11.1f} {values['exaccerr_running'][-1]:>10.1f}"
         )
 
 

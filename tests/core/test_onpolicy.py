@@ -231,11 +231,14 @@ def test_mixture_sampler_draws_from_the_mixture():
     expected = [0.55, 0.175, 0.125, 0.15]
     for token, share in enumerate(expected):  # 4000 draws: standard error at most sqrt(.25 / 4000) = 0.008
         assert abs(first.count(token) / 4000 - share) < 0.03
-    # top_p 0.6 keeps the smallest head of the mixture with mass >= 0.6: tokens 0 (0.55) and 1 (0.175).
-    head = [
-        c[0] for c in sample_completions(q, prompts[:500], 99, 0, 1, top_p=0.6, seed=0, mix_model=p, mix_alpha=0.25)
-    ]
-    assert set(head) == {0, 1}
+    # top_p 0.8 is applied to each model, then the two are mixed (MiniLLM's official generation fork):
+    #   nucleus(q, 0.8) keeps 0.7 + 0.2 -> (7/9, 2/9, 0, 0); nucleus(p, 0.8) keeps 0.6 + 0.2 -> (0, 0, 1/4, 3/4);
+    #   mixture 0.75 (7/9, 2/9, 0, 0) + 0.25 (0, 0, 1/4, 3/4) = (0.5833, 0.1667, 0.0625, 0.1875).
+    # The nucleus of the mixture (the rule before issue 29) keeps 0.55 + 0.175 + 0.15 and never draws token 2:
+    #   (0.6286, 0.2, 0, 0.1714).
+    cut = [c[0] for c in sample_completions(q, prompts, 99, 0, 1, top_p=0.8, seed=0, mix_model=p, mix_alpha=0.25)]
+    for token, share in enumerate([7 / 12, 1 / 6, 0.0625, 0.1875]):
+        assert abs(cut.count(token) / 4000 - share) < 0.03, (token, cut.count(token))
     with pytest.raises(ValueError):
         sample_completions(q, prompts[:1], 99, 0, 1, mix_model=p, mix_alpha=1.5)
 

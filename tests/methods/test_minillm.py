@@ -80,7 +80,10 @@ def _mc_gradient(estimator_options, n_batches=40, batch=500):
     return grads.mean(0), grads.std(0) / math.sqrt(n_batches)
 
 
-PLAIN = {"alpha": 0.0, "length_norm": False, "gamma": 1.0, "clip": 0.0, "whiten_advantages": False}
+# The bare estimator of Eq. (2)/(3): no teacher mix, normalization, discount, clip, whitening or reward scaling.
+PLAIN = {
+    "alpha": 0.0, "length_norm": False, "gamma": 1.0, "clip": 0.0, "whiten_advantages": False, "reward_scaling": 1.0
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("single_step", [True, False])
@@ -182,11 +185,87 @@ def test_returns_by_hand():
     assert long_term_returns(rewards, mask, 0.5, False, "current").tolist() == [[2.75, 3.5, 3.0, 0.0]]
 
 
-def test_whitening_uses_valid_positions_only():
-    values = torch.tensor([[1.0, 3.0, 100.0]])
-    mask = torch.tensor([[True, True, False]])
-    out = whiten(values, mask)  # mean 2, variance 1 over the two valid values
-    assert torch.allclose(out, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6)
+def test_whitening_uses_valid_positions_and_the_unbiased_variance():
+    values = torch.tensor([[1.0, 3.0, 5.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # Over the three valid values: mean 3, unbiased variance ((-2)^2 + 0 + 2^2) / (3 - 1) = 4 (torch.var_mean, the
+    # official whiten), so (-1, 0, 1); the biased variance 8/3 would give -2 / sqrt(8/3) = -1.2247.
+    out = whiten(values, mask)
+    assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    var, mean = torch.var_mean(values[:, :3])
+    assert torch.allclose(out[:, :3], (values[:, :3] - mean) / var.sqrt(), atol=1e-6)
+    # The official statistics (--whiten-padding): over a 1 x 5 tensor, the two padding entries counted as zeros:
+    # (1, 3, 5, 0, 0): mean 9 / 5 = 1.8, unbiased variance (0.64 + 1.44 + 10.24 + 3.24 + 3.24) / 4 = 4.7.
+    padded = whiten(values, mask, total=5)
+    expected = (torch.tensor([1.0, 3.0, 5.0]) - 1.8) / math.sqrt(4.7)
+    assert torch.allclose(padded[0, :3], expected, atol=1e-6) and padded[0, 3] == 0
+    var, mean = torch.var_mean(torch.tensor([1.0, 3.0, 5.0, 0.0, 0.0]))
+    assert math.isclose(mean.item(), 1.8, rel_tol=1e-6) and math.isclose(var.item(), 4.7, rel_tol=1e-6)
+
+
+def _official_policy_term(student, teacher, labels, temperature, gamma, scaling, clip_reward):
+    """The official minillm policy term restated from its equations (sampler.py, reward.py, losses.py), alpha 0,
+    one update per rollout (ratio 1), no whitening: r_t = log softmax(teacher raw logits)(y_t) - log
+    softmax(student logits / T)(y_t); r_t <- clip(r_t / reward_scaling, +-clip); A_t = sum_{t' >= t} gamma^(t'-t)
+    r_t' / (tokens from t on); loss = sum_t -A_t (ratio = 1, its gradient d log q_T(y_t)), summed over tokens."""
+    B, T, _ = student.shape
+    total = 0.0
+    for b in range(B):
+        steps = [t for t in range(T - 1) if labels[b, t + 1] != -100]
+        lq = [F.log_softmax(student[b, t] / temperature, -1)[labels[b, t + 1]] for t in steps]
+        lp = [F.log_softmax(teacher[b, t], -1)[labels[b, t + 1]].item() for t in steps]  # raw: no temperature
+        r = [max(-clip_reward, min(clip_reward, (p - q.item()) / scaling)) for p, q in zip(lp, lq)]
+        for k in range(len(steps)):
+            a = sum(gamma ** (j - k) * r[j] for j in range(k, len(steps))) / (len(steps) - k)
+            total = total - a * torch.exp(lq[k] - lq[k].detach())
+    return total
+
+
+def test_policy_term_without_whitening_is_the_official_formula():
+    # --no-whiten at T = 0.8 with the official returns (R_t, gamma 0.95): value and gradient of the policy term
+    # equal the official computation re-derived above, reward doubled (0.5 scaling) and the teacher's raw logits.
+    torch.manual_seed(1)
+    student = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 7, dtype=torch.float64) * 2
+    labels = torch.randint(0, 7, (2, 5))
+    labels[:, :2] = -100
+    labels[1, 4] = -100  # a shorter completion
+    options = {"alpha": 0.0, "single_step": False, "gamma": 0.95, "clip": 0.2, "whiten_advantages": False}
+    ours = minillm_loss_sum(student, teacher, labels, temperature=0.8, **options).loss_sum
+    official = _official_policy_term(student, teacher, labels, 0.8, 0.95, 0.5, 100.0)
+    assert torch.allclose(ours.double(), official, rtol=1e-5)  # the loss runs in float32
+    g_ours, g_official = (torch.autograd.grad(x, student)[0] for x in (ours, official))
+    assert torch.allclose(g_ours, g_official, rtol=1e-5, atol=1e-7)
+    # The rewards before this fix (no 0.5 scaling): the policy term was half the official one.
+    half = minillm_loss_sum(student, teacher, labels, temperature=0.8, reward_scaling=1.0, **options).loss_sum
+    assert torch.allclose(2 * half, ours, rtol=1e-6)
+    # ...and the teacher at T in the reward (as before) is not the official value.
+    at_t = _official_policy_term(student, teacher * 1.25, labels, 0.8, 0.95, 0.5, 100.0)  # teacher / 0.8
+    assert not torch.allclose(at_t.detach(), ours.detach().double())
+
+
+def test_reward_scaling_and_clip_by_hand():
+    from methods.minillm.loss import scaled_rewards
+
+    rewards = torch.tensor([[-80.0, 3.0, 60.0, 7.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # / 0.5 -> (-160, 6, 120), clipped to +-100 -> (-100, 6, 100); padding 0
+    assert scaled_rewards(rewards, mask).tolist() == [[-100.0, 6.0, 100.0, 0.0]]
+    assert scaled_rewards(rewards, mask, 1.0, 0.0).tolist() == [[-80.0, 3.0, 60.0, 0.0]]
+
+
+def test_reward_reads_the_teachers_raw_logits_at_temperature():
+    # One token, alpha 0, no single step, no normalization issues: the policy term is -A * ratio with
+    # A = r / 0.5 and r = log softmax(teacher)(y) - log softmax(student / T)(y); here student logits (0, ln 3)
+    # at T = 0.5 -> (0, 2 ln 3): q(y = 1) = 9 / 10; teacher logits (0, ln 4) raw -> p(y = 1) = 4 / 5
+    # (at T it would be 16 / 17). r = ln(0.8) - ln(0.9) = -0.11778, A = 2 r = -0.23557, loss = -A = 0.23557.
+    student = torch.tensor([[[0.0, ln(3)], [0.0, 0.0]]], dtype=torch.float64)
+    teacher = torch.tensor([[[0.0, ln(4)], [0.0, 0.0]]], dtype=torch.float64)
+    labels = torch.tensor([[-100, 1]])
+    options = {"alpha": 0.0, "single_step": False, "clip": 0.0, "whiten_advantages": False}
+    loss = minillm_loss_sum(student, teacher, labels, temperature=0.5, **options).loss_sum
+    assert loss.item() == pytest.approx(-2 * (ln(0.8) - ln(0.9)))
+    assert loss.item() != pytest.approx(-2 * (ln(16 / 17) - ln(0.9)))  # both at T: the old reward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,14 +326,20 @@ def test_parity_with_trl_where_the_definitions_agree():
 
 
 def test_excess_accumulated_error_by_hand():
-    # Own prefixes: KL 1 at step 1, 2 at step 2 (the second row ended after step 1, so step 2 averages row 1 only,
-    # 2); teacher prefixes: KL 1 at both steps. R = (1, 3), eps = (1, 1), ExAccErr = ((1 - 1) / 1, (3 - 2) / 2).
-    own = torch.tensor([[1.0, 2.0], [1.0, 7.0]])
-    own_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    oracle = torch.tensor([[1.0, 1.0]])
-    result = excess_accumulated_error(own, own_mask, oracle, torch.ones(1, 2))
-    assert result["regret"] == [1.0, 3.0] and result["per_step_error"] == [1.0, 1.0]
-    assert result["exaccerr"] == pytest.approx([0.0, 50.0])
+    # Two prompts, three steps each. Own prefixes: row 1 KL (5, 2, 4), row 2 (5, 6, -) (ended after step 2);
+    # teacher prefixes: row 1 (9, 1, 1), row 2 (9, 1, 3).
+    own = torch.tensor([[5.0, 2.0, 4.0], [5.0, 6.0, 7.0]])
+    own_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    oracle = torch.tensor([[9.0, 1.0, 1.0], [9.0, 1.0, 3.0]])
+    result = excess_accumulated_error(own, own_mask, oracle, torch.ones(2, 3))
+    # Official (evaluate_exposure_bias.py): step 1 skipped; each step's mean over BOTH prompts, an ended one adds 0:
+    # own steps 2, 3: (2 + 6) / 2 = 4, (4 + 0) / 2 = 2 -> R = (4, 6); teacher: 1, 2 -> l eps = (1, 3),
+    # eps = (1, 1.5); ExAccErr = ((4 - 1) / 1, (6 - 3) / 3) = (300 %, 100 %).
+    assert result["regret"] == [4.0, 6.0] and result["per_step_error"] == [1.0, 1.5]
+    assert result["exaccerr"] == pytest.approx([300.0, 100.0])
+    # The earlier definition (mean over running completions, step 1 counted): own (5, 4, 4) -> (5, 9, 13);
+    # teacher (9, 1, 2) -> (9, 10, 12); ExAccErr = (-4 / 9, -1 / 10, 1 / 12) x 100.
+    assert result["exaccerr_running"] == pytest.approx([-400 / 9, -10.0, 100 / 12])
 
 
 def test_kl_along_in_chunks_equals_all_at_once():

@@ -42,8 +42,9 @@ def test_replace_name_full_and_partial_mentions():
     assert [text[s:e] for s, e, _ in spans] == ["Mara Lund", "Mara", "Lund"]
 
 
-def _doc(ids, name_token, mention_starts, n_prefix=0):
-    return EncodedDoc(list(ids), list(ids), list(name_token), list(mention_starts), n_prefix)
+def _doc(ids, name_token, mention_starts, n_prefix=0, question=False, labels=None):
+    labels = list(ids) if labels is None else labels
+    return EncodedDoc(list(ids), labels, list(name_token), list(mention_starts), n_prefix, question)
 
 
 # Hand example: <s>=0, "Q"=5, ":"=6, the name "Mara Lund" = tokens 10, 11, "was"=7, "born"=8, </s>=1.
@@ -54,12 +55,28 @@ COPY_LONG = _doc([0, 5, 6, 30, 31, 32, 7, 8, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0], [(
 
 def test_alignment_on_names_of_different_token_lengths():
     # Matching blocks: [0 5 6] at (0, 0) and [7 8 1] at (5, 4) for the short copy, (5, 6) for the long one.
-    # Position 2 (":") predicts the name's first token: kept. Positions 3 and 4 read name tokens: skipped.
-    # Position 7 is the EOS: it predicts nothing.
-    assert align_positions(ORIGINAL, COPY_SHORT) == {0: 0, 1: 1, 2: 2, 5: 4, 6: 5}
-    assert align_positions(ORIGINAL, COPY_LONG) == {0: 0, 1: 1, 2: 2, 5: 6, 6: 7}
-    # Without skipping name positions nothing changes here: the name's tokens lie outside every matched block.
-    assert align_positions(ORIGINAL, COPY_SHORT, skip_name_positions=False) == {0: 0, 1: 1, 2: 2, 5: 4, 6: 5}
+    # Position 0 (<s>) is never aligned (the official loss masks index 0 as padding). Position 2 (":") predicts
+    # the name's first token: kept. Positions 3 and 4 read name tokens: skipped. Position 7 is the EOS.
+    assert align_positions(ORIGINAL, COPY_SHORT) == {1: 1, 2: 2, 5: 4, 6: 5}
+    assert align_positions(ORIGINAL, COPY_LONG) == {1: 1, 2: 2, 5: 6, 6: 7}
+
+
+def test_without_change_name_back_the_names_last_token_is_aligned():
+    # Official teacher.py: a block starting right after a name starts one earlier (a_start = block.a - 1), and
+    # without change_name_back no name position is dropped, so the name's last token (position 4, "Lund", reading
+    # the copy's last name token) is aligned to the copy's: it predicts the same "was".
+    assert align_positions(ORIGINAL, COPY_SHORT, skip_name_positions=False) == {1: 1, 2: 2, 4: 3, 5: 4, 6: 5}
+    assert align_positions(ORIGINAL, COPY_LONG, skip_name_positions=False) == {1: 1, 2: 2, 4: 5, 5: 6, 6: 7}
+
+
+def test_only_answer_positions_are_aligned_in_a_question_answer_document():
+    # <s> Q : | Mara Lund was born </s>, the answer from index 3 (labels -100 before it). Official TOFU teacher:
+    # positions from num_added_tok - 1 = 2 (the one predicting the answer's first token); the question's
+    # position 1 is not trained, so the document's loss is a mean over 3 positions, not 4.
+    labels = [-100, -100, -100, 10, 11, 7, 8, 1]
+    original = _doc(ORIGINAL.ids, ORIGINAL.name_token, [(3, False)], question=True, labels=labels)
+    copy = _doc(COPY_SHORT.ids, COPY_SHORT.name_token, [(3, False)], question=True, labels=[-100] * 3 + [20, 7, 8, 1])
+    assert align_positions(original, copy) == {2: 2, 5: 4, 6: 5}
 
 
 def test_alignment_skips_an_added_prompt():
@@ -89,9 +106,17 @@ def test_alignment_with_a_real_tokenizer_reads_the_same_next_token(tokenizer):
                 assert copy.name_token[j + 1]
             else:
                 assert original.ids[i + 1] == copy.ids[j + 1]
-        # Every position outside the names that predicts a non-name token is aligned (nothing is lost).
-        expected = [i for i in range(len(original.ids) - 1) if not original.name_token[i]]
+        # Every answer position outside the names is aligned, from the one predicting the answer's first token
+        # (official TOFU teacher: num_added_tok - 1); the question's positions and position 0 are not.
+        assert original.question and original.answer_start > 10
+        start = original.answer_start - 1
+        expected = [i for i in range(start, len(original.ids) - 1) if not original.name_token[i]]
         assert sorted(pairs) == expected
+        passage = encode_document(tokenizer, "", target, "Mara Lund")  # a passage (no question): from position 1
+        passage_copy = encode_document(tokenizer, "", replace_name(target, "Mara Lund", name), name)
+        assert sorted(align_positions(passage, passage_copy)) == [
+            i for i in range(1, len(passage.ids) - 1) if not passage.name_token[i]
+        ]
     assert len(original.mention_starts) == 3 and [e for _, e in original.mention_starts] == [False, True, True]
 
 
@@ -131,8 +156,9 @@ def test_counterfactual_average_is_the_mean_over_common_positions():
 
 
 def test_later_mentions_keep_the_target_name_first_mention_does_not():
-    # ids: <s> the(5) Mara(10) said(6) Mara(10) </s>; the first mention starts at 2, a later one at 4.
-    doc = _doc([0, 5, 10, 6, 10, 1], [0, 0, 1, 0, 1, 0], [(2, False), (4, True)])
+    # ids: <s> the(5) Mara(10) said(6) Mara(10) </s>; the first mention starts at 2, a later one at 4. A
+    # question/answer document (TOFU's format): the official leaves the first appearance alone there only.
+    doc = _doc([0, 5, 10, 6, 10, 1], [0, 0, 1, 0, 1, 0], [(2, False), (4, True)], question=True)
     # Each copy at positions 1 (predicting the first mention) and 3 (predicting the later one) puts 0.6 on its
     # own name's first token (20 for copy A, 21 for copy B); vocabulary of 22.
     rows = []
@@ -150,6 +176,59 @@ def test_later_mentions_keep_the_target_name_first_mention_does_not():
     assert torch.isclose(probs[1, 7], torch.tensor(0.4, dtype=torch.float64))
     _, plain = counterfactual_average(doc, copies, change_name_back=False)
     assert plain[1, 10] == 0
+    # A passage (WPU's format): the official moves the mass at the first appearance too.
+    passage = _doc(doc.ids, doc.name_token, doc.mention_starts, question=False)
+    _, moved = counterfactual_average(passage, copies, change_name_back=True)
+    assert torch.isclose(moved[0, 10], torch.tensor(0.6 - MOVE_FLOOR, dtype=torch.float64)) and moved[0, 20] < 1e-7
+
+
+def test_majority_rule_counts_spaced_and_bare_first_tokens_apart():
+    # <s> Mara(10) left(5) and(6) then(7) </s>: the target was mentioned at 1; position 3 predicts "then" (7),
+    # no mention. Four copies; each copy n has its own spaced first token 20 + n and bare one 30 + n. Copies 0 and
+    # 1 put 0.3 on their spaced token, copy 2 on its bare one, copy 3 neither (0.3 elsewhere, on token 8).
+    doc = _doc([0, 10, 5, 6, 7, 1], [0, 1, 0, 0, 0, 0], [(1, False)])
+    copies = []
+    for n, kind in enumerate(("spaced", "spaced", "bare", None)):
+        row = torch.zeros(40, dtype=torch.float64)
+        row[7] = 0.7
+        row[{"spaced": 20 + n, "bare": 30 + n, None: 8}[kind]] = 0.3
+        copies.append(CopyPrediction({3: 0}, row[None], {20 + n, 30 + n}, {20 + n}, {30 + n}))
+    # Spaced votes 2, bare 1: neither is more than half of 4 (official n_w_prefix / n_wo_prefix); together (3)
+    # they would be, the rule before issue 29. So nothing moves: the plain mean.
+    _, probs = counterfactual_average(doc, copies, target_first=(11, 12))
+    assert (
+        probs[0, 11] == 0
+        and probs[0, 12] == 0
+        and torch.isclose(probs[0, 20], torch.tensor(0.075, dtype=torch.float64))
+    )
+    # A third spaced vote: 3 of 4, so every copy's name mass (both kinds) moves to the target's spaced token 11.
+    row = torch.zeros(40, dtype=torch.float64)
+    row[7], row[23] = 0.7, 0.3
+    copies[3] = CopyPrediction({3: 0}, row[None], {23, 33}, {23}, {33})
+    _, probs = counterfactual_average(doc, copies, target_first=(11, 12))
+    assert torch.isclose(probs[0, 11], torch.tensor(0.3 - 1e-8, dtype=torch.float64), atol=1e-12)
+    # Three bare votes instead: the mass goes to the target's bare token 12.
+    bare = []
+    for n in range(4):
+        row = torch.zeros(40, dtype=torch.float64)
+        row[7], row[30 + n if n < 3 else 8] = 0.7, 0.3
+        bare.append(CopyPrediction({3: 0}, row[None], {20 + n, 30 + n}, {20 + n}, {30 + n}))
+    _, probs = counterfactual_average(doc, bare, target_first=(11, 12))
+    assert torch.isclose(probs[0, 12], torch.tensor(0.225 - 0.75e-8, dtype=torch.float64), atol=1e-12)
+    assert probs[0, 11] == 0
+
+
+def test_autojunk_is_on_as_in_the_official_alignment():
+    # A repetitive passage of 245 tokens: <s>, the name (10), "a b" x 120, the name again, "c" (7), </s>; the copy
+    # has the name 20. difflib's autojunk (on by default, as the official SequenceMatcher(None, a, b)) drops the
+    # tokens making up more than 1 % of a 200+ token sequence from its index: "a" and "b" can only extend a match
+    # found on another token, and the run between the two names has none, so only "c" aligns. Off: all 240 more.
+    ids = [0, 10] + [5, 6] * 120 + [10, 7, 1]
+    name = [0, 1] + [0] * 240 + [1, 0, 0]
+    original = _doc(ids, name, [(1, False), (242, True)])
+    copy = _doc([0, 20] + [5, 6] * 120 + [20, 7, 1], name, [(1, False), (242, True)])
+    assert align_positions(original, copy) == {243: 243}
+    assert len(align_positions(original, copy, autojunk=False)) == 241  # positions 2..241 and 243
 
 
 def test_whp_generic_logits_by_hand():
@@ -169,7 +248,7 @@ def test_n1_causal_teacher_with_the_whp_offset_is_the_whp_target():
     generic = whp_generic_logits(base_copy[[pairs[i] for i in order]], reinforced[order], 2.0)
     one_copy = CopyPrediction({i: k for k, i in enumerate(order)}, torch.softmax(generic, -1), {20})
     n1_positions, n1_probs = counterfactual_average(ORIGINAL, [one_copy])
-    assert positions == n1_positions == [0, 1, 2, 5, 6]
+    assert positions == n1_positions == [1, 2, 5, 6]
     assert torch.equal(labels, n1_probs.argmax(-1))
     assert torch.equal(labels, generic.argmax(-1))  # no later mention here: the name rule changes nothing
 
@@ -226,9 +305,12 @@ def test_bad_flags_are_config_errors(tmp_path):
 
 
 # 4 people, one of them unlearned; the model to unlearn is the 2 x 64 preset trained on all 36 documents per step.
+# lr 5e-4: since the teacher trains answer positions only (official, issue 29), each question/answer document's KL
+# is a mean over about half as many positions, so its step on them is about twice as large; at the former 1e-3 the
+# causal student's retain accuracy fell from 0.79 to 0.62 on this run (0.83 at 5e-4; forget accuracy still falls).
 TINY = ["--base-preset", "student", "--n-people", "4", "--n-targets", "1", "--teacher-steps", "60",
         "--base-batch-size", "36", "--base-lr", "2e-2", "--skip-retain-model", "--steps", "10", "--batch-size", "9",
-        "--lr", "1e-3", "--reinforce-steps", "5", "--n-counterfactual", "3", "--compare", "causal,ga",
+        "--lr", "5e-4", "--reinforce-steps", "5", "--n-counterfactual", "3", "--compare", "causal,ga",
         "--max-new-tokens", "16"]  # fmt: skip
 
 

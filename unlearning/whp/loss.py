@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,12 @@ class EncodedDoc:
     name_token: list[bool]
     mention_starts: list[tuple[int, bool]]
     n_prefix: int = 0  # tokens of an added counterfactual prompt (never aligned)
+    question: bool = False  # a question/answer document (TOFU's format); False: a passage (WPU's)
+
+    @property
+    def answer_start(self) -> int:
+        """Index of the first trained token (the answer's first token; after BOS for a passage)."""
+        return next((k for k, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.ids))
 
 
 def _encode_piece(tokenizer, text: str, spans: list[tuple[int, int, str]]) -> tuple[list[int], list[bool], list[int]]:
@@ -138,7 +144,7 @@ def encode_document(tokenizer, prompt: str, target: str, name: str, prefix: str 
     labels.append(tokenizer.eos_token_id)
     in_name.append(False)
     mention_starts = [(s, k > 0) for k, s in enumerate(starts)]  # k > 0: an earlier mention exists
-    return EncodedDoc(ids, labels, in_name, mention_starts, n_prefix if prefix else 0)
+    return EncodedDoc(ids, labels, in_name, mention_starts, n_prefix if prefix else 0, question=bool(prompt))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,42 +152,65 @@ def encode_document(tokenizer, prompt: str, target: str, name: str, prefix: str 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def align_positions(original: EncodedDoc, copy: EncodedDoc, skip_name_positions: bool = True) -> dict[int, int]:
+def align_positions(
+    original: EncodedDoc, copy: EncodedDoc, skip_name_positions: bool = True, autojunk: bool = True
+) -> dict[int, int]:
     """{original position: copy position} for the positions whose predictions correspond.
 
     The two id sequences are matched with difflib (matching blocks of at least two tokens, as the official
-    teacher.py). Inside a block of length s starting at (a, b), position a+k reads the same token as b+k after a
-    prefix that differs only by the name. The last position of a block predicts the first token of what follows
-    it, often the first token of a name: it is kept (that is where knowing the name shows), and the name
-    handling of `move_to_original_name` decides what the teacher says there. Positions whose input token is
-    part of a name (the name's own continuation) are skipped with `skip_name_positions` (official
-    change_name_back=True). Positions inside an added counterfactual prompt are never aligned."""
-    matcher = difflib.SequenceMatcher(None, original.ids, copy.ids, autojunk=False)
+    teacher.py, with difflib's default autojunk: on a sequence of 200 tokens or more, tokens making up over 1 % of
+    it are junk and cannot start a match; `autojunk=False` turns that off). Inside a block of length s starting at
+    (a, b), position a+k reads the same token as b+k after a prefix that differs only by the name. A block that
+    starts right after a name is extended back by one (official: `a_start = block.a - 1`): the name's last token
+    predicts the same continuation in both. The last position of a block predicts the first token of what follows
+    it, often the first token of a name: it is kept (that is where knowing the name shows), and the name handling
+    of `move_to_original_name` decides what the teacher says there. Positions whose input token is part of a name
+    are skipped with `skip_name_positions` (official change_name_back=True: `forget_target_indices`; without it
+    the name's last token stays). As the official code: only positions from the one predicting the answer's first
+    token are aligned (`num_added_tok - 1`; a passage: all), position 0 never (the official loss masks index 0 as
+    padding), nor positions inside an added counterfactual prompt."""
+    matcher = difflib.SequenceMatcher(None, original.ids, copy.ids, autojunk=autojunk)
+    first = max(copy.answer_start - 1, copy.n_prefix, 1)  # the copy side, as the official num_added_tok
     pairs: dict[int, int] = {}
     for a, b, size in matcher.get_matching_blocks():
         if size < 2:
             continue
-        for k in range(size):
+        start = 0
+        if a > 0 and b > 0 and original.name_token[a - 1] and not original.name_token[a] and copy.name_token[b - 1]:
+            start = -1  # the name's last token predicts what follows the name
+        for k in range(start, size):
             i, j = a + k, b + k
-            if j < copy.n_prefix or i < original.n_prefix or i >= len(original.ids) - 1:
-                continue  # the last token (EOS) predicts nothing
+            if j < first or i < max(original.n_prefix, 1) or i >= len(original.ids) - 1:
+                continue  # before the answer, position 0, the prompt option, or the EOS (predicts nothing)
             if skip_name_positions and original.name_token[i]:
                 continue
             pairs[i] = j
     return pairs
 
 
-def first_token_ids(tokenizer, name: str) -> set[int]:
-    """The ids a name's words can start with: each word's first token, with and without a leading space
-    (official replace_person_first_token_ids: 'w_prefix' and 'wo_prefix')."""
-    ids = set()
+def first_token_sets(tokenizer, name: str) -> tuple[set[int], set[int]]:
+    """The ids a name's words can start with, (with a leading space, without): each word's first token (official
+    replace_person_first_token_ids: 'w_prefix' and 'wo_prefix', counted apart by the majority rule)."""
+    spaced, bare = set(), set()
     for word in name.split():
-        for text in (word, " " + word):
+        for text, ids in ((" " + word, spaced), (word, bare)):
             tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
             # A bare space piece (a byte-level BPE may split " Yu" into " ", "Y", "u") is no part of the name.
             if tokens and tokenizer.decode(tokens[:1]).strip():
                 ids.add(tokens[0])
-    return ids
+    return spaced, bare
+
+
+def first_token_ids(tokenizer, name: str) -> set[int]:
+    """Both sets of `first_token_sets` together (official 'all': what `move_to_original_name` moves)."""
+    spaced, bare = first_token_sets(tokenizer, name)
+    return spaced | bare
+
+
+def name_first_tokens(tokenizer, name: str) -> tuple[int, int]:
+    """The target's own first token (with a leading space, without), where the majority rule moves the mass
+    (official original_w_prefix / original_wo_prefix: the first token of the title)."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (" " + name, name))
 
 
 def move_to_original_name(probs: torch.Tensor, original_id: int, replacement_ids: set[int]) -> torch.Tensor:
@@ -215,17 +244,27 @@ class CopyPrediction:
 
     positions: dict[int, int]  # original position -> row of `probs`
     probs: torch.Tensor  # (n_aligned, V)
-    replacement_ids: set[int]  # first-token ids of the name this copy used
+    replacement_ids: set[int]  # first-token ids of the name this copy used (both kinds: what moves)
+    spaced_ids: set[int] | None = None  # those with a leading space (None: replacement_ids less bare_ids)
+    bare_ids: set[int] = field(default_factory=set)  # those without one
 
 
 def copy_prediction(
-    original: EncodedDoc, copy: EncodedDoc, copy_probs: torch.Tensor, replacement_ids: set[int], skip_name: bool = True
+    original: EncodedDoc,
+    copy: EncodedDoc,
+    copy_probs: torch.Tensor,
+    replacement_ids: set[int],
+    skip_name: bool = True,
+    first_sets: tuple[set[int], set[int]] | None = None,
+    autojunk: bool = True,
 ) -> CopyPrediction:
-    """Gather a copy's (T_copy, V) probabilities at the copy positions aligned to original positions."""
-    pairs = align_positions(original, copy, skip_name)
+    """Gather a copy's (T_copy, V) probabilities at the copy positions aligned to original positions.
+    `first_sets`: the replacement name's first tokens (spaced, bare) for the majority rule (first_token_sets)."""
+    pairs = align_positions(original, copy, skip_name, autojunk)
     order = sorted(pairs)
     rows = copy_probs[[pairs[i] for i in order]] if order else copy_probs[:0]
-    return CopyPrediction({i: k for k, i in enumerate(order)}, rows, replacement_ids)
+    spaced, bare = first_sets if first_sets is not None else (None, set())
+    return CopyPrediction({i: k for k, i in enumerate(order)}, rows, replacement_ids, spaced, bare)
 
 
 def counterfactual_average(
@@ -233,15 +272,23 @@ def counterfactual_average(
     copies: list[CopyPrediction],
     change_name_back: bool = True,
     always_move: bool = False,
+    target_first: tuple[int, int] | None = None,
+    keep_first_mention: bool | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """(positions, (P, V) teacher probabilities): the mean of the copies' distributions over the positions that
     every copy aligns (official: the intersection of matched indices, then the mean over the N copies).
 
-    With `change_name_back`, at a position predicting a later mention of the target's name (not its first
-    appearance), or where more than half of the copies give a first token of their replacement name more than
-    0.1 probability while the target was already mentioned, each copy's replacement-name mass moves to the
-    original name's token before averaging. `always_move` (the counterfactual prompt option: the name was
-    named in the copy's prompt) applies the majority rule even before the first mention, as the official code."""
+    With `change_name_back` (official teacher.py), two rules move each copy's mass on its replacement name's first
+    tokens to a token of the target before averaging:
+    - anchor: at a position predicting a mention of the target, to the target's token there; the first appearance
+      is left alone only for a question/answer document (`keep_first_mention`, default `original.question`: the
+      official skips it on TOFU only);
+    - majority: where more than half of the copies give a first token of their name with a leading space more than
+      0.1, to the target's first token with a space (`target_first[0]`); else, where more than half do so without
+      the space, to the one without (`target_first[1]`); the two kinds are counted apart, as the official
+      n_w_prefix / n_wo_prefix; only after the target was mentioned, unless `always_move` (the counterfactual
+      prompt option, which names it: official). `target_first` None: the first token of the document's first
+      mention for both."""
     if not copies:
         raise ValueError("counterfactual_average needs at least one copy")
     common = sorted(set.intersection(*(set(c.positions) for c in copies)))
@@ -249,25 +296,39 @@ def counterfactual_average(
     if stacked is None:
         return [], copies[0].probs[:0]
     if change_name_back:
+        keep_first = original.question if keep_first_mention is None else keep_first_mention
+        if target_first is None:
+            first_token = _original_first_token(original)
+            target_first = (first_token, first_token)
         first_mention = min((s for s, _ in original.mention_starts), default=len(original.ids))
-        later_starts = {s for s, earlier in original.mention_starts if earlier}
+        anchors = {s for s, earlier in original.mention_starts if earlier or not keep_first}
         for p, i in enumerate(common):
-            nxt = original.ids[i + 1]
             mentioned = first_mention <= i
-            anchor = i + 1 in later_starts or (always_move and (i + 1) in {s for s, _ in original.mention_starts})
-            votes = sum(bool((c.probs[c.positions[i], list(c.replacement_ids)] > MOVE_THRESHOLD).any()) for c in copies)
-            majority = votes > 0.5 * len(copies) and (mentioned or always_move)
-            if anchor or majority:
-                target_id = nxt if anchor else _original_first_token(original, nxt)
-                if target_id is None:
-                    continue
-                for n, c in enumerate(copies):
-                    stacked[n, p] = move_to_original_name(stacked[n, p], target_id, c.replacement_ids)
+            target_id = original.ids[i + 1] if i + 1 in anchors else None
+            if target_id is None and (mentioned or always_move):
+                for kind, gt in enumerate(target_first):  # 0: with a leading space, 1: without
+                    votes = sum(_predicts_own_name(c, i, kind) for c in copies)
+                    if votes > 0.5 * len(copies):
+                        target_id = gt
+                        break
+            if target_id is None:
+                continue
+            for n, c in enumerate(copies):
+                stacked[n, p] = move_to_original_name(stacked[n, p], target_id, c.replacement_ids)
     return common, stacked.mean(dim=0)  # Eq.: (1/N) sum_n p_n
 
 
-def _original_first_token(original: EncodedDoc, next_id: int) -> int | None:
-    """The original name's first token for the majority rule: the first token of the document's first mention."""
+def _predicts_own_name(copy: CopyPrediction, position: int, kind: int) -> bool:
+    """Whether the copy gives a first token of its name of this kind (0: spaced, 1: bare) more than 0.1."""
+    if kind == 1:
+        ids = copy.bare_ids
+    else:
+        ids = copy.spaced_ids if copy.spaced_ids is not None else copy.replacement_ids - copy.bare_ids
+    return bool(ids) and bool((copy.probs[copy.positions[position], list(ids)] > MOVE_THRESHOLD).any())
+
+
+def _original_first_token(original: EncodedDoc) -> int | None:
+    """The first token of the document's first mention (when the target's own first tokens are not given)."""
     if not original.mention_starts:
         return None
     return original.ids[original.mention_starts[0][0]]
@@ -281,6 +342,9 @@ def whp_labels(
     alpha: float,
     replacement_ids: set[int],
     change_name_back: bool = True,
+    first_sets: tuple[set[int], set[int]] | None = None,
+    target_first: tuple[int, int] | None = None,
+    autojunk: bool = True,
 ) -> tuple[list[int], torch.Tensor]:
     """(positions, (P,) generic labels) of WHP with one anchored-term translation (the copy).
 
@@ -288,12 +352,15 @@ def whp_labels(
     the reinforced model on the original text. The generic prediction is the argmax of Eq. (1), after the name
     mapping (a later mention of the target keeps the target's name, as in the causal teacher): that is, N = 1 of
     the causal teacher on the distribution softmax(v_generic)."""
-    pairs = align_positions(original, copy, True)
+    pairs = align_positions(original, copy, True, autojunk)
     order = sorted(pairs)
     base = baseline_copy_logits[[pairs[i] for i in order]]  # (P, V)
     generic = whp_generic_logits(base.float(), reinforced_logits[order].float(), alpha)
-    pred = CopyPrediction({i: k for k, i in enumerate(order)}, torch.softmax(generic, -1), replacement_ids)
-    positions, probs = counterfactual_average(original, [pred], change_name_back)
+    spaced, bare = first_sets if first_sets is not None else (None, set())
+    pred = CopyPrediction(
+        {i: k for k, i in enumerate(order)}, torch.softmax(generic, -1), replacement_ids, spaced, bare
+    )
+    positions, probs = counterfactual_average(original, [pred], change_name_back, target_first=target_first)
     return positions, probs.argmax(-1)
 
 

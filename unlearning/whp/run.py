@@ -47,7 +47,9 @@ from unlearning.whp.loss import (
     counterfactual_average,
     encode_document,
     first_token_ids,
+    first_token_sets,
     kl_to_teacher_sums,
+    name_first_tokens,
     npo_loss,
     replace_name,
     sequence_nll,
@@ -170,6 +172,13 @@ class UnlearnConfig:
     change_name_back: bool = field(
         default=True,
         metadata={"help": "move the copies' mass on their own name to the target's name at later mentions"},
+    )
+    autojunk: bool = field(
+        default=True,
+        metadata={
+            "help": "difflib's autojunk in the token alignment (official: on; on a repetitive document of 200+ "
+            "tokens it can lose most of the alignment: --no-autojunk)"
+        },
     )
     retain_strength: float | None = field(
         default=None, metadata={"help": "weight of the retain CE term; default: the official (1 for gd/npo, else 0)"}
@@ -326,12 +335,21 @@ def causal_features(model, tokenizer, task, cfg: UnlearnConfig, device) -> list[
             )
         logits = probs_of(model, copies, tokenizer.pad_token_id, device)
         predictions: list[CopyPrediction] = [
-            copy_prediction(original, copy, torch.softmax(lg, -1), first_token_ids(tokenizer, name))
+            copy_prediction(
+                original,
+                copy,
+                torch.softmax(lg, -1),
+                first_token_ids(tokenizer, name),
+                cfg.change_name_back,
+                first_token_sets(tokenizer, name),
+                cfg.autojunk,
+            )  # fmt: skip
             for copy, lg, name in zip(copies, logits, names)
         ]
         positions, probs = counterfactual_average(
-            original, predictions, cfg.change_name_back, always_move=cfg.counterfactual_prompt
-        )
+            original, predictions, cfg.change_name_back, always_move=cfg.counterfactual_prompt,
+            target_first=name_first_tokens(tokenizer, target),
+        )  # fmt: skip
         features.append(
             {"input_ids": original.ids, "labels": original.labels, "positions": positions, "teacher": probs}
         )
@@ -353,7 +371,7 @@ def whp_features(base, reinforced, tokenizer, task, cfg: UnlearnConfig, device) 
         (reinforced_original,) = probs_of(reinforced, [original], tokenizer.pad_token_id, device)
         positions, labels = whp_labels(
             original, copy, base_copy, reinforced_original, cfg.alpha, first_token_ids(tokenizer, name),
-            cfg.change_name_back,
+            cfg.change_name_back, first_token_sets(tokenizer, name), name_first_tokens(tokenizer, target), cfg.autojunk,
         )  # fmt: skip
         features.append(
             {"input_ids": original.ids, "labels": original.labels, "positions": positions, "target_ids": labels}
