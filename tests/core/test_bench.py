@@ -469,3 +469,53 @@ def test_in_run_claim_compares_the_students_a_run_trains_beside_its_own():
     assert verdict == NOT_MEASURED  # a rival the runs never trained
     verdict, _ = beats_in_run("m", ["ce_student"], lower_is_better=True)({"m": summary}, task)
     assert verdict == NO
+
+
+# Each run script's default student start (--student-start paper) is its paper's; sources in each package README.
+# Before issue 29 every default was "init", so the "sft" lines fail on the old code.
+PAPER_STARTS = [
+    ("methods.gkd.run", [], "sft"),  # GKD: supervised fine-tuned students
+    ("methods.distillm.run", [], "sft"),  # DistiLLM: the SFT checkpoint (MiniLLM's protocol)
+    ("methods.dpkd.run", [], "sft"),  # DPKD: the official script starts from train/sft/gpt2-base
+    ("methods.vanilla.run", ["--variant", "kd", "--loss", "rkl"], "sft"),  # reverse-KL KD as MiniLLM/DistiLLM run it
+    ("methods.taid.run", [], "sft"),  # TAID: a pretrained student; the SFT student stands in for it
+    ("methods.vanilla.run", [], "init"),  # forward-KL KD (Hinton et al.): from the initial student
+    ("methods.vanilla.run", ["--variant", "sft"], "init"),
+    ("methods.vanilla.run", ["--variant", "seqkd"], "init"),  # SeqKD (Kim & Rush): trained from scratch
+    ("methods.dskd.run", [], "init"),  # DSKD: the official scripts start from the pretrained gpt2-base, not an SFT run
+    ("methods.sinkhorn.run", [], "init"),
+    ("methods.fdistill.run", [], "init"),  # f-DISTILL pre-distils by its own design (--pre-steps)
+]
+
+
+@pytest.mark.parametrize(("module", "args", "start"), PAPER_STARTS)
+def test_each_run_script_starts_its_student_where_its_paper_does(module, args, start):
+    config = planned_config(module, args)
+    assert config["ModelConfig"]["student_start"] == start  # resolved when parsed: config.json records it
+    # an explicit flag wins over the paper's default
+    other = "init" if start == "sft" else "sft"
+    assert planned_config(module, [*args, "--student-start", other])["ModelConfig"]["student_start"] == other
+
+
+def test_registry_start_flags_agree_with_the_run_scripts_defaults():
+    # The default suite plans each row with an explicit --student-start for the rows marked sft_start; that start is
+    # the run script's own default, so `python -m <module>` with the row's method flags runs the benchmark's protocol.
+    # MiniLLM's SFT start is its own --from-sft (true by default, it sets --student to the SFT student). Rows that
+    # set their start in their own flags (taid: the earlier setting, from scratch) and the controls are exempt.
+    suite = SUITES["default"]
+    checked = []
+    for m in METHODS.values():
+        if m.family != "lm" or m.control or "--student-start" in m.args:
+            continue
+        args = [a.replace("{vocab_size}", "512") for a in m.args]
+        planned = planned_config(m.module, [*args, *suite.start_args(m)])
+        default = planned_config(m.module, args)
+        start = default["ModelConfig"]["student_start"]
+        if default.get("MiniLLMConfig", {}).get("from_sft"):
+            start = "sft"
+        assert planned["ModelConfig"]["student_start"] == start == ("sft" if m.sft_start else "init"), m.name
+        checked.append(m.name)
+    assert {"kd-rkl", "gkd", "distillm", "dpkd", "minillm", "taid-from-sft", "kd-fkl", "dskd"} <= set(checked)
+    # a suite without the SFT start says init explicitly for those rows (it starts nothing from SFT)
+    assert SUITES["tiny"].start_args(METHODS["gkd"]) == ("--student-start", "init")
+    assert not SUITES["tiny"].includes(METHODS["taid-from-sft"])
