@@ -61,10 +61,10 @@ def hand_made(tmp_path):
     for seed, em in enumerate([1, 0, 2]):
         write_run(out, "kd-rkl", seed, em, 20.0, 8.0, 900.0, 20.0, 30.0, 600.0)
     for seed in range(3):  # every seed raised
-        write_record(run_folder(out, "taid", "ops", seed), "failed", "RuntimeError: boom at step 3")
+        write_record(run_folder(out, "taid-from-sft", "ops", seed), "failed", "RuntimeError: boom at step 3")
     write_run(out, "seqkd", 0, 45.0, 71.0, 2.1, 800.0, 25.0, 40.0, 700.0)
     write_record(run_folder(out, "seqkd", "ops", 1), "timeout", "timeout after 1800 s")  # seed 2: never ran
-    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid")] + [ABSENT]
+    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid-from-sft")] + [ABSENT]
     return out, methods
 
 
@@ -80,7 +80,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         "| kd-rkl | 1.0 ± 1.0 | 20.0 ± 0.0 | 8.00 ± 0.00 | 3/3 | 900 ± 0 | 20.0 ± 0.0 | 30 ± 0 | 600 ± 0 | ok |",
         "| seqkd | 45.0 | 71.0 | 2.10 | 1/3 | 800 | 25.0 | 40 | 700 "
         "| 1/3 seeds; seed 1 failed: timeout after 1800 s; seed 2 not run |",
-        "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
+        "| taid-from-sft | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
         "| absent | - | - | - | 0/3 | - | - | - | - | not implemented |",
     ]
     assert bench_report.md_row(bench_report.teacher_row(rep)) == (
@@ -95,7 +95,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         PARTLY,
         "exact_match: seqkd 45.0 vs kd-fkl 44.0 ± 4.0 (partly), sft 32.0 ± 2.0 (partly)",
     )
-    assert claims["taid"] == (NOT_MEASURED, "taid: failed")
+    assert claims["taid-from-sft"] == (NOT_MEASURED, "taid-from-sft: failed")  # TAID's claim (issue 29)
     assert claims["absent"] == ("not implemented", "")
     assert claims["sft"] == ("n/a", "")
 
@@ -124,7 +124,7 @@ def test_report_files(hand_made, tmp_path):
     assert "| phis |" not in text and "PHI-S" not in text and "| kd-fkl | Hinton" in text
     env = "_Measured on x86_64 2 cpus, torch threads 1, device cpu; python 3.11.9, torch 2.13.0, transformers 4.46.0, accelerate 1.0.0; git abc1234._"  # fmt: skip
     assert text.count(env) == 2  # above the quality table and above the claims table
-    assert "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |" in text
+    assert "| taid-from-sft | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |" in text
     # it timed 3 sft + 3 kd-fkl + 3 kd-rkl + 1 seqkd complete runs and 4 failed ones: (66 + 90 + 90 + 40 + 4) / 60
     assert "The benchmark timed 14 runs: 4.8 minutes in all." in text
     with path.with_suffix(".csv").open() as handle:
