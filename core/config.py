@@ -20,6 +20,9 @@ from transformers.hf_argparser import string_to_bool
 from core.errors import ConfigError
 from core.models import PRESETS
 
+# --student-start: "paper" stands for the method's own default (Method.student_start), replaced when parsed
+START_CHOICES = ("init", "sft", "paper")
+
 
 @dataclass
 class ModelConfig:
@@ -49,10 +52,12 @@ class ModelConfig:
         },
     )
     student_start: str = field(
-        default="init",
+        default="paper",
         metadata={
             "help": "init: the student (and every baseline) starts from --student; sft: from the cached SFT student "
-            "of the same settings, trained first (the on-policy papers' protocol: MiniLLM, DistiLLM, GKD, DPKD)"
+            "of the same settings, trained first (the on-policy papers' protocol: MiniLLM, DistiLLM, GKD, DPKD, "
+            "reverse-KL KD); paper: the start of the method's paper (core.method.Method.student_start), resolved "
+            "when the flags are parsed, so config.json and metrics.json record init or sft"
         },
     )
     tokenizer: str | None = field(
@@ -81,8 +86,8 @@ class ModelConfig:
             raise ConfigError(
                 f"--student {self.student!r} is neither a preset ({', '.join(PRESETS)}), prune:K, nor an existing folder"
             )
-        if self.student_start not in ("init", "sft"):
-            raise ConfigError(f"--student-start must be init or sft, got {self.student_start!r}")
+        if self.student_start not in START_CHOICES:
+            raise ConfigError(f"--student-start must be init, sft or paper, got {self.student_start!r}")
         if self.teacher_preset not in PRESETS:
             raise ConfigError(
                 f"--teacher-preset {self.teacher_preset!r} is unknown; choose one of {', '.join(PRESETS)}"

@@ -95,10 +95,21 @@ class Method:
     # carry both tokenizations (core.crosstok.PairCollator). A method without it needs one shared vocabulary.
     cross_tokenizer: bool = False
     description: str = ""  # for --help; default: the docstring of the run script (the module of make_loss)
+    # where its paper starts the student, used when --student-start is not given (its default, "paper"): "init"
+    # (the --student preset or folder) or "sft" (the cached SFT student of the same budget); a function of the
+    # settings where it depends on them (vanilla: reverse-KL KD starts from SFT, forward KL from scratch)
+    student_start: str | Callable[[Any], str] = "init"
 
     def __post_init__(self) -> None:
         if not self.description:
             self.description = module_doc(self.make_loss)
+
+    def paper_start(self, settings: Any) -> str:
+        """The student start of this method's paper for these settings: "init" or "sft"."""
+        start = self.student_start(settings) if callable(self.student_start) else self.student_start
+        if start not in ("init", "sft"):
+            raise ValueError(f"Method {self.name}: student_start must give init or sft, got {start!r}")
+        return start
 
     def run_name(self, settings: Any) -> str:
         return self.label(settings) if self.label else self.name

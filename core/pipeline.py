@@ -200,7 +200,15 @@ def llm_recipe(method: Method) -> Recipe:
         task=lambda shell: shell.cfg(DataConfig).task,
         label=lambda shell: method.run_name(shell.cfg(method.settings)),
         description=method.description,
+        settle=lambda shell: settle_student_start(method, shell),
     )
+
+
+def settle_student_start(method: Method, shell: RunContext) -> None:
+    """--student-start paper (the default) becomes the method's paper start (Method.student_start), in place."""
+    model_cfg = shell.cfg(ModelConfig)
+    if model_cfg.student_start == "paper":
+        model_cfg.student_start = method.paper_start(shell.cfg(method.settings))
 
 
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:

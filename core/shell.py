@@ -49,6 +49,9 @@ class Recipe:
     task: Callable[[RunContext], str] | None = None  # task name for the default run folder (default "default")
     label: Callable[[RunContext], str] | None = None  # run name from the settings (default: name)
     description: str = ""  # shown by --help
+    # fills in, right after parsing, defaults that depend on other settings (the LLM recipe: --student-start paper
+    # becomes the method's paper start), so that config.json records what the run does
+    settle: Callable[[RunContext], None] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -154,6 +157,8 @@ def parse_recipe(recipe: Recipe, argv: list[str] | None) -> RunContext:
     run = configs.pop(RunConfig)
     seeds = [c.seed for c in instances if hasattr(c, "seed")]
     ctx = RunContext(recipe.name, recipe.family, Path("."), cache_root(run), seeds[0] if seeds else 0, configs, run)
+    if recipe.settle:
+        recipe.settle(ctx)
     ctx.name = recipe.label(ctx) if recipe.label else recipe.name
     task = recipe.task(ctx) if recipe.task else "default"
     ctx.out = Path(run.out or Path("runs") / ctx.name / task / f"seed{ctx.seed}")

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = SUITES[cfg.suite]
     if excluded := [m for m in cfg.methods if not suite.includes(METHODS[m])]:
         raise ConfigError(
-            f"--methods {' '.join(excluded)}: equal-budget controls of the SFT-start rows, and suite {suite.name} "
+            f"--methods {' '.join(excluded)}: rows that exist only beside the SFT-start rows (equal-budget controls, taid-from-sft), and suite {suite.name} "
             "starts no method from the SFT student; drop them or pick a suite with the SFT start (default, smollm)"
         )
     methods = [METHODS[m] for m in (cfg.methods or METHODS) if suite.includes(METHODS[m])]

@@ -204,8 +204,9 @@ def sft_start_sentence(suite: Suite) -> str:
     controls = ", ".join(m.name for m in METHODS.values() if m.control)
     return (
         f"Protocol: {names} start from the SFT student of the same budget (`--student-start sft`: the cached SFT "
-        "run first, then the method's own steps), as their papers do; every other row starts from the same "
-        "initial student as SFT (MiniLLM and f-DISTILL start from SFT by their own defaults). So those rows have "
+        "run first, then the method's own steps), as their papers do (TAID's paper distils into a pretrained student, "
+        "for which the SFT student stands in here; each run script's default start is its paper's); every other row "
+        "starts from the same initial student as SFT (f-DISTILL starts from SFT by its own design). So those rows have "
         f"trained twice the steps of the rows from scratch; the equal-budget controls {controls} (SFT continued, "
         "and forward-KL KD, from the same SFT student) are rivals in each of their claims."
     )

@@ -2,7 +2,7 @@
 
     python -m methods.distillm.run                         # skew KL, adaptive off-policy student samples
     python -m methods.distillm.run --loss srkl             # skew reverse KL (the official scripts' other choice)
-    python -m methods.distillm.run --student SFT_FOLDER    # start every student from an SFT model (official recipe)
+    python -m methods.distillm.run --student-start init    # every student from random initialisation (default: SFT)
     python -m methods.distillm.run --init-threshold 0.5    # student samples from the start
     python -m methods.distillm.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
@@ -141,7 +141,15 @@ def make_loss(ctx: Context, cfg: DistiLLMConfig) -> MethodLoss:
     )
 
 
-METHOD = Method(name="distillm", settings=DistiLLMConfig, make_loss=make_loss, kd_baselines=DistiLLMConfig.divergences)
+# The paper starts every student from its SFT checkpoint (Ko et al. 2024, following MiniLLM's protocol; the official
+# scripts load the SFT student's folder), so by default the student starts from the cached SFT student.
+METHOD = Method(
+    name="distillm",
+    settings=DistiLLMConfig,
+    make_loss=make_loss,
+    kd_baselines=DistiLLMConfig.divergences,
+    student_start="sft",
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

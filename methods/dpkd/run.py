@@ -2,7 +2,7 @@
 
     python -m methods.dpkd.run                      # sequence level: teacher sample preferred over the student's
     python -m methods.dpkd.run --level token        # the official code: argmax tokens on teacher outputs
-    python -m methods.dpkd.run --student SFT_FOLDER # start every student from an SFT model (official recipe)
+    python -m methods.dpkd.run --student-start init # every student from random initialisation (default: SFT)
     python -m methods.dpkd.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
 The student trains on teacher outputs (one teacher sample per training prompt, generated once and cached, like
@@ -146,6 +146,7 @@ METHOD = Method(
     make_loss=make_loss,
     kd_baselines=DPKDConfig.divergences,
     label=lambda cfg: "dpkd" if cfg.level == "sequence" else "dpkd-token",
+    student_start="sft",  # the paper follows MiniLLM's protocol: the student starts from its SFT checkpoint
 )
 
 

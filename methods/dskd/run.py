@@ -30,6 +30,7 @@ from methods.dskd.align import VocabularyAlignment, mined_target_logits
 from methods.dskd.loss import cma_terms, dual_space_terms, uld_sum
 
 VARIANTS = ("dskd-cma", "dskd", "uld", "mined")
+KD_TERMS = ("t2s_kd", "t2s_ce", "s2t_kd")  # D5's sum, in the official order
 BASELINES = ("uld", "mined")
 
 
@@ -48,6 +49,10 @@ class DSKDConfig:
         metadata={"help": "divergence of the student-space term: fkl (official), rkl, jsd, tvd, skl, srkl"},
     )
     projector_lr: float = field(default=1e-3, metadata={"help": "learning rate of the projectors (official 1e-3)"})
+    kd_terms: str = field(
+        default=",".join(KD_TERMS),
+        metadata={"help": "the terms summed into the KD loss (ablation; official: all three, t2s_kd,t2s_ce,s2t_kd)"},
+    )
     compare: str = field(
         default="uld,mined", metadata={"help": "cross-tokenizer baselines trained on the same budget (uld, mined)"}
     )
@@ -63,9 +68,15 @@ class DSKDConfig:
             raise ConfigError(f"--kd-objective must be one of {', '.join(DIVERGENCES)}, got {self.kd_objective!r}")
         if not self.projector_lr > 0:
             raise ConfigError(f"--projector-lr must be positive, got {self.projector_lr}")
+        terms = self.terms()
+        if not terms or any(t not in KD_TERMS for t in terms):
+            raise ConfigError(f"--kd-terms must name some of {','.join(KD_TERMS)}, got {self.kd_terms!r}")
         unknown = [b for b in self.baselines() if b not in BASELINES]
         if unknown:
             raise ConfigError(f"--compare names unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
+
+    def terms(self) -> list[str]:
+        return [t.strip() for t in self.kd_terms.split(",") if t.strip()]
 
     def baselines(self) -> list[str]:
         return [b for b in comma_list(self.compare, "--compare") if b != self.variant]
@@ -113,6 +124,7 @@ def make_dual_space_loss(ctx: Context, cfg: DSKDConfig, cma: bool) -> MethodLoss
         torch.manual_seed(ctx.train.seed)
         projectors = Projectors(s_dim, t_dim, query=cma).to(ctx.accelerator.device)
     divergence = get_divergence(cfg.kd_objective, cfg.kd_temperature)
+    chosen = cfg.terms()
 
     def loss_fn(model, batch) -> LossOutput:
         unwrapped = ctx.accelerator.unwrap_model(model)
@@ -142,7 +154,7 @@ def make_dual_space_loss(ctx: Context, cfg: DSKDConfig, cma: bool) -> MethodLoss
                 logits[..., :vocab], hidden, t_logits, t_hidden, labels, student_head[:vocab], teacher_head[:vocab],
                 projectors.t2s, projectors.s2t, divergence, cfg.kd_temperature,
             )  # fmt: skip
-        kd = terms.t2s_kd + terms.t2s_ce + terms.s2t_kd  # D5: the official sum of the three terms
+        kd = sum(getattr(terms, t) for t in chosen)  # D5: the official sum of the three terms (--kd-terms)
         n = max(int((labels != IGNORE_INDEX).sum()), 1)
         logs = _logs(n, ce=ce, t2s_ce=terms.t2s_ce, t2s_kd=terms.t2s_kd, s2t_kd=terms.s2t_kd)
         logs["t2s_acc"] = float(terms.t2s_correct) / n

@@ -92,7 +92,14 @@ def make_loss(ctx: Context, cfg: VanillaConfig) -> MethodLoss | None:
     return MethodLoss(ctx.kd.loss(divergence, cfg.kd_ratio, features=ctx.features))
 
 
-METHOD = Method(name="vanilla", settings=VanillaConfig, make_loss=make_loss, label=label)
+def paper_start(cfg: VanillaConfig) -> str:
+    """Reverse-KL KD starts from the SFT student, as GKD's supervised-KD baselines do (Agarwal et al. 2024: every
+    student starts from its SFT checkpoint), and reverse KL from random initialisation collapses to one token
+    (methods/taid/README.md); SFT, forward-KL KD (Hinton et al.) and SeqKD (Kim & Rush) start from --student."""
+    return "sft" if cfg.variant == "kd" and cfg.loss == "rkl" else "init"
+
+
+METHOD = Method(name="vanilla", settings=VanillaConfig, make_loss=make_loss, label=label, student_start=paper_start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -61,10 +61,10 @@ def hand_made(tmp_path):
     for seed, em in enumerate([1, 0, 2]):
         write_run(out, "kd-rkl", seed, em, 20.0, 8.0, 900.0, 20.0, 30.0, 600.0)
     for seed in range(3):  # every seed raised
-        write_record(run_folder(out, "taid", "ops", seed), "failed", "RuntimeError: boom at step 3")
+        write_record(run_folder(out, "taid-from-sft", "ops", seed), "failed", "RuntimeError: boom at step 3")
     write_run(out, "seqkd", 0, 45.0, 71.0, 2.1, 800.0, 25.0, 40.0, 700.0)
     write_record(run_folder(out, "seqkd", "ops", 1), "timeout", "timeout after 1800 s")  # seed 2: never ran
-    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid")] + [ABSENT]
+    methods = [METHODS[m] for m in ("sft", "kd-fkl", "kd-rkl", "seqkd", "taid-from-sft")] + [ABSENT]
     return out, methods
 
 
@@ -80,7 +80,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         "| kd-rkl | 1.0 ± 1.0 | 20.0 ± 0.0 | 8.00 ± 0.00 | 3/3 | 900 ± 0 | 20.0 ± 0.0 | 30 ± 0 | 600 ± 0 | ok |",
         "| seqkd | 45.0 | 71.0 | 2.10 | 1/3 | 800 | 25.0 | 40 | 700 "
         "| 1/3 seeds; seed 1 failed: timeout after 1800 s; seed 2 not run |",
-        "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
+        "| taid-from-sft | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |",
         "| absent | - | - | - | 0/3 | - | - | - | - | not implemented |",
     ]
     assert bench_report.md_row(bench_report.teacher_row(rep)) == (
@@ -95,7 +95,7 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
         PARTLY,
         "exact_match: seqkd 45.0 vs kd-fkl 44.0 ± 4.0 (partly), sft 32.0 ± 2.0 (partly)",
     )
-    assert claims["taid"] == (NOT_MEASURED, "taid: failed")
+    assert claims["taid-from-sft"] == (NOT_MEASURED, "taid-from-sft: failed")  # TAID's claim (issue 29)
     assert claims["absent"] == ("not implemented", "")
     assert claims["sft"] == ("n/a", "")
 
@@ -124,7 +124,7 @@ def test_report_files(hand_made, tmp_path):
     assert "| phis |" not in text and "PHI-S" not in text and "| kd-fkl | Hinton" in text
     env = "_Measured on x86_64 2 cpus, torch threads 1, device cpu; python 3.11.9, torch 2.13.0, transformers 4.46.0, accelerate 1.0.0; git abc1234._"  # fmt: skip
     assert text.count(env) == 2  # above the quality table and above the claims table
-    assert "| taid | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |" in text
+    assert "| taid-from-sft | - | - | - | 0/3 | - | - | - | - | failed: RuntimeError: boom at step 3 |" in text
     # it timed 3 sft + 3 kd-fkl + 3 kd-rkl + 1 seqkd complete runs and 4 failed ones: (66 + 90 + 90 + 40 + 4) / 60
     assert "The benchmark timed 14 runs: 4.8 minutes in all." in text
     with path.with_suffix(".csv").open() as handle:
@@ -469,3 +469,53 @@ def test_in_run_claim_compares_the_students_a_run_trains_beside_its_own():
     assert verdict == NOT_MEASURED  # a rival the runs never trained
     verdict, _ = beats_in_run("m", ["ce_student"], lower_is_better=True)({"m": summary}, task)
     assert verdict == NO
+
+
+# Each run script's default student start (--student-start paper) is its paper's; sources in each package README.
+# Before issue 29 every default was "init", so the "sft" lines fail on the old code.
+PAPER_STARTS = [
+    ("methods.gkd.run", [], "sft"),  # GKD: supervised fine-tuned students
+    ("methods.distillm.run", [], "sft"),  # DistiLLM: the SFT checkpoint (MiniLLM's protocol)
+    ("methods.dpkd.run", [], "sft"),  # DPKD: the official script starts from train/sft/gpt2-base
+    ("methods.vanilla.run", ["--variant", "kd", "--loss", "rkl"], "sft"),  # reverse-KL KD as MiniLLM/DistiLLM run it
+    ("methods.taid.run", [], "sft"),  # TAID: a pretrained student; the SFT student stands in for it
+    ("methods.vanilla.run", [], "init"),  # forward-KL KD (Hinton et al.): from the initial student
+    ("methods.vanilla.run", ["--variant", "sft"], "init"),
+    ("methods.vanilla.run", ["--variant", "seqkd"], "init"),  # SeqKD (Kim & Rush): trained from scratch
+    ("methods.dskd.run", [], "init"),  # DSKD: the official scripts start from the pretrained gpt2-base, not an SFT run
+    ("methods.sinkhorn.run", [], "init"),
+    ("methods.fdistill.run", [], "init"),  # f-DISTILL pre-distils by its own design (--pre-steps)
+]
+
+
+@pytest.mark.parametrize(("module", "args", "start"), PAPER_STARTS)
+def test_each_run_script_starts_its_student_where_its_paper_does(module, args, start):
+    config = planned_config(module, args)
+    assert config["ModelConfig"]["student_start"] == start  # resolved when parsed: config.json records it
+    # an explicit flag wins over the paper's default
+    other = "init" if start == "sft" else "sft"
+    assert planned_config(module, [*args, "--student-start", other])["ModelConfig"]["student_start"] == other
+
+
+def test_registry_start_flags_agree_with_the_run_scripts_defaults():
+    # The default suite plans each row with an explicit --student-start for the rows marked sft_start; that start is
+    # the run script's own default, so `python -m <module>` with the row's method flags runs the benchmark's protocol.
+    # MiniLLM's SFT start is its own --from-sft (true by default, it sets --student to the SFT student). Rows that
+    # set their start in their own flags (taid: the earlier setting, from scratch) and the controls are exempt.
+    suite = SUITES["default"]
+    checked = []
+    for m in METHODS.values():
+        if m.family != "lm" or m.control or "--student-start" in m.args:
+            continue
+        args = [a.replace("{vocab_size}", "512") for a in m.args]
+        planned = planned_config(m.module, [*args, *suite.start_args(m)])
+        default = planned_config(m.module, args)
+        start = default["ModelConfig"]["student_start"]
+        if default.get("MiniLLMConfig", {}).get("from_sft"):
+            start = "sft"
+        assert planned["ModelConfig"]["student_start"] == start == ("sft" if m.sft_start else "init"), m.name
+        checked.append(m.name)
+    assert {"kd-rkl", "gkd", "distillm", "dpkd", "minillm", "taid-from-sft", "kd-fkl", "dskd"} <= set(checked)
+    # a suite without the SFT start says init explicitly for those rows (it starts nothing from SFT)
+    assert SUITES["tiny"].start_args(METHODS["gkd"]) == ("--student-start", "init")
+    assert not SUITES["tiny"].includes(METHODS["taid-from-sft"])

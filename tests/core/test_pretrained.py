@@ -508,7 +508,7 @@ def test_decoding_and_start_flags():
                        ({"eval_seeds": ","}, "at least one seed")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             EvalConfig(**bad)
-    with pytest.raises(ConfigError, match="--student-start must be init or sft"):
+    with pytest.raises(ConfigError, match="--student-start must be init, sft or paper"):
         ModelConfig(student_start="teacher")
 
 

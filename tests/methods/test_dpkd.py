@@ -137,7 +137,9 @@ def _log(out):
 
 def test_end_to_end_sequence_level(tmp_path):
     out = tmp_path / "dpkd"
-    metrics = main([*TINY, "--sample-max-new-tokens", "6", "--out", str(out)])
+    # from random initialisation, where the loss must fall within 30 steps (the default start, the SFT student of
+    # issue 29, is already near its optimum on this tiny budget, so its loss need not fall)
+    metrics = main([*TINY, "--student-start", "init", "--sample-max-new-tokens", "6", "--out", str(out)])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["method"] == "dpkd" and set(saved["eval"]) == {"student", "teacher", "sft_student"}
     assert saved == json.loads(json.dumps(metrics))
@@ -150,7 +152,9 @@ def test_end_to_end_sequence_level(tmp_path):
 
 def test_end_to_end_token_level(tmp_path):
     out = tmp_path / "token"
-    metrics = main([*TINY, "--level", "token", "--sample-max-new-tokens", "6", "--out", str(out)])
+    metrics = main(
+        [*TINY, "--student-start", "init", "--level", "token", "--sample-max-new-tokens", "6", "--out", str(out)]
+    )
     assert metrics["method"] == "dpkd-token"
     log = _log(out)
     assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])

@@ -351,7 +351,8 @@ def test_cma_learns_to_attend_to_the_teacher_token_with_the_same_word():
     "bad, match",
     [({"variant": "cma"}, "--variant"), ({"kd_rate": 1.5}, "--kd-rate"), ({"kd_temperature": 0.0}, "--kd-temperature"),
      ({"kd_objective": "kl"}, "--kd-objective"), ({"projector_lr": 0.0}, "--projector-lr"),
-     ({"compare": "uld,seqkd"}, "unknown baselines")],
+     ({"compare": "uld,seqkd"}, "unknown baselines"), ({"kd_terms": "t2s_kd,ce"}, "--kd-terms"),
+     ({"kd_terms": ","}, "--kd-terms")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):

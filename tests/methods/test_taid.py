@@ -137,10 +137,12 @@ def test_bad_settings(bad, match):
 def test_end_to_end_run_with_resume(tmp_path):
     straight = main([*TINY, "--out", str(tmp_path / "straight"), "--alpha", "0.01"])
     assert set(straight["eval"]) == {"student", "teacher", "sft_student", "kd_fkl_student"}  # default --compare fkl
+    # the paper's start (a trained student; here the SFT student, issue 29): from there the loss, the CE to a target
+    # that moves from the student towards the teacher as t grows, need not fall, so it is not asserted
+    assert straight["student_start"] == "sft"
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     ts = [r["t"] for r in log]
     assert len(log) == 30 and ts[0] == 0.4 and all(b >= a for a, b in zip(ts, ts[1:])) and ts[-1] > 0.9
-    assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
     assert (tmp_path / "straight" / "taid_schedule.png").stat().st_size > 1000
     # Interrupted after 12 steps, then resumed by the same command: same t and loss at every step.
     assert main([*TINY, "--out", str(tmp_path / "split"), "--alpha", "0.01", "--stop-after", "12"]) == {}
