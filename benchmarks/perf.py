@@ -907,7 +907,9 @@ def header() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="loss,step,cache,gen", help="comma-separated sections: loss, step, cache, gen")
+    parser.add_argument(
+        "--only", default="loss,step,cache,gen", help="comma-separated sections: loss, step, cache, gen"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument(
         "--smoke", action="store_true", help="every case at toy sizes, in this process: checks that they run (seconds)"
