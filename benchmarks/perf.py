@@ -6,6 +6,7 @@
     python benchmarks/perf.py --only loss --quick # one section, small sizes, one repeat
     python benchmarks/perf.py --smoke             # every case at toy sizes, in this process (seconds; a test)
     python benchmarks/perf.py --only real --out /tmp/real.md   # SmolLM2 -> prune:6 on Dolly (a few minutes)
+    python benchmarks/perf.py --only gen [--gen-smollm]  # sampling: lean loop vs reference loop vs forward floor
 
 Writes benchmarks/perf_results.md (or --out) with the machine, versions and git revision, and prints it.
 
@@ -770,6 +771,8 @@ def run_case(case: dict) -> dict:
         return cache_bytes_case(**case)
     if kind == "real":
         return real_case(**case)
+    if kind == "generation":
+        return generation_case(**case)
     raise ValueError(kind)
 
 
@@ -980,6 +983,161 @@ def section_cache(quick: bool, steps: int, warmup: int, rounds: int, log, k: int
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Generation (issue 31): sampled tokens/s of core.generate, lean loop against the reference loop, and the forward
+# ----------------------------------------------------------------------------------------------------------------
+
+# The embedded task's models and MiniLLM's rollout shape: teacher 4 x 256, student 2 x 64, vocabulary 512,
+# 32 prompts of 7-10 tokens, 12 new tokens. SmolLM2: the real-LLM pair, 8 prompts of 48-64 tokens, 32 new tokens.
+GEN_SHAPES = {
+    "embedded": dict(vocab=512, batch=32, prompt=(7, 10), new=12),
+    "smollm2": dict(vocab=None, batch=8, prompt=(48, 64), new=32),
+    "smoke": dict(vocab=64, batch=4, prompt=(3, 5), new=4),
+}
+EMBEDDED_TEACHER = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=704)
+EMBEDDED_STUDENT = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+
+
+def _gen_models(shape: str):
+    if shape == "smollm2":
+        from core.models import load_model
+        from core.pretrained import prune_layers, resolve_model_folder
+
+        cache = Path(os.environ.get("DISTILLAB_CACHE", Path(tempfile.gettempdir()) / "distillab-perf-cache"))
+        teacher = load_model(resolve_model_folder("smollm2-135m-instruct", cache))
+        return teacher.eval(), prune_layers(teacher, 6).eval(), teacher.config.vocab_size
+    vocab = GEN_SHAPES[shape]["vocab"]
+    dims = (
+        (SHAPES["smoke"].teacher, SHAPES["smoke"].student) if shape == "smoke" else (EMBEDDED_TEACHER, EMBEDDED_STUDENT)
+    )
+    return _llama(vocab, dims[0], 0).eval(), _llama(vocab, dims[1], 1).eval(), vocab
+
+
+def _forward_floor(model, ids, mask, repeats: int) -> tuple[float, float]:
+    """Median seconds of one batch x 1 token step after the prompt `ids`: the model's forward with HF's
+    DynamicCache (cropped back to the prompt after each step) and core.generate's lean step."""
+    import torch
+
+    import core.generate as G
+
+    width = ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    token, pos = ids[:, -1:], positions[:, -1:] + 1
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        decoder = G._LeanDecoder(model, width + 1)
+        decoder.prefill(ids, mask, positions)
+
+        def hf_step():
+            model(input_ids=token, attention_mask=full, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            cache.crop(-1)  # back to the prompt, so every timed step sees the same cache
+
+        def lean_step():
+            decoder.step(token[:, 0], pos[:, 0], full.bool(), width)
+
+        result = []
+        for fn in (hf_step, lean_step):
+            fn()
+            times = []
+            for _ in range(5 * repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            result.append(statistics.median(times))
+    return result[0], result[1]
+
+
+def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
+    """Sampled tokens/s of core.generate.sample_completions, the reference loop (HF generate alone; the two-model
+    loop for the mixture) and the lean loop alternately in this process, same prompts and seeds (the tokens are
+    compared); and the forward rate: one batch x 1 token forward with the KV cache, through the model's forward
+    (HF DynamicCache) and through the lean step. EOS is -1, so every row runs the full length (fixed work)."""
+    import torch
+
+    import core.generate as G
+
+    teacher, student, vocab = _gen_models(shape)
+    spec = GEN_SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = spec["prompt"]
+    lengths = torch.randint(lo, hi + 1, (spec["batch"],), generator=gen).tolist()
+    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
+    mix = {"mix_model": teacher, "mix_alpha": 0.2} if mixed else {}
+
+    def sample(fast: bool, seed: int):
+        G.FAST_DECODING = fast
+        start, cpu = time.perf_counter(), time.process_time()
+        out = G.sample_completions(student, prompts, -1, 0, spec["new"], seed=seed, **mix)
+        return time.perf_counter() - start, time.process_time() - cpu, out
+
+    sample(False, 0), sample(True, 0)  # warm-up
+    runs: dict[bool, list] = {False: [], True: []}
+    identical = True
+    for r in range(repeats):
+        ref, lean = sample(False, r + 1), sample(True, r + 1)
+        runs[False].append(ref)
+        runs[True].append(lean)
+        identical &= ref[2] == lean[2]
+    tokens = sum(len(c) for c in runs[True][0][2])
+
+    # The forward floor: batch x 1 token with a warm KV cache, for each model of the loop.
+    ids, mask = G.left_padded(prompts, 0)
+    forward = {}
+    for name, model in [("student", student), ("teacher", teacher)] if mixed else [("student", student)]:
+        forward[f"{name}_hf_s"], forward[f"{name}_lean_s"] = _forward_floor(model, ids, mask, repeats)
+    ref_s = statistics.median(r[0] for r in runs[False])
+    lean_s = statistics.median(r[0] for r in runs[True])
+    return {
+        "tokens": tokens,
+        "batch": spec["batch"],
+        "steps": spec["new"],
+        "ref_s": ref_s,
+        "lean_s": lean_s,
+        "ref_cpu_s": statistics.median(r[1] for r in runs[False]),
+        "lean_cpu_s": statistics.median(r[1] for r in runs[True]),
+        "identical": identical,
+        **forward,
+    }
+
+
+def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smollm: bool = False) -> list[str]:
+    shapes = ["smoke"] if smoke else ["embedded"] + (["smollm2"] if smollm else [])
+    lines = [
+        "## Generation: sampled tokens/s of core.generate.sample_completions (issue 31)",
+        "",
+        "Reference = the loops before issue 31 (HF `generate` alone; the two-model KV-cache loop `_sample_mixture` for",
+        "the teacher-mixed rows, alpha 0.2); lean = core.generate's lean loop (`_decode`). Both alternate in one",
+        "process on the same prompts and seeds; `same tokens` compares every sampled token. EOS never fires, so every",
+        "row samples the full length. Forward floor = tokens/s if each new token cost only the model forwards of one",
+        "batch x 1 token step with a warm KV cache (HF forward with its DynamicCache / the lean step), summed over the",
+        "loop's models: what sampling cannot beat without cheaper forwards. Median of the repeats.",
+        "",
+        "| models | sampling | batch x new | reference tok/s | lean tok/s | lean / reference | CPU s ref / lean "
+        "| same tokens | forward floor tok/s (HF / lean step) | lean / lean floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        for mixed in (False, True):
+            log(f"generation {shape} {'mixed' if mixed else 'plain'}")
+            r = child({"kind": "generation", "shape": shape, "mixed": mixed, "repeats": repeats})
+            label = "teacher-mixed" if mixed else "plain (student)"
+            if "error" in r:
+                lines.append(f"| {shape} | {label} | | {r['error']} | | | | | | |")
+                continue
+            models = ["student", "teacher"] if mixed else ["student"]
+            floor_hf = r["batch"] / sum(r[f"{m}_hf_s"] for m in models)
+            floor_lean = r["batch"] / sum(r[f"{m}_lean_s"] for m in models)
+            ref_rate, lean_rate = r["tokens"] / r["ref_s"], r["tokens"] / r["lean_s"]
+            lines.append(
+                f"| {shape} | {label} | {r['batch']} x {r['steps']} | {ref_rate:.0f} | {lean_rate:.0f} | "
+                f"{r['ref_s'] / r['lean_s']:.2f} | {r['ref_cpu_s']:.2f} / {r['lean_cpu_s']:.2f} | "
+                f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} |"
+            )
+    return lines
+
+
 def header() -> list[str]:
     import torch
     import transformers
@@ -1027,11 +1185,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", default="loss,step,cache,real", help="comma-separated sections: loss, step, cache, real"
+        "--only", default="loss,step,cache,real,gen", help="comma-separated sections: loss, step, cache, real, gen"
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument(
         "--smoke", action="store_true", help="every case at toy sizes, in this process: checks that they run (seconds)"
+    )
+    parser.add_argument(
+        "--gen-smollm", action="store_true", help="gen section: also SmolLM2-135M-Instruct and its prune:6 student"
     )
     parser.add_argument("--cache-k", type=int, default=64, help="cache section: the --teacher-cache-k measured")
     parser.add_argument("--repeats", type=int, default=3, help="loss level: repeats per case (the median is shown)")
@@ -1069,6 +1230,7 @@ def main(argv: list[str] | None = None) -> None:
             "step": lambda: section_step(quick, steps, warmup, rounds, log, shape),
             "cache": lambda: section_cache(quick, steps, warmup, rounds, log, args.cache_k, shape),
             "real": lambda: section_real(args.steps or 2, 1, log, smoke=args.smoke, k=args.cache_k),
+            "gen": lambda: section_generation(quick, repeats, log, smoke=args.smoke, smollm=args.gen_smollm),
         }
         body = sections_by_name[section]()
         lines += body + [""]

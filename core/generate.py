@@ -1,7 +1,17 @@
-"""Batched decoding (greedy or sampled) through Hugging Face `generate`, which keeps a KV cache.
+"""Batched decoding (greedy or sampled) with a KV cache: Hugging Face `generate`, or the lean loop below.
 
 Prompts are encoded exactly as in training (`core.data.encode_prompt`) and left-padded, so every row's last
 prompt token sits at the same position and positions are taken from the attention mask.
+
+The lean loop (`_decode`, issue 31) serves Llama-family models (the presets, SmolLM2, pruned students) and the
+two-model mixture: the prompt runs once through the model's own forward, its keys and values go into a cache
+preallocated for the whole completion, and each new token runs the model's own submodules (norms, projections,
+rotary embedding, the attention function that `config._attn_implementation` names) on that cache, without the
+per-step mask building, cache concatenation and output plumbing of a full forward; token ids and the attention
+mask are written into preallocated buffers. The arithmetic is the same as the full forward's, operation for
+operation, so the logits and every sampled token are bit-identical to HF `generate` (plain) and to the two-model
+loop `_sample_mixture` (mixture) under the same seed: tests/core/test_generate_fast.py. Any other model, or a
+generation config that would add logits processors, takes the old paths.
 """
 
 from __future__ import annotations
@@ -12,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from core.data import encode_prompt
 from core.precision import autocast
@@ -114,9 +130,15 @@ def sample_completions(
         else {"do_sample": False}
     )
     context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
+    fast = FAST_DECODING and all(_lean_decodable(m) for m in models) and (mixing or _neutral_generation_config(model))
     try:
-        with context, autocast(device, precision):
-            if mixing:
+        with context, autocast(device, precision), torch.inference_mode():
+            if fast:
+                out = _decode(
+                    model, mix_model if mixing else None, mix_alpha, input_ids, attention_mask, eos_token_id,
+                    pad_token_id, max_new_tokens, temperature, top_p, top_k, do_sample,
+                )  # fmt: skip
+            elif mixing:
                 out = _sample_mixture(
                     model, mix_model, mix_alpha, input_ids, attention_mask, eos_token_id, pad_token_id,
                     max_new_tokens, temperature, top_p,
@@ -207,6 +229,203 @@ def _sample_mixture(
         if done.all():
             break
     return input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lean decoding loop (issue 31): preallocated KV cache and buffers, the model's own submodules per new token
+# ----------------------------------------------------------------------------------------------------------------
+
+FAST_DECODING = True  # False: every call takes HF generate / _sample_mixture (the reference paths of the tests)
+
+# Generation-config fields that make HF generate add a logits processor, with the values that add none. A model
+# whose generation config sets any other value is decoded by HF generate itself.
+_NEUTRAL = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "top_h": (None,),
+    "min_p": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "renormalize_logits": (None, False),
+    "num_beams": (None, 1),
+    "watermarking_config": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
+
+
+def _neutral_generation_config(model: torch.nn.Module) -> bool:
+    """True when HF generate would apply no logits processor of the model's own generation config (so temperature,
+    top-k and top-p, which sample_completions always passes, are the whole processing)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return False
+    return all(getattr(config, name, None) in neutral for name, neutral in _NEUTRAL.items())
+
+
+def _lean_decodable(model: torch.nn.Module) -> bool:
+    """A Llama-family causal LM (LlamaForCausalLM: the presets, SmolLM2, pruned students) in eval mode, with SDPA or
+    eager attention and no hooks that a lean step would skip."""
+    from transformers import LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM or model.training:
+        return False
+    config = model.config
+    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    modules = [model, model.model, *model.model.layers]
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class _LeanDecoder:
+    """One model's decoding state: a KV cache preallocated for prompt + completion (per layer, batch x kv heads x
+    width x head dim), filled by the prompt's forward (`prefill`, the model's own forward) and then one column per
+    new token (`step`). A step runs exactly the operations of LlamaModel.forward for one query position (the same
+    submodules, the same HF attention function with the mask that create_causal_mask gives it), reading the cache
+    through a view instead of a concatenated copy."""
+
+    def __init__(self, model: torch.nn.Module, width: int) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        self.model, self.width = model, width
+        self.layers = list(model.model.layers[: model.config.num_hidden_layers])
+        self.eager = model.config._attn_implementation == "eager"
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            model.config._attn_implementation, eager_attention_forward
+        )
+        self.rotary = apply_rotary_pos_emb
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The prompt through the model's forward; its keys and values copied into the preallocated cache."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        length = input_ids.shape[1]
+        for layer in cache.layers[: len(self.layers)]:
+            batch, heads, _, dim = layer.keys.shape
+            keys = layer.keys.new_empty((batch, heads, self.width, dim))
+            values = layer.values.new_empty((batch, heads, self.width, dim))
+            keys[:, :, :length], values[:, :, :length] = layer.keys, layer.values
+            self.keys.append(keys)
+            self.values.append(values)
+        return out.logits[:, -1].float()
+
+    def step(
+        self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, column: int
+    ) -> torch.Tensor:
+        """Next-token logits (B, V) in float32 after feeding `tokens` (B,) at cache column `column`, positions
+        `position` (B,); `mask` (B, column + 1) bool of the columns each row attends to (None: all of them)."""
+        base = self.model.model
+        hidden = base.embed_tokens(tokens[:, None])  # (B, 1, H)
+        cos, sin = base.rotary_emb(hidden, position_ids=position[:, None])
+        if mask is not None:  # create_causal_mask's mask for one query position: (B, 1, 1, kv)
+            mask = mask[:, None, None, :]
+            if self.eager:
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min
+                )
+        batch = tokens.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            shape = (batch, 1, -1, attn.head_dim)
+            query = attn.q_proj(hidden).view(shape).transpose(1, 2)
+            key = attn.k_proj(hidden).view(shape).transpose(1, 2)
+            value = attn.v_proj(hidden).view(shape).transpose(1, 2)
+            query, key = self.rotary(query, key, cos, sin)
+            self.keys[i][:, :, column] = key[:, :, 0]
+            self.values[i][:, :, column] = value[:, :, 0]
+            out, _ = self.attention(
+                attn, query, self.keys[i][:, :, : column + 1], self.values[i][:, :, : column + 1], mask,
+                dropout=0.0, scaling=attn.scaling,
+            )  # fmt: skip
+            hidden = residual + attn.o_proj(out.reshape(batch, 1, -1).contiguous())
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = base.norm(hidden)
+        return self.model.lm_head(hidden)[:, -1].float()
+
+
+def _warpers(temperature: float, top_k: int, top_p: float) -> list:
+    """HF generate's sampling warpers for these settings, in its order (GenerationMixin._get_logits_processor)."""
+    warpers = []
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def _decode(
+    model, mix_model, mix_alpha, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens, temperature,
+    top_p, top_k, do_sample,
+) -> torch.Tensor:  # fmt: skip
+    """The lean loop. Alone (`mix_model` None) it draws as HF `generate` does (its warpers, softmax, one
+    torch.multinomial over the whole batch, or argmax); with `mix_model` it draws as `_sample_mixture` does (each
+    model's distribution at `temperature` cut to `top_p` by `nucleus`, then mixed in probability space). Finished rows get the pad
+    token and stay in the batch (the random stream of torch.multinomial, and the matrix shapes, stay those of the
+    reference paths). Returns (B, width + steps taken)."""
+    batch, width = input_ids.shape
+    total = width + max_new_tokens
+    decoders = [_LeanDecoder(m, total) for m in ([model] if mix_model is None else [model, mix_model])]
+    ids = input_ids.new_full((batch, total), pad_token_id)
+    mask = attention_mask.new_zeros((batch, total))
+    ids[:, :width], mask[:, :width] = input_ids, attention_mask
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [d.prefill(input_ids, attention_mask, positions) for d in decoders]
+    seen = attention_mask.sum(-1)  # real tokens per row so far: the next position is seen - 1 after the feed
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    padded = not bool(attention_mask.all())
+    warpers = _warpers(temperature, top_k, top_p) if do_sample else []
+    step = 0
+    for step in range(max_new_tokens):
+        if step:
+            column = width + step - 1  # the token sampled last step goes in now
+            view = mask[:, : column + 1]
+            seen = seen + view[:, column]
+            position = (seen - 1).clamp(min=0)
+            padded = padded or not bool(view[:, column].all())
+            bool_mask = view.bool() if padded else None
+            logits = [d.step(ids[:, column], position, bool_mask, column) for d in decoders]
+        if mix_model is None:
+            scores = logits[0]
+            for warp in warpers:
+                scores = warp(ids[:, : width + step], scores)
+            token = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1) if do_sample else scores.argmax(-1)
+        else:
+            # Temperature and nucleus on each model, then the mixture (as MiniLLM's official generation fork)
+            probs = (1 - mix_alpha) * nucleus(torch.softmax(logits[0] / temperature, -1), top_p)
+            probs = probs + mix_alpha * nucleus(torch.softmax(logits[1] / temperature, -1), top_p)  # (B, V)
+            token = torch.multinomial(probs, num_samples=1).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        ids[:, width + step] = token
+        mask[:, width + step] = (~done).long()
+        done |= token == eos_token_id
+        if done.all():
+            break
+    return ids[:, : width + step + 1]
 
 
 @torch.no_grad()

@@ -1,0 +1,115 @@
+"""The lean decoding loop of core.generate (issue 31): the same tokens as the reference paths (HF generate alone,
+the two-model loop `_sample_mixture` for the mixture) under fixed seeds, its KV cache against a forward without
+cache, and the cases it leaves to the reference paths."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+import core.generate as G
+from core.data import DataConfig, encode_prompt, load_ops
+from core.models import build_model
+from core.tokenizers import train_bpe
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = load_ops(DataConfig(train_size=64, eval_size=8))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 320)
+    student, teacher = build_model("tiny", tokenizer, seed=0), build_model("student", tokenizer, seed=1)
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in task.train[:9]]  # lengths differ: left padding
+    pad = tokenizer.pad_token_id
+    # An untrained model rarely samples the real EOS; take as "EOS" the token it samples most, so that rows end at
+    # different steps and the finished-row padding, masks and positions are exercised.
+    first = G.sample_completions(student, prompts, tokenizer.eos_token_id, pad, 8, seed=0)
+    eos = Counter(t for row in first for t in row).most_common(1)[0][0]
+    return student, teacher, prompts, eos, pad
+
+
+def _both(monkeypatch, fn):
+    """fn() with the reference paths, then with the lean loop."""
+    monkeypatch.setattr(G, "FAST_DECODING", False)
+    reference = fn()
+    monkeypatch.setattr(G, "FAST_DECODING", True)
+    return reference, fn()
+
+
+SETTINGS = [
+    {},
+    {"temperature": 0.7, "top_p": 0.9},
+    {"top_k": 5, "temperature": 1.5},
+    {"do_sample": False},
+    {"mix": 0.5},
+    {"mix": 1.0},
+    {"mix": 0.3, "temperature": 1.3, "top_p": 0.8},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "plain")
+def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings):
+    student, teacher, prompts, eos, pad = setup
+    settings = dict(settings)
+    mix = settings.pop("mix", 0.0)
+    if mix:
+        settings |= {"mix_model": teacher, "mix_alpha": mix}
+
+    def draw():
+        return [G.sample_completions(student, prompts, eos, pad, 8, seed=s, **settings) for s in range(4)]
+
+    reference, lean = _both(monkeypatch, draw)
+    assert lean == reference  # bit-identical tokens, seed for seed
+    ends = [len(c) for run in lean for c in run]
+    assert min(ends) < 8 and max(ends) == 8 or settings.get("do_sample") is False  # rows end at different steps
+
+
+def test_lean_loop_runs_the_full_forward_once_per_model(setup, monkeypatch):
+    # The old loops called each model's full forward once per new token; the lean loop only for the prompt.
+    student, teacher, prompts, eos, pad = setup
+    calls = Counter()
+    for name, model in (("student", student), ("teacher", teacher)):
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, _f=forward, _n=name, **k: (calls.update([_n]), _f(*a, **k))[1])
+    G.sample_completions(student, prompts, -1, pad, 6, seed=0, mix_model=teacher, mix_alpha=0.5)  # never ends early
+    assert calls == {"student": 1, "teacher": 1}
+
+
+def test_lean_cache_matches_a_forward_without_cache(setup):
+    # Feeding tokens one by one through the preallocated cache gives, at every step, the last-position logits of
+    # one forward over the whole (left-padded) sequence without any cache, to float32 rounding.
+    _, teacher, prompts, _, pad = setup
+    teacher.eval()
+    ids, mask = G.left_padded(prompts[:5], pad)
+    new = torch.randint(3, teacher.config.vocab_size, (5, 6), generator=torch.Generator().manual_seed(0))
+    width = ids.shape[1]
+    decoder = G._LeanDecoder(teacher, width + new.shape[1])
+    with torch.inference_mode():
+        decoder.prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        seen = mask.sum(-1)
+        full_ids, full_mask = ids, mask
+        for step in range(new.shape[1]):
+            seen = seen + 1
+            logits = decoder.step(
+                new[:, step],
+                seen - 1,
+                torch.cat([mask, torch.ones(5, step + 1, dtype=torch.long)], 1).bool(),
+                width + step,
+            )
+            full_ids = torch.cat([full_ids, new[:, step : step + 1]], 1)
+            full_mask = torch.cat([full_mask, torch.ones(5, 1, dtype=torch.long)], 1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            expected = teacher(input_ids=full_ids, attention_mask=full_mask, position_ids=positions, use_cache=False)
+            torch.testing.assert_close(logits, expected.logits[:, -1].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_other_models_and_processors_take_the_reference_path(setup, monkeypatch):
+    student, _, prompts, eos, pad = setup
+    assert G._lean_decodable(student.eval()) and G._neutral_generation_config(student)
+    assert not G._lean_decodable(student.train())  # (sample_completions puts it in eval mode first)
+    student.eval()
+    # A generation config that adds a logits processor (repetition penalty) is decoded by HF generate itself,
+    # so it still applies: same tokens as FAST_DECODING off.
+    monkeypatch.setattr(student.generation_config, "repetition_penalty", 1.3)
+    assert not G._neutral_generation_config(student)
+    reference, lean = _both(monkeypatch, lambda: G.sample_completions(student, prompts, eos, pad, 6, seed=2))
+    assert lean == reference
