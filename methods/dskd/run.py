@@ -243,6 +243,9 @@ METHOD = Method(
     label=lambda cfg: cfg.variant,
     cross_tokenizer=True,
     baselines=baselines,
+    # The paper distils into pretrained students (GPT-2 base, TinyLlama); the closest start here is the SFT student
+    # (from random initialisation the dual-space targets live in an untrained head: methods/dskd/README.md)
+    student_start="sft",
 )
 
 

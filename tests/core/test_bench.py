@@ -482,7 +482,7 @@ PAPER_STARTS = [
     ("methods.vanilla.run", [], "init"),  # forward-KL KD (Hinton et al.): from the initial student
     ("methods.vanilla.run", ["--variant", "sft"], "init"),
     ("methods.vanilla.run", ["--variant", "seqkd"], "init"),  # SeqKD (Kim & Rush): trained from scratch
-    ("methods.dskd.run", [], "init"),  # DSKD: the official scripts start from the pretrained gpt2-base, not an SFT run
+    ("methods.dskd.run", [], "sft"),  # DSKD: pretrained students (gpt2-base, TinyLlama); the SFT student stands in
     ("methods.sinkhorn.run", [], "init"),
     ("methods.fdistill.run", [], "init"),  # f-DISTILL pre-distils by its own design (--pre-steps)
 ]
@@ -515,7 +515,7 @@ def test_registry_start_flags_agree_with_the_run_scripts_defaults():
             start = "sft"
         assert planned["ModelConfig"]["student_start"] == start == ("sft" if m.sft_start else "init"), m.name
         checked.append(m.name)
-    assert {"kd-rkl", "gkd", "distillm", "dpkd", "minillm", "taid-from-sft", "kd-fkl", "dskd"} <= set(checked)
+    assert {"kd-rkl", "gkd", "distillm", "dpkd", "minillm", "taid-from-sft", "kd-fkl", "dskd-from-sft"} <= set(checked)
     # a suite without the SFT start says init explicitly for those rows (it starts nothing from SFT)
     assert SUITES["tiny"].start_args(METHODS["gkd"]) == ("--student-start", "init")
     assert not SUITES["tiny"].includes(METHODS["taid-from-sft"])
