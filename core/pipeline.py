@@ -204,11 +204,18 @@ def llm_recipe(method: Method) -> Recipe:
     )
 
 
+LENGTH_GROUP = 50  # batches per length-sorted window on real text (Hugging Face's group_by_length megabatch)
+
+
 def settle_student_start(method: Method, shell: RunContext) -> None:
-    """--student-start paper (the default) becomes the method's paper start (Method.student_start), in place."""
+    """--student-start paper (the default) becomes the method's paper start (Method.student_start), in place; an
+    unset --length-group becomes 50 with a pretrained teacher and 0 on the embedded tasks (TrainConfig's help)."""
     model_cfg = shell.cfg(ModelConfig)
     if model_cfg.student_start == "paper":
         model_cfg.student_start = method.paper_start(shell.cfg(method.settings))
+    train_cfg = shell.cfg(TrainConfig)
+    if train_cfg.length_group is None:
+        train_cfg.length_group = LENGTH_GROUP if model_cfg.teacher is not None else 0
 
 
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:

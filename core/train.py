@@ -63,12 +63,14 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
     seed: int = field(default=0, metadata={"help": "seed of the student's initialisation, data order and sampling"})
-    length_group: int = field(
-        default=50,
+    length_group: int | None = field(
+        default=None,
         metadata={
             "help": "length-grouped batches: each window of this many batches of the seeded order is sorted by "
             "length, cut into batches and their order shuffled (seeded), so a batch pads little; 0 or 1: off "
-            "(the plain seeded order)"
+            "(the plain seeded order). Default: 50 with a pretrained --teacher (real text, 43%% padding on Dolly), "
+            "0 on the embedded tasks, whose lengths follow the sub-task, so that grouped batches hold one sub-task "
+            "each (measured: SFT 17.0 against 42.5 exact match)"
         },
     )
     checkpoint_every: int = field(
@@ -92,7 +94,8 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         require(self, "non-negative", lambda v: v >= 0, "warmup_steps", "max_grad_norm", "weight_decay")
-        require(self, "0 (off) or more batches", lambda v: v >= 0, "length_group")
+        if self.length_group is not None:
+            require(self, "0 (off) or more batches", lambda v: v >= 0, "length_group")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be at least 1 (a line every N steps), got {self.log_every}")
         if self.checkpoint_every < 0:
@@ -238,7 +241,8 @@ def feature_lengths(features: Sequence[Any]) -> list[int] | None:
 def train_indices(step: int, features: Sequence[Any], cfg: TrainConfig) -> list[int]:
     """The global batch of optimizer step `step` as core.train.Trainer draws it (length-grouped per
     cfg.length_group where the features are token lists): for a method that must know which examples a run sees."""
-    return example_indices(step, len(features), cfg.batch_size, cfg.seed, feature_lengths(features), cfg.length_group)
+    lengths = feature_lengths(features)
+    return example_indices(step, len(features), cfg.batch_size, cfg.seed, lengths, cfg.length_group or 0)
 
 
 def process_shard(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
@@ -324,7 +328,7 @@ class Trainer:
         self.target_tokens = 0  # units of the loss normalizer (an LM's valid target tokens)
         self.positions = 0  # token positions of the batches with an attention mask, padding included
         self.filled = 0  # ... of which not padding: padding share = 1 - filled / positions
-        self.lengths = feature_lengths(features) if cfg.length_group > 1 else None
+        self.lengths = feature_lengths(features) if (cfg.length_group or 0) > 1 else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -458,7 +462,7 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         indices = example_indices(
-            step, len(self.features), self.cfg.batch_size, self.cfg.seed, self.lengths, self.cfg.length_group
+            step, len(self.features), self.cfg.batch_size, self.cfg.seed, self.lengths, self.cfg.length_group or 0
         )
         shards = process_shard(indices, self.accelerator.process_index, self.accelerator.num_processes, self.micro)
         device = self.accelerator.device
