@@ -91,6 +91,16 @@ def test_even_rule_keeps_the_old_cut_and_is_another_cache_entry(tmp_path):
     assert load_model(tmp_path / "e" / "student").config.pruned_from_layers == [0, 3]
 
 
+def test_default_healing_text_is_the_training_examples_every_token_a_target():
+    """Without --heal-data the healing text is the run's training examples, prompt and response, every token a
+    target (the prompt-masked labels of SFT are not used)."""
+    from core.data import IGNORE_INDEX
+    from core.healing import heal_features
+
+    train = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4]}]
+    assert heal_features(None, None, train, rows=8) == [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}]
+
+
 def test_healing_loss_is_forward_kl_by_hand(tmp_path):
     """With the cache holding the whole vocabulary (k >= V) the healing loss is exactly
     mean over target positions t of sum_v p_t(v) (log p_t(v) - log q_t(v)), p the teacher's softmax at position t and
