@@ -12,7 +12,9 @@ from core.data import Collator
 from core.errors import ConfigError
 from core.healing import HEAL_FILES, HealLoss
 from core.kdpath import KDPath, KDPathConfig
+from core.losses import forward_kl
 from core.models import load_model
+from core.objectives import make_kd_loss
 from methods.vanilla.run import main as vanilla_main
 from tests.core.test_pretrained import tiny_llama, write_gguf
 from tests.test_bad_inputs import _fails
@@ -101,15 +103,26 @@ def test_default_healing_text_is_the_training_examples_every_token_a_target():
     assert heal_features(None, None, train, rows=8) == [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}]
 
 
-def test_healing_loss_is_forward_kl_by_hand(tmp_path):
-    """With the cache holding the whole vocabulary (k >= V) the healing loss is exactly
-    mean over target positions t of sum_v p_t(v) (log p_t(v) - log q_t(v)), p the teacher's softmax at position t and
-    q the student's; position t of a row predicts token t + 1, and every token of a healing text is a target."""
+def _peaked_pair():
+    """A teacher whose head is scaled 8x (peaked distributions, forward KL to the student about 0.17 nats a token: large
+    enough that the cache's float16 log-probabilities, relative rounding 2^-11, do not decide the comparison)."""
     teacher, student = tiny_llama(seed=0, vocab=20), tiny_llama(seed=1, vocab=20)
-    features = [{"input_ids": [1, 5, 7, 9], "labels": [1, 5, 7, 9]}, {"input_ids": [2, 3, 4], "labels": [2, 3, 4]}]
-    path = KDPath(KDPathConfig(teacher_cache=True, teacher_cache_k=20), teacher, tmp_path, "tok", 0)
-    batch = Collator(0)(features)
-    out = HealLoss(path, features)(student, batch)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8)
+    features = [
+        {"input_ids": [1, 5, 7, 9, 11, 13], "labels": [1, 5, 7, 9, 11, 13]},
+        {"input_ids": [2, 3, 4], "labels": [2, 3, 4]},
+    ]
+    return teacher, student, features, Collator(0)(features)
+
+
+def test_healing_loss_is_forward_kl_by_hand(tmp_path):
+    """With the cache holding the whole vocabulary (k >= V) the healing loss is
+    mean over target positions t of sum_v p_t(v) (log p_t(v) - log q_t(v)), p the teacher's softmax at position t and
+    q the student's; position t of a row predicts token t + 1, and every token of a healing text is a target
+    (5 + 2 = 7 positions here). The live teacher's loss equals the hand value to float32 rounding; the cached one to
+    the float16 storage of the log-probabilities (core.logit_cache)."""
+    teacher, student, features, batch = _peaked_pair()
     total, count = 0.0, 0
     with torch.no_grad():
         for f in features:
@@ -118,21 +131,23 @@ def test_healing_loss_is_forward_kl_by_hand(tmp_path):
             q = student(input_ids=ids).logits[0, :-1].log_softmax(-1).double()
             total += (p.exp() * (p - q)).sum().item()
             count += ids.shape[1] - 1
-    assert count == 5
-    assert out.loss_sum.item() / count == pytest.approx(total / count, rel=1e-4)
+    assert count == 7 and total / count > 0.1
+    live = make_kd_loss(teacher, forward_kl)(student, batch).loss_sum.item()
+    assert live / count == pytest.approx(total / count, rel=1e-5)
+    path = KDPath(KDPathConfig(teacher_cache=True, teacher_cache_k=20), teacher, tmp_path, "tok", 0)
+    out = HealLoss(path, features)(student, batch)
+    assert out.loss_sum.item() / count == pytest.approx(total / count, rel=1e-3)
     assert path.hits == 2 and path.misses == 0  # read from the cache, not the live teacher
 
 
 def test_sampled_tail_healing_loss_matches_forward_kl_on_average(tmp_path):
     """Below the vocabulary (k = 4 of 20, m = 64 sampled tail ids) the cached loss estimates forward KL without bias:
-    the mean over 40 caches with different tail draws is within a few percent of the exact value."""
+    the mean over 40 caches with different tail draws is within 2% of the exact value (measured: 0.3%, 1.4 standard
+    errors), while single draws differ."""
     from core import kdpath as kdpath_module
 
-    teacher, student = tiny_llama(seed=0, vocab=20), tiny_llama(seed=1, vocab=20)
-    features = [{"input_ids": [1, 5, 7, 9, 11, 13], "labels": [1, 5, 7, 9, 11, 13]}]
-    batch = Collator(0)(features)
-    exact = HealLoss(KDPath(KDPathConfig(teacher_cache=True, teacher_cache_k=20), teacher, tmp_path, "t", 0), features)
-    target = exact(student, batch).loss_sum.item()
+    teacher, student, features, batch = _peaked_pair()
+    target = make_kd_loss(teacher, forward_kl)(student, batch).loss_sum.item()
     estimates = []
     for seed in range(40):
         kdpath_module.CACHE_SEED = seed
@@ -141,5 +156,5 @@ def test_sampled_tail_healing_loss_matches_forward_kl_on_average(tmp_path):
             estimates.append(HealLoss(KDPath(cfg, teacher, tmp_path, "t", 0), features)(student, batch).loss_sum.item())
         finally:
             kdpath_module.CACHE_SEED = 0
-    assert sum(estimates) / len(estimates) == pytest.approx(target, rel=0.05)
+    assert sum(estimates) / len(estimates) == pytest.approx(target, rel=0.02)
     assert len(set(round(e, 6) for e in estimates)) > 1  # the draws differ: it is an estimate, not the exact value
