@@ -52,7 +52,7 @@ def _heal_root(tmp_path):
 def test_kept_layers_recorded_and_healed_student_reused(tmp_path, capsys):
     """Run 1 chooses the layers (block influence on the first 16 training examples), records them in metrics.json,
     heals the cut and caches it; run 2 (another seed, another run folder) reads the same layers and loads the healed
-    student: its log says so and no healing step runs. The saved students carry the kept layers."""
+    student: its log says so and no healing step runs (its SFT start is the SFT of the healed student). The saved students carry the kept layers."""
     teacher = tiny_llama(seed=0, layers=4)
     path = write_gguf(tmp_path / "t.gguf", teacher)
     cache = tmp_path / "cache"
@@ -69,8 +69,11 @@ def test_kept_layers_recorded_and_healed_student_reused(tmp_path, capsys):
     assert load_model(tmp_path / "a" / "student").config.pruned_from_layers == kept
     assert len(list((cache / "prune").glob("*.json"))) == 1  # the selection, stored once
     assert "healed_student" in metrics["eval"] and "initial_student" in metrics["eval"]
+    # SFT (and every later student) starts from the healed student: its cache entry says so
+    (sft_key,) = [json.loads(f.read_text()) for f in cache.glob("models/sft-prune2-*/cache_key.json")]
+    assert sft_key["healed"] == pruned["healing"]["folder"] and sft_key["kept_layers"] == kept
 
-    vanilla_main([*argv, "--seed", "1", "--out", str(tmp_path / "b")])
+    vanilla_main([*argv, "--seed", "1", "--student-start", "sft", "--out", str(tmp_path / "b")])
     second = "".join(capsys.readouterr())
     assert "[heal] loaded the healed student" in second and "[heal-prune2] not cached" not in second
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())["pruned"]
