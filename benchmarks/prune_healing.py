@@ -3,6 +3,8 @@
     python benchmarks/prune_healing.py --layers 6,10,15,20,25                 # perplexity of each cut, no training
     python benchmarks/prune_healing.py --layers 6 --heal-steps 150            # then heal prune:6, report every 50
     python benchmarks/prune_healing.py --layers 24,20,15 --rules even,block-influence,greedy-ppl   # selection rules
+    python benchmarks/prune_healing.py --layers 20 --rules block-influence --heal-steps 100 --report-every 25 \
+        --rouge-n 8                                                          # the healing curve with ROUGE-L
 
 The teacher is `--teacher` (default smollm2-135m-instruct, through core.pretrained.resolve_model_folder); a student
 `prune:K` is core.pretrained.prune_layers of it, as `--student prune:K` builds it. The score is the perplexity of the
@@ -20,12 +22,20 @@ Healing (--heal-steps N): forward KL (core.losses.forward_kl, the teacher's full
 generic English sentences that no evaluation set contains: the first 20,000 lines of Multi30k's train.en and of
 CommonGen's train targets, shuffled with a fixed seed, each cut to 64 tokens; AdamW at --lr with 20 warmup steps
 and cosine decay over N, batches of --batch-size, gradient norm clipped to 1. This is Minitron's recipe
-(distillation on pretraining text) at a CPU's scale. Prints one line per report; nothing is written.
+(distillation on pretraining text) at a CPU's scale. The teacher runs live here (the exact forward KL); a run's
+--heal-steps (core/healing.py) reads it through the teacher-logit cache with the sampled tail, an unbiased estimate
+of the same loss. Prints one line per report, and a markdown table of the curve at the end; nothing is written.
+
+With --rouge-n N > 0 every report (step 0, the cut before healing, included) also gives the ROUGE-L of greedy answers
+(--max-new-tokens, default 64) to the first N of the held-out prompts (core.metrics.evaluate_model, the recipe's
+evaluation), and the teacher's on the same prompts as the reference. Wall time is the healing's own (training steps
+only; the evaluations are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -63,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--report-every", type=int, default=50)
+    parser.add_argument("--rouge-n", type=int, default=0, help="held-out prompts answered for ROUGE-L (0: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from core.config import RunConfig, cache_root
     from core.data import Collator, DataConfig, chat_prompts, encode_examples, load_dolly
-    from core.metrics import perplexity
+    from core.metrics import evaluate_model, perplexity
     from core.models import load_model
     from core.pretrained import prune_layers, resolve_model_folder, select_layers
 
@@ -87,7 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     def score(model: torch.nn.Module) -> float:  # the recipe's perplexity of the held-out responses (no graph)
         return perplexity(model, tokenizer, task.eval, args.max_length, batch_size=8)
 
-    print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)")
+    rouge_task = dataclasses.replace(task, eval=task.eval[: args.rouge_n]) if args.rouge_n else None
+
+    def rouge(model: torch.nn.Module) -> float | None:  # greedy answers to the first --rouge-n held-out prompts
+        if rouge_task is None:
+            return None
+        model.eval()
+        scores, _ = evaluate_model(model, tokenizer, rouge_task, args.max_length, 8, args.max_new_tokens)
+        return scores["rougeL"]
+
+    teacher_rouge = rouge(teacher)
+    print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)"
+          + (f", ROUGE-L {teacher_rouge:.1f} on {args.rouge_n} prompts" if teacher_rouge is not None else ""))  # fmt: skip
     calibration = [f["input_ids"] for f in encode_examples(tokenizer, task.train[-args.calibration :], args.max_length)]
     for k in layers:
         for rule in args.rules.split(","):
@@ -108,8 +131,20 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    start = time.perf_counter()
+    rows_out = []
+
+    def report(step: int, kl: float | None, wall: float) -> None:
+        ppl, rl = score(student), rouge(student)
+        student.train()
+        rows_out.append((step, wall, kl, ppl, rl))
+        print(f"step {step}: KL {kl if kl is not None else float('nan'):.3f}, {wall:.0f} s healing, "
+              f"perplexity {ppl:,.1f}" + (f", ROUGE-L {rl:.1f}" if rl is not None else ""), flush=True)  # fmt: skip
+
+    report(0, None, 0.0)
+    student.train()
+    wall = 0.0
     for step in range(1, args.heal_steps + 1):
+        start = time.perf_counter()
         rows = corpus[(step - 1) * args.batch_size : step * args.batch_size]
         batch = collate([{"input_ids": row, "labels": row} for row in rows])
         mask = batch["attention_mask"].bool()
@@ -122,10 +157,17 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        wall += time.perf_counter() - start
         if step % args.report_every == 0 or step == args.heal_steps:
-            seconds = (time.perf_counter() - start) / step
-            print(f"step {step}: KL {loss.item():.3f}, {seconds:.2f} s/step, perplexity {score(student):,.1f}",
-                  flush=True)  # fmt: skip
+            report(step, loss.item(), wall)
+    print(
+        "\n| healing steps | wall time (s) | batch forward KL | held-out perplexity | ROUGE-L |\n|---|---|---|---|---|"
+    )
+    for step, seconds, kl, ppl, rl in rows_out:
+        print(f"| {step} | {seconds:.0f} | {'-' if kl is None else f'{kl:.3f}'} | {ppl:,.1f} | "
+              f"{'-' if rl is None else f'{rl:.1f}'} |")  # fmt: skip
+    if teacher_rouge is not None:
+        print(f"| teacher | | | {score(teacher):.2f} | {teacher_rouge:.1f} |")
 
 
 if __name__ == "__main__":

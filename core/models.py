@@ -70,15 +70,17 @@ def build_or_load(
     seed: int,
     max_positions: int = 512,
     teacher_folder: str | Path | None = None,
+    keep: list[int] | None = None,
 ) -> PreTrainedModel:
-    """`spec` is a preset name, a model folder, or prune:K (K layers of the model in `teacher_folder`)."""
+    """`spec` is a preset name, a model folder, or prune:K (the K layers `keep` of the model in `teacher_folder`;
+    default evenly spaced: core.pretrained.kept_layers; the recipe passes those --prune-rule chose)."""
     from core.pretrained import parse_prune, prune_layers
 
     k = parse_prune(spec)
     if k is not None:
         if teacher_folder is None:
             raise ModelError(f"--student {spec} prunes the teacher, but this run has no teacher folder to prune")
-        return prune_layers(load_model(teacher_folder), k)
+        return prune_layers(load_model(teacher_folder), k, keep)
     if spec in PRESETS:
         return build_model(spec, tokenizer, seed, max_positions)
     if Path(spec).exists():

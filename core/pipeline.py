@@ -1,6 +1,7 @@
 """The LLM recipe: the path every LLM method's run.py takes, on the run shell (core.shell).
 
-    task -> tokenizer -> teacher (cached) -> SFT baseline (cached) -> KD and method baselines (cached)
+    task -> tokenizer -> teacher (cached) -> [prune:K: kept layers (cached), healed student (cached, core.healing)]
+    -> SFT baseline (cached) -> KD and method baselines (cached)
     -> the method's student -> evaluation of teacher, SFT student, baselines and student -> Outcome
 
 The shell around it parses the flags, owns the run folder (resume, refuse other settings, skip a complete run),
@@ -26,6 +27,7 @@ from core.crosstok import CrossTokenizerConfig, PairCollator, encode_pairs, get_
 from core.data import Collator, DataConfig, TaskData, chat_prompts, encode_examples, load_task
 from core.errors import ConfigError
 from core.generate import position_limit
+from core.healing import CALIBRATION_EXAMPLES, heal_student, selected_layers
 from core.io import atomic_dir, atomic_write_json, stable_hash
 from core.kdpath import KDPath, KDPathConfig
 from core.losses import get_divergence
@@ -98,14 +100,20 @@ class BaselineSetup:
     accelerator: Accelerator
     teacher_folder: str | None = None  # what --student prune:K prunes
     start: Path | None = None  # --student-start sft: the SFT student's folder, where every later student starts
+    kept: list[int] | None = None  # prune:K: the teacher layers --prune-rule kept (core.healing.selected_layers)
+    healed: Path | None = None  # --heal-steps: the healed student's folder, where SFT and every method start
 
     def build_student(self):
-        """A fresh student: the SFT student under --student-start sft (once trained), else --student's model."""
+        """A fresh student: the SFT student under --student-start sft (once trained), else the healed student
+        (--heal-steps), else --student's model."""
         if self.start is not None:
             return load_model(self.start)
+        if self.healed is not None:
+            return load_model(self.healed)
         return build_or_load(
-            self.model.student, self.tokenizer, seed=self.train.seed, teacher_folder=self.teacher_folder
-        )
+            self.model.student, self.tokenizer, seed=self.train.seed, teacher_folder=self.teacher_folder,
+            keep=self.kept,
+        )  # fmt: skip
 
     @functools.cached_property
     def features(self) -> list[dict[str, list[int]]]:
@@ -122,8 +130,10 @@ class BaselineSetup:
             "train": {k: v for k, v in asdict(self.train).items() if k != "stop_after"},
             **precision_key(),  # empty under fp32: a bf16-trained baseline is another cache entry
         }
-        if parse_prune(self.model.student) is not None:
-            key["student_from"] = self.teacher_folder
+        if parse_prune(self.model.student) is not None:  # one cache entry per cut: never mix two rules' students
+            key.update(student_from=self.teacher_folder, prune_rule=self.model.prune_rule, kept_layers=self.kept)
+        if self.healed is not None:
+            key["healed"] = str(self.healed)
         if self.start is not None:
             key["start"] = str(self.start)
         return key
@@ -257,10 +267,14 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     setup = BaselineSetup(
         tokenizer, tokenizer_key, task, data, model_cfg, train_cfg, cache, accelerator, teacher_info["source"]
     )
+    prune = parse_prune(model_cfg.student)
+    if prune is not None:  # scored on the first training examples, encoded as the recipe encodes them
+        rows = [f["input_ids"] for f in setup.features[:CALIBRATION_EXAMPLES]]
+        setup.kept = selected_layers(teacher, teacher_info["source"], prune, model_cfg.prune_rule, rows, cache)
     student = setup.build_student()
-    if parse_prune(model_cfg.student) is not None:
+    if prune is not None:
         print(
-            f"[{name}] student {model_cfg.student}: layers {student.config.pruned_from_layers} of the teacher, "
+            f"[{name}] student {model_cfg.student} ({model_cfg.prune_rule}): layers {setup.kept} of the teacher, "
             f"{count_parameters(student) / 1e6:.1f}M parameters (teacher {count_parameters(teacher) / 1e6:.1f}M)",
             file=sys.stderr,
         )
@@ -282,6 +296,13 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     for divergence in method.kd_baselines(settings) if method.kd_baselines else []:
         if divergence != "fkl":  # refused before any training: a top-k teacher cache serves forward KL only
             kd.require_exact_cache(f"the KD baseline kd-{divergence}")
+    healing = None
+    if model_cfg.heal_steps:  # every later student (SFT, baselines, the method's) starts from the healed student
+        healed_model, healed_result, setup.healed, healing = heal_student(
+            setup, model_cfg, path_cfg, teacher, teacher_info["source"], teacher_tokenizer_key
+        )
+        healing["train"] = asdict(healed_result)
+        student = healed_model
     sft_model, sft_result, sft_folder = get_sft_baseline(setup)
     if model_cfg.student_start == "sft":  # the on-policy papers' protocol: every student starts where SFT ended
         setup.start = sft_folder
@@ -359,11 +380,18 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
     if parse_prune(model_cfg.student) is not None or user_folder:
         # A pretrained student before any training (the un-distilled pruned model, a user's checkpoint): a reference
         # row, cached. Not for a folder of the cache itself (MiniLLM starts from the cached SFT student: that row).
-        fresh = replace(setup, start=None)
+        fresh = replace(setup, start=None, healed=None)  # the cut before healing
         cut["initial_student"] = {}
         initial_scores, _ = evaluate_cached(
             "initial", fresh.build_student().to(accelerator.device), tokenizer, task, data, evaluation,
             cache / "initial" / stable_hash(fresh.key()), cut["initial_student"],
+        )  # fmt: skip
+    healed_scores = {}
+    if setup.healed is not None:  # the healed student before any method trains: a reference row, cached beside it
+        cut["healed_student"] = {}
+        healed_scores, _ = evaluate_cached(
+            "healed", load_model(setup.healed).to(accelerator.device), tokenizer, task, data, evaluation,
+            setup.healed, cut["healed_student"],
         )  # fmt: skip
     sft_scores, sft_pred = evaluate_cached(
         "sft", sft_model.to(accelerator.device), tokenizer, task, data, evaluation, sft_folder, cut["sft_student"]
@@ -399,6 +427,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
             "student": student_scores,
             "teacher": teacher_scores,
             **({"initial_student": initial_scores} if initial_scores else {}),
+            **({"healed_student": healed_scores} if healed_scores else {}),
             "sft_student": sft_scores,
             **baseline_scores,
         },
@@ -413,6 +442,19 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
             "teacher": teacher_info,
             "data": task.report,  # rows dropped per split (empty prompt or completion), completions cut short
             "student_start": model_cfg.student_start,
+            **(
+                {
+                    "pruned": {
+                        "rule": model_cfg.prune_rule,
+                        "kept_layers": setup.kept,
+                        "calibration": f"the first {CALIBRATION_EXAMPLES} training examples, as the recipe encodes "
+                        "them (chat prompt + response)",
+                        "healing": healing,
+                    }
+                }
+                if prune is not None
+                else {}
+            ),
             "evaluation": {
                 "n": len(task.eval),
                 "decoding": evaluation.eval_decoding,

