@@ -118,12 +118,12 @@ class ModelConfig:
         if self.heal_steps < 0:
             raise ConfigError(f"--heal-steps must be 0 (no healing) or more, got {self.heal_steps}")
         if self.heal_steps and parse_prune(self.student) is None:
-            raise ConfigError("--heal-steps heals a cut student: pass --student prune:K or drop --heal-steps")
+            raise ConfigError(
+                f"--heal-steps {self.heal_steps} heals a cut student: pass --student prune:K or drop --heal-steps"
+            )
         if self.heal_data is not None:
             if not self.heal_steps:
                 raise ConfigError("--heal-data is the healing text: pass --heal-steps N (N > 0) or drop --heal-data")
-            from core.healing import check_heal_data
-
             check_heal_data(self.heal_data)
         if not self.heal_lr > 0:
             raise ConfigError(f"--heal-lr must be positive, got {self.heal_lr}")
@@ -311,3 +311,16 @@ def divergence_list(text: str, flag: str = "--compare") -> list[str]:
     if unknown:
         raise ConfigError(f"{flag} names unknown divergences {unknown}; choose from {', '.join(DIVERGENCES)}")
     return names
+
+
+HEAL_FILES = ("multi30k/train.en", "commongen/commongen.train.tgt.txt")  # under --heal-data
+
+
+def check_heal_data(folder: str) -> None:
+    """ConfigError (one line) when --heal-data lacks a file it must hold."""
+    missing = [name for name in HEAL_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"--heal-data {folder} has no {', '.join(missing)}; pass the data root that holds "
+            f"{' and '.join(HEAL_FILES)} (e.g. shared/data), or drop --heal-data to heal on the run's training text"
+        )

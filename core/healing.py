@@ -36,24 +36,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError
+from core.config import HEAL_FILES
 from core.io import atomic_write_json, stable_hash
 
 CALIBRATION_EXAMPLES = 16  # the run's first training examples score the blocks (issue 30: 16, as measured)
-HEAL_FILES = ("multi30k/train.en", "commongen/commongen.train.tgt.txt")  # under --heal-data
 HEAL_LINES = 20_000  # read from the head of each file (as benchmarks/prune_healing.py), then shuffled with seed 0
 HEAL_TOKENS = 64  # each healing text is cut to this many tokens
 HEAL_SEED = 0  # healing's data order and tail sample: one healed student for every seed of a suite
-
-
-def check_heal_data(folder: str) -> None:
-    """ConfigError (one line) when --heal-data lacks a file it must hold."""
-    missing = [name for name in HEAL_FILES if not (Path(folder) / name).is_file()]
-    if missing:
-        raise ConfigError(
-            f"--heal-data {folder} has no {', '.join(missing)}; pass the data root that holds "
-            f"{' and '.join(HEAL_FILES)} (e.g. shared/data), or drop --heal-data to heal on the run's training text"
-        )
 
 
 def selected_layers(teacher, teacher_folder: str, k: int, rule: str, rows: list[list[int]], cache: Path) -> list[int]:

@@ -24,7 +24,7 @@ from tests.test_bad_inputs import _fails
     "kwargs, match",
     [
         (dict(student="prune:2", prune_rule="shortgpt"), "--prune-rule must be one of even, block-influence"),
-        (dict(student="student", heal_steps=3), "--heal-steps heals a cut student"),
+        (dict(student="student", heal_steps=3), "--heal-steps 3 heals a cut student"),
         (dict(student="prune:2", heal_steps=-1), "--heal-steps must be 0"),
         (dict(student="prune:2", heal_data="."), "--heal-data is the healing text: pass --heal-steps"),
         (dict(student="prune:2", heal_steps=2, heal_data="/nonexistent"), "has no multi30k/train.en"),
