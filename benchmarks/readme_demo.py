@@ -31,7 +31,10 @@ START, END = "<!-- demo:start -->", "<!-- demo:end -->"
 
 def render_block(metrics: dict, revision: str, date: str, threads: str) -> str:
     evals = metrics["eval"]
-    columns = metrics.get("summary_columns") or [c for c in evals["student"] if "/" not in c]
+    # metrics.json is written with sorted keys; the run prints the task's metrics first, then perplexity
+    columns = metrics.get("summary_columns") or sorted(
+        (c for c in evals["student"] if "/" not in c), key=lambda c: (c == "perplexity", c)
+    )
     table = format_table(summary_rows(evals, metrics["method"]), columns)
     return (
         f"{START}\n```\n{table.rstrip()}\n```\n"
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = json.loads(path.read_text())
     # env.machine reads "x86_64 2 cpus, torch threads 2" (core.results.env_info)
     threads = str(metrics.get("env", {}).get("machine", "?")).rsplit("torch threads ", 1)[-1]
+    rev = metrics.get("env", {}).get("git") or rev  # the revision the run was made at, when it recorded one
     date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
     args.readme.write_text(replace_block(args.readme.read_text(), render_block(metrics, rev, date, threads)))
     print(f"rewrote the demo block of {args.readme} from {path}")
