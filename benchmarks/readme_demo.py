@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="a finished demo run folder (holds metrics.json)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
-    rev = revision()
     if args.run_dir is None:
         work = Path(tempfile.mkdtemp(prefix="readme-demo-"))
         args.run_dir = work / "run"
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = json.loads(path.read_text())
     # env.machine reads "x86_64 2 cpus, torch threads 2" (core.results.env_info)
     threads = str(metrics.get("env", {}).get("machine", "?")).rsplit("torch threads ", 1)[-1]
-    rev = metrics.get("env", {}).get("git") or rev  # the revision the run was made at, when it recorded one
+    rev = metrics.get("env", {}).get("git") or revision()  # the run's own revision, when it recorded one
     date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
     args.readme.write_text(replace_block(args.readme.read_text(), render_block(metrics, rev, date, threads)))
     print(f"rewrote the demo block of {args.readme} from {path}")

@@ -27,6 +27,7 @@ choice, which needs a calibration pass).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass
@@ -255,21 +256,15 @@ def calibration_perplexity(model: PreTrainedModel, rows: list[list[int]]) -> flo
     return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
+@contextlib.contextmanager
 def _with_layers(model: PreTrainedModel, keep: list[int], layers: torch.nn.ModuleList):
-    """Context: `model` temporarily runs only the layers `keep` (no copy; the cache is off while scoring)."""
-    import contextlib
-
+    """`model` runs only the layers `keep` inside the block (no copy; the cache is off while scoring)."""
     name, _ = decoder_layers(model)
-
-    @contextlib.contextmanager
-    def swapped():
-        setattr(model.base_model, name, torch.nn.ModuleList(layers[i] for i in keep))
-        try:
-            yield
-        finally:
-            setattr(model.base_model, name, layers)
-
-    return swapped()
+    setattr(model.base_model, name, torch.nn.ModuleList(layers[i] for i in keep))
+    try:
+        yield
+    finally:
+        setattr(model.base_model, name, layers)
 
 
 def greedy_removal(model: PreTrainedModel, rows: list[list[int]], k: int) -> list[int]:

@@ -92,10 +92,9 @@ class DiscoConfig:
             raise ConfigError(f"--n must be at least 5, got {self.n}")
         require(self, "at least 1", lambda v: v >= 1, "trials", "max_iter")
         require(self, "at least 2", lambda v: v >= 2, "loads")
-        require(self, "positive", lambda v: v > 0, "lr", "ei_sigma")
+        require(self, "positive", lambda v: v > 0, "lr", "ei_sigma", "beta0")
         require(self, "in (0, 1]", lambda v: 0 < v <= 1, "eta")
         require(self, "non-negative", lambda v: v >= 0, "margin")
-        require(self, "positive", lambda v: v > 0, "beta0")
         if self.algorithm not in ("hinge", "logistic"):
             raise ConfigError(f"--algorithm must be hinge or logistic, got {self.algorithm!r}")
         self.parsed()  # checks the names
