@@ -386,7 +386,8 @@ def test_read_only_cache_folder(tmp_path):
         base.chmod(0o755)
         cache, home, code = base / "cache", base / "home", base / "code"
         cache.mkdir(mode=0o755)  # root's: read-only to the user below
-        home.mkdir(mode=0o777)
+        home.mkdir()
+        home.chmod(0o777)  # mkdir's mode is masked by the umask; the run folder goes here, writable to the user
         for package in ("core", "methods", "speech", "unlearning", "privacy"):
             shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home), "HF_HOME": str(home / "hf")}
@@ -403,7 +404,7 @@ def test_read_only_cache_folder(tmp_path):
                 f"user nobody cannot use this interpreter's packages ({sys.executable}; missing: {missing}): they lie "
                 "in a folder only root can read"
             )
-        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(base / "run")]
+        argv = ["-m", "methods.vanilla.run", *TINY, "--cache-dir", str(cache), "--out", str(home / "run")]
         done = subprocess.run(
             [*nobody, sys.executable, *argv], cwd=code, env=env, capture_output=True, text=True, timeout=120
         )
@@ -411,7 +412,7 @@ def test_read_only_cache_folder(tmp_path):
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in done.stderr
         assert f"cannot write the cache folder {cache}" in errors[0] and "--cache-dir" in errors[0]
-        assert not (base / "run").exists()
+        assert not (home / "run").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
