@@ -5,6 +5,8 @@
     python benchmarks/prune_healing.py --layers 24,20,15 --rules even,block-influence,greedy-ppl   # selection rules
     python benchmarks/prune_healing.py --layers 20 --rules block-influence --heal-steps 100 --report-every 25 \
         --rouge-n 8                                                          # the healing curve with ROUGE-L
+    python benchmarks/prune_healing.py --layers 24,20,15 --rules block-influence,even --heal-steps 60 \
+        --report-every 20 --rouge-n 20 --json curve.json --png curve.png     # every cut healed, one plot
 
 The teacher is `--teacher` (default smollm2-135m-instruct, through core.pretrained.resolve_model_folder); a student
 `prune:K` is core.pretrained.prune_layers of it, as `--student prune:K` builds it. The score is the perplexity of the
@@ -16,7 +18,9 @@ context.
 Selection rules (--rules, core.pretrained.select_layers): `even` keeps evenly spaced layers; `block-influence` and
 `greedy-ppl` score the blocks on --calibration Dolly training examples (the last rows of dolly/dev.jsonl, which the
 suites' first-200 training rows and the held-out valid.jsonl do not contain), encoded as the recipe encodes them.
-Healing heals the cut of the last rule listed.
+Healing heals every cut listed (each K with each rule), each from the cut itself, in lockstep on the same batches:
+the teacher's logits of a batch are computed once and serve every cut. --json writes every curve's rows, --png plots
+them (perplexity and ROUGE-L against healing steps).
 
 Healing (--heal-steps N): forward KL (core.losses.forward_kl, the teacher's full distribution) on every token of
 generic English sentences that no evaluation set contains: the first 20,000 lines of Multi30k's train.en and of
@@ -24,18 +28,20 @@ CommonGen's train targets, shuffled with a fixed seed, each cut to 64 tokens; Ad
 and cosine decay over N, batches of --batch-size, gradient norm clipped to 1. This is Minitron's recipe
 (distillation on pretraining text) at a CPU's scale. The teacher runs live here (the exact forward KL); a run's
 --heal-steps (core/healing.py) reads it through the teacher-logit cache with the sampled tail, an unbiased estimate
-of the same loss. Prints one line per report, and a markdown table of the curve at the end; nothing is written.
+of the same loss. Prints one line per report, and a markdown table of each curve at the end; nothing is written
+unless --json or --png says where.
 
 With --rouge-n N > 0 every report (step 0, the cut before healing, included) also gives the ROUGE-L of greedy answers
 (--max-new-tokens, default 64) to the first N of the held-out prompts (core.metrics.evaluate_model, the recipe's
 evaluation), and the teacher's on the same prompts as the reference. Wall time is the healing's own (training steps
-only; the evaluations are not counted).
+only, the teacher's forward excluded as a run's cached healing excludes it; the evaluations are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write every curve's rows here")
+    parser.add_argument("--png", type=Path, default=None, help="plot the curves here")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -112,62 +120,127 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)"
           + (f", ROUGE-L {teacher_rouge:.1f} on {args.rouge_n} prompts" if teacher_rouge is not None else ""))  # fmt: skip
     calibration = [f["input_ids"] for f in encode_examples(tokenizer, task.train[-args.calibration :], args.max_length)]
+    n_layers = teacher.config.num_hidden_layers
+    kept: dict[tuple[int, str], list[int]] = {}
     for k in layers:
         for rule in args.rules.split(","):
             start = time.perf_counter()
-            keep = select_layers(teacher, k, rule, calibration)
+            keep = kept[k, rule] = select_layers(teacher, k, rule, calibration)
             chosen = time.perf_counter() - start
-            student = prune_layers(teacher, k, keep)
-            removed = [i for i in range(teacher.config.num_hidden_layers) if i not in keep]
-            print(f"prune:{k} {rule} (removes {removed}; chosen in {chosen:.0f} s): {score(student):,.1f}", flush=True)
+            removed = [i for i in range(n_layers) if i not in keep]
+            cut = score(prune_layers(teacher, k, keep))
+            print(f"prune:{k} {rule} (removes {removed}; chosen in {chosen:.0f} s): {cut:,.1f}", flush=True)
     if not args.heal_steps:
         return
     corpus = heal_corpus(args.data_root, tokenizer)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-
-    def schedule(step: int) -> float:
-        return (
-            min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(step, args.heal_steps) / args.heal_steps))
-        )
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    rows_out = []
-
-    def report(step: int, kl: float | None, wall: float) -> None:
-        ppl, rl = score(student), rouge(student)
-        student.train()
-        rows_out.append((step, wall, kl, ppl, rl))
-        print(f"step {step}: KL {kl if kl is not None else float('nan'):.3f}, {wall:.0f} s healing, "
-              f"perplexity {ppl:,.1f}" + (f", ROUGE-L {rl:.1f}" if rl is not None else ""), flush=True)  # fmt: skip
-
-    report(0, None, 0.0)
-    student.train()
-    wall = 0.0
-    for step in range(1, args.heal_steps + 1):
-        start = time.perf_counter()
+    cuts = [Healing(k, rule, kept[k, rule], prune_layers(teacher, k, kept[k, rule]), args) for k in layers
+            for rule in args.rules.split(",")]  # fmt: skip
+    for cut in cuts:
+        cut.report(0, None, score, rouge)
+    for step in range(1, args.heal_steps + 1):  # every cut trains on the same batch; the teacher runs once for all
         rows = corpus[(step - 1) * args.batch_size : step * args.batch_size]
         batch = collate([{"input_ids": row, "labels": row} for row in rows])
         mask = batch["attention_mask"].bool()
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = forward_kl(logits[mask], teacher_logits[mask]).mean()
+            target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
+        for cut in cuts:
+            loss = cut.step(batch, mask, target)
+            if step % args.report_every == 0 or step == args.heal_steps:
+                cut.report(step, loss, score, rouge)
+    curves = []
+    for cut in cuts:
+        removed = [i for i in range(n_layers) if i not in cut.keep]
+        curves.append({"layers": cut.k, "rule": cut.rule, "removed": removed, "rows": cut.rows})
+        print_table(f"prune:{cut.k} {cut.rule} (removes {removed})", cut.rows)
+    reference = {"perplexity": score(teacher), "rougeL": teacher_rouge}
+    print(f"| teacher | | | {reference['perplexity']:.2f} | "
+          f"{'-' if teacher_rouge is None else f'{teacher_rouge:.1f}'} |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "teacher": reference,
+                                         "curves": curves}, indent=1))  # fmt: skip
+        print(f"wrote {args.json}")
+    if args.png:
+        plot_curves(curves, reference, args.png)
+        print(f"wrote {args.png}")
+
+
+class Healing:
+    """One cut student healing: AdamW at --lr, WARMUP warmup steps then cosine decay over --heal-steps, gradient
+    norm clipped to 1; `rows` is its curve (step 0 is the cut before healing). `wall` counts its own training steps
+    only: the teacher's forward is shared by every cut (a run's cached healing does not run it either)."""
+
+    def __init__(self, k: int, rule: str, keep: list[int], student: torch.nn.Module, args) -> None:
+        self.k, self.rule, self.keep, self.student = k, rule, keep, student
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+        steps = args.heal_steps
+
+        def schedule(step: int) -> float:
+            return min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.rows: list[dict] = []
+        self.wall = 0.0
+
+    def step(self, batch: dict, mask: torch.Tensor, target: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.student.train()
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = forward_kl(logits[mask], target).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        wall += time.perf_counter() - start
-        if step % args.report_every == 0 or step == args.heal_steps:
-            report(step, loss.item(), wall)
-    print(
-        "\n| healing steps | wall time (s) | batch forward KL | held-out perplexity | ROUGE-L |\n|---|---|---|---|---|"
-    )
-    for step, seconds, kl, ppl, rl in rows_out:
-        print(f"| {step} | {seconds:.0f} | {'-' if kl is None else f'{kl:.3f}'} | {ppl:,.1f} | "
-              f"{'-' if rl is None else f'{rl:.1f}'} |")  # fmt: skip
-    if teacher_rouge is not None:
-        print(f"| teacher | | | {score(teacher):.2f} | {teacher_rouge:.1f} |")
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.wall += time.perf_counter() - start
+        return loss.item()
+
+    def report(self, step: int, kl: float | None, score, rouge) -> None:
+        ppl, rl = score(self.student), rouge(self.student)
+        self.rows.append({"step": step, "wall_s": self.wall, "kl": kl, "perplexity": ppl, "rougeL": rl})
+        print(f"prune:{self.k} {self.rule} step {step}: KL {kl if kl is not None else float('nan'):.3f}, "
+              f"{self.wall:.0f} s healing, perplexity {ppl:,.1f}" + (f", ROUGE-L {rl:.1f}" if rl is not None else ""),
+              flush=True)  # fmt: skip
+
+
+def print_table(title: str, rows_out: list[dict]) -> None:
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(f"\n{title}\n\n| healing steps | wall time (s) | batch forward KL | held-out perplexity | ROUGE-L |")
+    print("|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['step']} | {r['wall_s']:.0f} | {cell(r['kl'], '.3f')} | {r['perplexity']:,.1f} | "
+              f"{cell(r['rougeL'], '.1f')} |")  # fmt: skip
+
+
+def plot_curves(curves: list[dict], reference: dict, path: Path) -> None:
+    """Held-out perplexity (log scale) and ROUGE-L against healing steps, one line per cut and rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for curve in curves:
+        steps = [r["step"] for r in curve["rows"]]
+        style = "-" if curve["rule"] == "block-influence" else "--"
+        label = f"prune:{curve['layers']} {curve['rule']}"
+        line = left.plot(steps, [r["perplexity"] for r in curve["rows"]], style, marker="o", ms=3, label=label)[0]
+        if curve["rows"][0]["rougeL"] is not None:
+            right.plot(steps, [r["rougeL"] for r in curve["rows"]], style, marker="o", ms=3, color=line.get_color())
+    left.axhline(reference["perplexity"], color="k", lw=0.8, label="teacher")
+    if reference["rougeL"] is not None:
+        right.axhline(reference["rougeL"], color="k", lw=0.8)
+        for share in (0.4, 0.8):
+            right.axhline(share * reference["rougeL"], color="grey", lw=0.6, ls=":")
+    left.set(yscale="log", xlabel="healing steps", ylabel="held-out Dolly perplexity")
+    right.set(xlabel="healing steps", ylabel="ROUGE-L (greedy)", title="dotted: 40 % and 80 % of the teacher")
+    left.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
