@@ -76,6 +76,13 @@ class ModelConfig:
         },
     )
     heal_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the healing (AdamW, cosine)"})
+    heal_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "texts per healing step (benchmarks/healing_curve.md healed with 16); default: the run's "
+            "--batch-size"
+        },
+    )
     student_start: str = field(
         default="paper",
         metadata={
@@ -127,6 +134,14 @@ class ModelConfig:
             check_heal_data(self.heal_data)
         if not self.heal_lr > 0:
             raise ConfigError(f"--heal-lr must be positive, got {self.heal_lr}")
+        if self.heal_batch_size is not None:
+            if self.heal_batch_size < 1:
+                raise ConfigError(f"--heal-batch-size must be at least 1, got {self.heal_batch_size}")
+            if not self.heal_steps:
+                raise ConfigError(
+                    f"--heal-batch-size {self.heal_batch_size} sizes the healing: pass --heal-steps N (N > 0) or drop "
+                    "--heal-batch-size"
+                )
         if self.student_start not in START_CHOICES:
             raise ConfigError(f"--student-start must be init, sft or paper, got {self.student_start!r}")
         if self.teacher_preset not in PRESETS:

@@ -8,6 +8,7 @@
     --heal-data DIR   that text: the English sentences of DIR/multi30k/train.en and DIR/commongen/commongen.train.tgt.txt
                       (the shared data root); default: the run's own training prompts and responses
     --heal-lr LR      the healing's peak learning rate
+    --heal-batch-size B  texts per healing step (default: the run's --batch-size)
 
 Layer selection. The calibration text is the run's first CALIBRATION_EXAMPLES training examples, encoded as the recipe
 encodes them (prompt in the chat template + response, core.data.encode_examples at --max-length; the token ids of the
@@ -20,7 +21,8 @@ read from the teacher-logit cache with the sampled tail (core.kdpath / core.logi
 --teacher-cache-k and --teacher-cache-samples): the teacher runs once over the healing text, and the sampled tail
 makes the loss and its gradient unbiased for forward KL (exact when k >= the vocabulary). Healing trains with the
 run's batch size and optimizer settings but its own steps, learning rate and seed 0, on heal_steps x batch_size
-texts (one pass, no text seen twice; the run's training examples cycle when fewer), and is cached like the SFT
+texts (one pass, no text seen twice; the run's training examples cycle when fewer; --heal-batch-size sets
+its batch apart from the run's), and is cached like the SFT
 baseline (core.teacher.train_cached): the key holds the student cut, the teacher, the healing text, its training
 settings and the cache's k and m, not the run's seed or method, so every method and seed of a suite starts from one
 healed student, as the papers' students start from one pretrained checkpoint. A second run loads it and trains
@@ -101,7 +103,9 @@ def heal_student(setup, model_cfg, path_cfg, teacher, teacher_source: str, teach
     from core.logit_cache import data_fingerprint
     from core.teacher import train_cached
 
-    train = replace(setup.train, steps=model_cfg.heal_steps, lr=model_cfg.heal_lr, seed=HEAL_SEED, stop_after=None)
+    batch_size = model_cfg.heal_batch_size or setup.train.batch_size
+    train = replace(setup.train, steps=model_cfg.heal_steps, lr=model_cfg.heal_lr, seed=HEAL_SEED, stop_after=None,
+                    batch_size=batch_size)  # fmt: skip
     features = heal_features(model_cfg.heal_data, setup.tokenizer, setup.features, train.steps * train.batch_size)
     cache_cfg = replace(path_cfg, teacher_cache=True, fused=False, chunk_size=None)
     path = KDPath(cache_cfg, teacher, setup.cache, teacher_tokenizer_key, setup.tokenizer.pad_token_id)
@@ -132,6 +136,7 @@ def heal_student(setup, model_cfg, path_cfg, teacher, teacher_source: str, teach
     info = {
         "steps": model_cfg.heal_steps,
         "lr": model_cfg.heal_lr,
+        "batch_size": batch_size,
         "data": model_cfg.heal_data or "the run's training prompts and responses",
         "texts": len(features),
         "loss": "forward KL through the teacher-logit cache",

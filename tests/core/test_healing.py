@@ -28,6 +28,8 @@ from tests.test_bad_inputs import _fails
         (dict(student="prune:2", heal_steps=-1), "--heal-steps must be 0"),
         (dict(student="prune:2", heal_data="."), "--heal-data is the healing text: pass --heal-steps"),
         (dict(student="prune:2", heal_steps=2, heal_data="/nonexistent"), "has no multi30k/train.en"),
+        (dict(student="prune:2", heal_steps=2, heal_batch_size=0), "--heal-batch-size must be at least 1, got 0"),
+        (dict(student="prune:2", heal_batch_size=8), "--heal-batch-size 8 sizes the healing: pass --heal-steps"),
     ],
 )
 def test_prune_and_heal_flags_are_checked_up_front(kwargs, match):
@@ -65,6 +67,7 @@ def test_kept_layers_recorded_and_healed_student_reused(tmp_path, capsys):
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     pruned = metrics["pruned"]
     assert pruned["rule"] == "block-influence" and pruned["healing"]["trained_now"] and pruned["healing"]["texts"] == 8
+    assert pruned["healing"]["batch_size"] == 4  # the run's --batch-size, without --heal-batch-size
     kept = pruned["kept_layers"]
     assert load_model(tmp_path / "a" / "student").config.pruned_from_layers == kept
     assert len(list((cache / "prune").glob("*.json"))) == 1  # the selection, stored once
@@ -83,6 +86,13 @@ def test_kept_layers_recorded_and_healed_student_reused(tmp_path, capsys):
     entry = json.loads(next((cache / "prune").glob("*.json")).read_text())
     assert entry["kept"] == kept and entry["key"]["rule"] == "block-influence"
     assert load_model(tmp_path / "b" / "student").config.pruned_from_layers == kept
+
+    # --heal-batch-size: 2 steps of 3 texts (not the run's 4) are another healed student, trained once more
+    vanilla_main([*argv, "--heal-batch-size", "3", "--out", str(tmp_path / "c")])
+    third = "".join(capsys.readouterr())
+    assert "[heal] healed the cut student in 2 steps" in third
+    healing = json.loads((tmp_path / "c" / "metrics.json").read_text())["pruned"]["healing"]
+    assert healing["batch_size"] == 3 and healing["texts"] == 6 and healing["folder"] != pruned["healing"]["folder"]
 
 
 def test_even_rule_keeps_the_old_cut_and_is_another_cache_entry(tmp_path):
