@@ -44,6 +44,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -85,7 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every curve's rows here")
     parser.add_argument("--png", type=Path, default=None, help="plot the curves here")
+    parser.add_argument("--from-logs", type=Path, nargs="+", default=None,
+                        help="train nothing: read the curves from these runs' printed output, then --json / --png")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.from_logs:
+        curves, reference = curves_from_logs(args.from_logs)
+        for curve in curves:
+            print_table(f"prune:{curve['layers']} {curve['rule']}", curve["rows"])
+        write_outputs(args, curves, reference)
+        return
 
     from transformers import AutoTokenizer
 
@@ -155,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     reference = {"perplexity": score(teacher), "rougeL": teacher_rouge}
     print(f"| teacher | | | {reference['perplexity']:.2f} | "
           f"{'-' if teacher_rouge is None else f'{teacher_rouge:.1f}'} |")  # fmt: skip
+    write_outputs(args, curves, reference)
+
+
+def write_outputs(args, curves: list[dict], reference: dict) -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "teacher": reference,
                                          "curves": curves}, indent=1))  # fmt: skip
@@ -162,6 +175,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.png:
         plot_curves(curves, reference, args.png)
         print(f"wrote {args.png}")
+
+
+REPORT = re.compile(
+    r"prune:(\d+) (\S+) step (\d+): KL (\S+), (\d+) s healing, perplexity ([\d,]*\.?\d+)(?:, ROUGE-L ([\d.]+))?"
+)
+TEACHER = re.compile(r"Dolly valid perplexity ([\d.]+) \(\d+ examples\)(?:, ROUGE-L ([\d.]+))?")
+
+
+def curves_from_logs(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The curves of runs of this script from what they printed (progress bars' carriage returns ignored), for a run
+    stopped before it wrote --json: the rows reported so far."""
+    curves: dict[tuple[int, str], dict] = {}
+    reference: dict = {}
+    for path in paths:
+        for line in path.read_text(errors="replace").replace("\r", "\n").splitlines():
+            if match := TEACHER.search(line):
+                reference = {"perplexity": float(match[1]), "rougeL": float(match[2]) if match[2] else None}
+            elif match := REPORT.search(line):
+                k, rule = int(match[1]), match[2]
+                curve = curves.setdefault((k, rule), {"layers": k, "rule": rule, "rows": []})
+                curve["rows"].append({"step": int(match[3]), "wall_s": float(match[5]),
+                                      "kl": None if match[4] == "nan" else float(match[4]),
+                                      "perplexity": float(match[6].replace(",", "")),
+                                      "rougeL": float(match[7]) if match[7] else None})  # fmt: skip
+    return list(curves.values()), reference
 
 
 class Healing:
