@@ -180,6 +180,7 @@ def write_outputs(args, curves: list[dict], reference: dict) -> None:
 REPORT = re.compile(
     r"prune:(\d+) (\S+) step (\d+): KL (\S+), (\d+) s healing, perplexity ([\d,]*\.?\d+)(?:, ROUGE-L ([\d.]+))?"
 )
+CUT = re.compile(r"prune:(\d+) (\S+) \(removes \[([\d, ]*)\];")
 TEACHER = re.compile(r"Dolly valid perplexity ([\d.]+) \(\d+ examples\)(?:, ROUGE-L ([\d.]+))?")
 
 
@@ -190,7 +191,12 @@ def curves_from_logs(paths: list[Path]) -> tuple[list[dict], dict]:
     reference: dict = {}
     for path in paths:
         for line in path.read_text(errors="replace").replace("\r", "\n").splitlines():
-            if match := TEACHER.search(line):
+            if match := CUT.search(line):
+                curve = curves.setdefault(
+                    (int(match[1]), match[2]), {"layers": int(match[1]), "rule": match[2], "rows": []}
+                )
+                curve["removed"] = [int(i) for i in match[3].split(",") if i.strip()]
+            elif match := TEACHER.search(line):
                 reference = {"perplexity": float(match[1]), "rougeL": float(match[2]) if match[2] else None}
             elif match := REPORT.search(line):
                 k, rule = int(match[1]), match[2]
