@@ -562,7 +562,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
     from core.kdpath import KDPath, KDPathConfig
     from core.losses import get_divergence
     from core.objectives import causal_lm_loss
-    from core.pipeline import LENGTH_GROUP
+    from core.pipeline import default_length_group
     from core.train import TrainConfig, example_indices, train_indices
 
     torch.set_num_threads(2)
@@ -570,9 +570,9 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
     teacher, initial, pad, features, teacher_id = _real_setup(smoke)
     batch_size = 2 if smoke else REAL["batch"]
     n_steps = warmup + steps
-    # length_group: what core.pipeline settles for a run with a pretrained teacher (TrainConfig's None means off)
+    grouping = default_length_group(pretrained_teacher=True)  # as a run with SmolLM2 as its teacher gets it
     cfg = TrainConfig(steps=n_steps, batch_size=batch_size, lr=1e-5, warmup_steps=0, checkpoint_every=0, seed=0,
-                      length_group=LENGTH_GROUP)  # fmt: skip
+                      length_group=grouping)  # fmt: skip
     grouped = [train_indices(s, features, cfg) for s in range(n_steps)]
     seeded = [example_indices(s, len(features), batch_size, 0) for s in range(n_steps)]
     collate = Collator(pad)

@@ -125,25 +125,26 @@ def main(argv: list[str] | None = None) -> None:
         scores, _ = evaluate_model(model, tokenizer, rouge_task, args.max_length, 8, args.max_new_tokens)
         return scores["rougeL"]
 
-    teacher_rouge = rouge(teacher)
-    print(f"teacher {args.teacher}: Dolly valid perplexity {score(teacher):.2f} ({len(task.eval)} examples)"
+    teacher_rouge, teacher_ppl = rouge(teacher), score(teacher)
+    print(f"teacher {args.teacher}: Dolly valid perplexity {teacher_ppl:.2f} ({len(task.eval)} examples)"
           + (f", ROUGE-L {teacher_rouge:.1f} on {args.rouge_n} prompts" if teacher_rouge is not None else ""))  # fmt: skip
     calibration = [f["input_ids"] for f in encode_examples(tokenizer, task.train[-args.calibration :], args.max_length)]
     n_layers = teacher.config.num_hidden_layers
-    kept: dict[tuple[int, str], list[int]] = {}
+    cuts: list[Healing] = []
     for k in layers:
         for rule in args.rules.split(","):
             start = time.perf_counter()
-            keep = kept[k, rule] = select_layers(teacher, k, rule, calibration)
+            keep = select_layers(teacher, k, rule, calibration)
             chosen = time.perf_counter() - start
             removed = [i for i in range(n_layers) if i not in keep]
-            cut = score(prune_layers(teacher, k, keep))
-            print(f"prune:{k} {rule} (removes {removed}; chosen in {chosen:.0f} s): {cut:,.1f}", flush=True)
+            student = prune_layers(teacher, k, keep)
+            cut_ppl = score(student)
+            print(f"prune:{k} {rule} (removes {removed}; chosen in {chosen:.0f} s): {cut_ppl:,.1f}", flush=True)
+            if args.heal_steps:  # healed below from this very cut; its step-0 perplexity is this score
+                cuts.append(Healing(k, rule, keep, student, args, cut_ppl))
     if not args.heal_steps:
         return
     corpus = heal_corpus(args.data_root, tokenizer)
-    cuts = [Healing(k, rule, kept[k, rule], prune_layers(teacher, k, kept[k, rule]), args) for k in layers
-            for rule in args.rules.split(",")]  # fmt: skip
     for cut in cuts:
         cut.report(0, None, score, rouge)
     for step in range(1, args.heal_steps + 1):  # every cut trains on the same batch; the teacher runs once for all
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         removed = [i for i in range(n_layers) if i not in cut.keep]
         curves.append({"layers": cut.k, "rule": cut.rule, "removed": removed, "rows": cut.rows})
         print_table(f"prune:{cut.k} {cut.rule} (removes {removed})", cut.rows)
-    reference = {"perplexity": score(teacher), "rougeL": teacher_rouge}
+    reference = {"perplexity": teacher_ppl, "rougeL": teacher_rouge}
     print(f"| teacher | | | {reference['perplexity']:.2f} | "
           f"{'-' if teacher_rouge is None else f'{teacher_rouge:.1f}'} |")  # fmt: skip
     write_outputs(args, curves, reference)
@@ -213,7 +214,7 @@ class Healing:
     norm clipped to 1; `rows` is its curve (step 0 is the cut before healing). `wall` counts its own training steps
     only: the teacher's forward is shared by every cut (a run's cached healing does not run it either)."""
 
-    def __init__(self, k: int, rule: str, keep: list[int], student: torch.nn.Module, args) -> None:
+    def __init__(self, k: int, rule: str, keep: list[int], student: torch.nn.Module, args, perplexity: float) -> None:
         self.k, self.rule, self.keep, self.student = k, rule, keep, student
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
         steps = args.heal_steps
@@ -224,6 +225,7 @@ class Healing:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.rows: list[dict] = []
         self.wall = 0.0
+        self.perplexity = perplexity  # the latest score: the cut's, until a report after training
 
     def step(self, batch: dict, mask: torch.Tensor, target: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -239,7 +241,10 @@ class Healing:
         return loss.item()
 
     def report(self, step: int, kl: float | None, score, rouge) -> None:
-        ppl, rl = score(self.student), rouge(self.student)
+        """Scores the student (the perplexity at step 0 is the cut's, already scored) and prints and keeps the row."""
+        if step:
+            self.perplexity = score(self.student)
+        ppl, rl = self.perplexity, rouge(self.student)
         self.rows.append({"step": step, "wall_s": self.wall, "kl": kl, "perplexity": ppl, "rougeL": rl})
         print(f"prune:{self.k} {self.rule} step {step}: KL {kl if kl is not None else float('nan'):.3f}, "
               f"{self.wall:.0f} s healing, perplexity {ppl:,.1f}" + (f", ROUGE-L {rl:.1f}" if rl is not None else ""),

@@ -217,6 +217,12 @@ def llm_recipe(method: Method) -> Recipe:
 LENGTH_GROUP = 50  # batches per length-sorted window on real text (Hugging Face's group_by_length megabatch)
 
 
+def default_length_group(pretrained_teacher: bool) -> int:
+    """The --length-group a run gets when it sets none: LENGTH_GROUP on real text (a pretrained teacher), 0 on the
+    embedded tasks, whose lengths follow the sub-task (grouping there held one operation per batch)."""
+    return LENGTH_GROUP if pretrained_teacher else 0
+
+
 def settle_student_start(method: Method, shell: RunContext) -> None:
     """--student-start paper (the default) becomes the method's paper start (Method.student_start), in place; an
     unset --length-group becomes 50 with a pretrained teacher and 0 on the embedded tasks (TrainConfig's help)."""
@@ -225,7 +231,7 @@ def settle_student_start(method: Method, shell: RunContext) -> None:
         model_cfg.student_start = method.paper_start(shell.cfg(method.settings))
     train_cfg = shell.cfg(TrainConfig)
     if train_cfg.length_group is None:
-        train_cfg.length_group = LENGTH_GROUP if model_cfg.teacher is not None else 0
+        train_cfg.length_group = default_length_group(model_cfg.teacher is not None)
 
 
 def run_method(method: Method, argv: list[str] | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_the_smoke_run_measures_every_kd_path(tmp_path):
     assert real["kd --teacher-cache false"].endswith("| fused |")
     assert "KD step from the cache / SFT step" in text
     # the rows without "(seeded order)" draw the batches a run with a pretrained teacher draws: length-grouped
-    # (core.pipeline.LENGTH_GROUP), so less padding than the seeded order at the same examples (16.7 % -> 4.8 % here)
+    # (core.pipeline.default_length_group), so less padding than the seeded order at the same examples (16.7 % -> 4.8 % here)
     padding = {
         name: float(real[name].split(" | ")[1].rstrip("%"))
         for name in ("plain SFT (seeded order)", "plain SFT", "sft", "kd")
