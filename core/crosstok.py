@@ -28,6 +28,7 @@ from core.data import Collator, DataConfig, Example, TaskData, encode_example
 from core.errors import ConfigError, VocabularyMismatchError
 from core.io import atomic_dir
 from core.models import is_model_dir
+from core.pretrained import parse_prune
 from core.teacher import bpe_key, get_tokenizer
 from core.tokenizers import TOKENIZER_FILES, load_tokenizer, same_vocabulary, train_bpe
 
@@ -48,8 +49,8 @@ class CrossTokenizerConfig:
     student_tokenizer: str | None = field(
         default=None,
         metadata={
-            "help": "student tokenizer folder (e.g. ../shared/data/tokenizers/gpt2); default: the --student "
-            "folder's, or a BPE of --student-vocab-size trained on the task"
+            "help": "student tokenizer folder (e.g. ../shared/data/tokenizers/gpt2); default: the teacher's for "
+            "--student prune:K, the --student folder's, or a BPE of --student-vocab-size trained on the task"
         },
     )
     student_vocab_size: int = field(
@@ -93,6 +94,8 @@ def get_tokenizer_pair(
         teacher, teacher_key = get_tokenizer(model, data, task, cache)
     if cross.student_tokenizer:
         student, student_key = load_tokenizer(cross.student_tokenizer), _path_key(cross.student_tokenizer)
+    elif parse_prune(model.student) is not None:  # a cut of the teacher's own layers reads the teacher's vocabulary
+        student, student_key = teacher, teacher_key
     elif is_model_dir(model.student) and any((Path(model.student) / n).exists() for n in TOKENIZER_FILES):
         student, student_key = load_tokenizer(model.student), _path_key(model.student)
     else:

@@ -193,6 +193,26 @@ def test_cli_run_with_a_gguf_teacher_and_a_pruned_student(tmp_path, capsys):
     assert load_tokenizer(out / "student").get_vocab() == load_tokenizer(source).get_vocab()  # the teacher's BPE
 
 
+def test_dskd_with_a_pruned_student_reads_the_teachers_vocabulary(tmp_path):
+    """DSKD's dual space on a cut of a GGUF teacher (the smollm suites' dskd rows): the student's tokenizer is the
+    teacher's own, so no task BPE is trained, whatever --student-vocab-size says, and the student keeps the teacher's
+    head size (core.crosstok.get_tokenizer_pair)."""
+    from methods.dskd.run import main as dskd_main
+
+    path = write_gguf(tmp_path / "t.gguf", tiny_llama(seed=0, layers=3))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    dskd_main(["--teacher", str(path), "--student", "prune:2", "--prune-rule", "even", "--variant", "dskd",
+               "--student-vocab-size", "300", "--student-start", "init", "--compare", "", "--steps", "2",
+               "--eval-size", "4", "--train-size", "64", "--batch-size", "8", "--warmup-steps", "1", "--max-length",
+               "48", "--cache-dir", str(cache), "--out", str(out)])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    source = Path(metrics["teacher"]["source"])
+    assert not (cache / "tokenizers").exists()  # no BPE of 300 (or any) was trained
+    assert load_tokenizer(out / "student").get_vocab() == load_tokenizer(source).get_vocab()
+    assert load_model(out / "student").config.vocab_size == len(TOKENS)
+    assert metrics["tokenizers"]["student"] == metrics["tokenizers"]["teacher"]
+
+
 def test_unreadable_or_missing_gguf_is_one_line(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
