@@ -326,7 +326,7 @@ def _llm_body(method: Method, shell: RunContext) -> Outcome | None:
         collate = Collator(tokenizer.pad_token_id)
     ctx = Context(
         accelerator, task, tokenizer, teacher, student, features, data, model_cfg, train_cfg, run, evaluation,
-        cache, kd, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer,
+        cache, kd, teacher_source=teacher_info["source"], teacher_tokenizer=teacher_tokenizer, setup=setup,
     )  # fmt: skip
     built = method.make_loss(ctx, settings)  # first: it checks its inputs before any baseline trains
     if built is None and model_cfg.student_start == "sft":

@@ -343,6 +343,10 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     """ExAccErr(l) of every student of the run (loss.excess_accumulated_error): one sample per held-out prompt from
     the student (its own prefixes) and from the teacher (the oracle's prefixes), seeded; added to metrics.json."""
     shell, setup = _pieces(argv)
+    pruned = metrics.get("pruned")
+    if pruned:  # the run's cut and healed start (core.pipeline): its SFT and KD students, not a cut of another rule
+        setup.teacher_folder, setup.kept = metrics["teacher"]["source"], pruned["kept_layers"]
+        setup.healed = Path(pruned["healing"]["folder"]) if pruned.get("healing") else None
     cfg, evaluation = shell.cfg(MiniLLMConfig), shell.cfg(EvalConfig)
     data, task, tokenizer = setup.data, setup.task, setup.tokenizer
     teacher, info = get_teacher(setup.model, data, task, tokenizer, setup.tokenizer_key, setup.cache, setup.accelerator)

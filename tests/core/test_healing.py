@@ -95,6 +95,34 @@ def test_kept_layers_recorded_and_healed_student_reused(tmp_path, capsys):
     assert healing["batch_size"] == 3 and healing["texts"] == 6 and healing["folder"] != pruned["healing"]["folder"]
 
 
+def test_methods_that_load_the_sft_student_themselves_get_the_runs_own(tmp_path):
+    """f-DISTILL warm-starts every variant from the SFT student, and MiniLLM's exposure-bias measurement scores the
+    SFT student after its run: on a healed cut both must be the run's SFT student (the healed start and the kept
+    layers are part of its cache key), not the SFT of an unhealed cut trained anew. So each run leaves one SFT entry
+    in its cache (before the fix: two), and f-DISTILL's start is that entry's weights."""
+    from methods.fdistill.run import main as fdistill_main
+    from methods.minillm.run import main as minillm_main
+
+    path = write_gguf(tmp_path / "t.gguf", tiny_llama(seed=0, layers=4))
+    argv = ["--teacher", str(path), "--student", "prune:2", "--heal-steps", "1", "--heal-data", str(_heal_root(tmp_path)),
+            "--steps", "1", "--eval-size", "2", "--train-size", "16", "--batch-size", "4", "--warmup-steps", "0",
+            "--max-length", "40", "--max-new-tokens", "4"]  # fmt: skip
+
+    def sft_entries(cache):
+        return [p for p in cache.glob("models/sft-prune2-*") if p.is_dir()]
+
+    fdistill_main([*argv, "--divergence", "seqkd", "--lr", "1e-12", "--cache-dir", str(tmp_path / "cf"),
+                   "--out", str(tmp_path / "f")])  # fmt: skip
+    (sft,) = sft_entries(tmp_path / "cf")  # the SFT student the run reports as sft_student, and nothing else
+    start, sft_model = load_model(tmp_path / "f" / "student"), load_model(sft)
+    for name, value in sft_model.state_dict().items():  # one step at lr 1e-12 (Adam: a step of about 1e-12 a weight)
+        torch.testing.assert_close(start.state_dict()[name], value, rtol=0, atol=1e-9)
+    minillm_main([*argv, "--compare", "", "--no-seqkd", "--student-start", "sft", "--cache-dir", str(tmp_path / "cm"),
+                  "--out", str(tmp_path / "m")])  # fmt: skip
+    assert len(sft_entries(tmp_path / "cm")) == 1  # exposure_bias scored the run's SFT student, trained no other
+    assert "sft_student" in json.loads((tmp_path / "m" / "metrics.json").read_text())["exposure_bias"]
+
+
 def test_even_rule_keeps_the_old_cut_and_is_another_cache_entry(tmp_path):
     """--prune-rule even is the evenly spaced cut, and its students are other cache entries than block influence's."""
     path = write_gguf(tmp_path / "t.gguf", tiny_llama(seed=0, layers=4))
