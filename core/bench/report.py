@@ -54,6 +54,7 @@ class TaskReport:
     summaries: list[Summary]
     teacher: dict[str, Stat] = field(default_factory=dict)
     initial: dict[str, Stat] = field(default_factory=dict)  # a pretrained student before any training
+    healed: dict[str, Stat] = field(default_factory=dict)  # the cut student after --heal-steps, before any method
     env: dict[str, list[str]] = field(default_factory=dict)  # every distinct value recorded by its runs
     claims: list[dict[str, str]] = field(default_factory=list)
 
@@ -81,10 +82,11 @@ def build(out: Path, methods: list[BenchMethod], tasks: list[BenchTask], seeds: 
             values = [float(m["eval"]["teacher"][metric]) for m in teachers.values() if metric in m["eval"]["teacher"]]
             if values:
                 report.teacher[metric] = stat(values)
-        initial = [m["eval"]["initial_student"] for m in done if "initial_student" in m.get("eval", {})]
-        for metric in task.metrics:
-            if values := [float(i[metric]) for i in initial[:1] if metric in i]:  # the same model in every run
-                report.initial[metric] = stat(values)
+        for key, into in (("initial_student", report.initial), ("healed_student", report.healed)):
+            start = [m["eval"][key] for m in done if key in m.get("eval", {})]
+            for metric in task.metrics:
+                if values := [float(i[metric]) for i in start[:1] if metric in i]:  # the same model in every run
+                    into[metric] = stat(values)
         trained = [m["teacher"]["train"] for m in teachers.values() if "train" in m.get("teacher", {})]
         for key, source in (("tokens_per_s", "tokens_per_s"), ("train_s", "wall_s"), ("peak_mem_mb", "peak_mem_mb")):
             if values := [float(t[source]) for t in trained if source in t]:
@@ -120,7 +122,7 @@ def column_digits(report: TaskReport) -> dict[str, int]:
         if metric in DIGITS:
             continue
         stats = [s.stat(metric) for s in report.summaries if s.status != NOT_APPLICABLE]
-        stats += [report.teacher.get(metric), report.initial.get(metric)]
+        stats += [report.teacher.get(metric), report.initial.get(metric), report.healed.get(metric)]
         means = [abs(st.mean) for st in stats if st is not None]
         digits[metric] = 3 if means and max(means) < 10 else 1
     return digits
@@ -256,6 +258,9 @@ def markdown(reports: list[TaskReport], suite: Suite, seeds: list[int], extra: s
         if report.initial:
             quality = [cell_text(report.initial.get(m), m, digits) for m in task.metrics]
             rows.append(["student before training (reference)", *quality, "-", *["-"] * len(COST_KEYS), "reference"])
+        if report.healed:  # where every row from the cut starts (the SFT-start rows: from SFT of it)
+            quality = [cell_text(report.healed.get(m), m, digits) for m in task.metrics]
+            rows.append(["healed student (reference)", *quality, "-", *["-"] * len(COST_KEYS), "reference"])
         rows += [method_row(s, task, digits) for s in report.summaries if s.status != NOT_APPLICABLE]  # other families
         lines += md_table(columns(task), rows)
         lines += ["", f"### Claims on {task.name}", "", env_line(report), ""]

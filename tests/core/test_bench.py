@@ -100,6 +100,22 @@ def test_rows_rendered_from_hand_made_run_folders(hand_made, tmp_path):
     assert claims["sft"] == ("n/a", "")
 
 
+def test_cut_and_healed_students_are_reference_rows(hand_made, tmp_path):
+    """A pruned student's run records the cut before training and the healed student it starts from: the report
+    shows each once as a reference row (the same model in every run), below the teacher."""
+    out, methods = hand_made
+    path = run_folder(out, "kd-fkl", "ops", 0) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["eval"]["initial_student"] = {"exact_match": 3.0, "rougeL": 9.0, "perplexity": 19.46}
+    metrics["eval"]["healed_student"] = {"exact_match": 5.0, "rougeL": 11.0, "perplexity": 17.05}
+    path.write_text(json.dumps(metrics))
+    (rep,) = bench_report.build(out, methods, [OPS], [0, 1, 2], tmp_path / "no-data")
+    assert (rep.initial["rougeL"].mean, rep.healed["rougeL"].mean, rep.healed["perplexity"].mean) == (9.0, 11.0, 17.05)
+    text = bench_report.write([rep], tmp_path / "rep" / "B.md", SUITES["default"], [0, 1, 2], "", "cmd").read_text()
+    assert "| student before training (reference) | 3.0 | 9.0 | 19.46 |" in text
+    assert "| healed student (reference) | 5.0 | 11.0 | 17.05 |" in text
+
+
 def test_small_valued_columns_get_three_decimals(hand_made, tmp_path):
     # exact_match/add is 0.0 in every hand-made run: a column whose values are all below 10 in magnitude (fractions,
     # correlations, normalized errors) gets 3 decimals, so 0.04 and 0.06 do not both print 0.0; exact match (30-48)
