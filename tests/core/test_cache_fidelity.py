@@ -67,7 +67,9 @@ def test_the_cache_at_k_equal_to_the_vocabulary_loses_nothing(tmp_path):
     assert data["mass"][VOCAB] == pytest.approx({"mean": 1.0, "p5": 1.0})
     for divergence in DIVERGENCES:
         exact = data["results"][("random", divergence, f"cache k={VOCAB}")]
-        assert abs(exact["loss_rel_error"]) < 1e-5, divergence
+        # float32 rounding only: the stored log-probabilities are the live ones rounded once more; 1.3e-5 measured for
+        # forward KL on an Intel Xeon (below 1e-5 on AMD EPYC), against more than 1e-3 for a lossy cache (below)
+        assert abs(exact["loss_rel_error"]) < 5e-5, divergence
         assert exact["grad_cosine"] > 1 - 1e-6 and exact["grad_cosine_p5"] > 1 - 1e-6, divergence
         assert exact["grad_rel_norm_error"] < 1e-4, divergence
     # At k = 2 of 8 the tail bucket coarse-grains the distributions, so forward KL can only read low
