@@ -47,9 +47,9 @@ class Context:
     teacher_source: str  # where the teacher came from (a folder or the embedded teacher's cache entry)
     # the teacher's own tokenizer: `tokenizer` itself, except for cross-tokenizer methods (core.crosstok)
     teacher_tokenizer: PreTrainedTokenizerBase
-    # the run's core.pipeline.BaselineSetup (its cut's kept layers, its healed start): what a method that loads a
-    # cached baseline itself passes to core.pipeline.get_sft_baseline, so that it gets the run's own SFT student
-    setup: Any = None
+    # the run's core.pipeline.BaselineSetup (typed Any: core.pipeline imports this module), with its cut's kept layers
+    # and healed start: what a method that loads a cached baseline itself passes to core.pipeline.get_sft_baseline
+    setup: Any
 
 
 @dataclass

@@ -42,9 +42,8 @@ from core.onpolicy import (
     sample_examples,
     teacher_examples,
 )
-from core.pipeline import BaselineSetup, cli, get_sft_baseline, run_method
+from core.pipeline import cli, get_sft_baseline, run_method
 from core.results import write_metrics
-from core.teacher import get_tokenizer
 from core.train import LossOutput, count_rows
 from methods.fdistill.loss import (
     js_student_step,
@@ -154,17 +153,9 @@ def sample_length(ctx: Context, cfg: FDistillConfig) -> int:
 
 def warm_start_from_sft(ctx: Context) -> None:
     """Load the cached SFT student (the one the recipe reports as sft_student, same seed and budget) into the
-    student: our stand-in for the paper's pre-distillation (Section 2.3), which every variant starts from. The run's
-    own setup where the pipeline gives it (a prune:K cut's kept layers and healed start are part of the SFT student's
-    cache key)."""
-    setup = ctx.setup
-    if setup is None:
-        _, tokenizer_key = get_tokenizer(ctx.model, ctx.data, ctx.task, ctx.cache)
-        setup = BaselineSetup(
-            ctx.tokenizer, tokenizer_key, ctx.task, ctx.data, ctx.model, ctx.train, ctx.cache, ctx.accelerator,
-            ctx.teacher_source,
-        )  # fmt: skip
-    sft_model, _, _ = get_sft_baseline(setup)
+    student: our stand-in for the paper's pre-distillation (Section 2.3), which every variant starts from. Through
+    the run's own setup: a prune:K cut's kept layers and healed start are part of the SFT student's cache key."""
+    sft_model, _, _ = get_sft_baseline(ctx.setup)
     ctx.student.load_state_dict(sft_model.state_dict())
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from core.config import EvalConfig, ModelConfig
-from core.data import Collator, DataConfig, chat_prompts, encode_examples, encode_prompt, load_task
+from core.data import Collator, DataConfig, chat_prompts, encode_prompt, load_task
 from core.errors import ConfigError
 from core.kdpath import KDPath, KDPathConfig
 from core.losses import forward_kl
@@ -361,9 +361,9 @@ def exposure_bias(argv: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     if cfg.seqkd:
         ctx = Context(
             accelerator=setup.accelerator, task=task, tokenizer=tokenizer, teacher=teacher,
-            student=students["sft_student"], features=encode_examples(tokenizer, task.train, data.max_length),
-            data=data, model=setup.model, train=setup.train, run=shell.run, eval=evaluation, cache=setup.cache,
-            kd=kd, teacher_source=info["source"], teacher_tokenizer=tokenizer,
+            student=students["sft_student"], features=setup.features, data=data, model=setup.model,
+            train=setup.train, run=shell.run, eval=evaluation, cache=setup.cache, kd=kd, teacher_source=info["source"],
+            teacher_tokenizer=tokenizer, setup=setup,
         )  # fmt: skip
         (baseline,) = seqkd_baseline(cfg)
         students["seqkd_student"] = get_method_baseline(
