@@ -83,6 +83,13 @@ class ModelConfig:
             "--batch-size"
         },
     )
+    sft_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate of the SFT baseline, which is also the --student-start sft start; default: "
+            "--lr (the student's own steps after the SFT start always use --lr)"
+        },
+    )
     student_start: str = field(
         default="paper",
         metadata={
@@ -142,6 +149,8 @@ class ModelConfig:
                     f"--heal-batch-size {self.heal_batch_size} sizes the healing: pass --heal-steps N (N > 0) or drop "
                     "--heal-batch-size"
                 )
+        if self.sft_lr is not None and not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
+            raise ConfigError(f"--sft-lr must be a positive number (or omitted: --lr), got {self.sft_lr}")
         if self.student_start not in START_CHOICES:
             raise ConfigError(f"--student-start must be init, sft or paper, got {self.student_start!r}")
         if self.teacher_preset not in PRESETS:

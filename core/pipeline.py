@@ -155,8 +155,11 @@ class BaselineSetup:
 
 
 def get_sft_baseline(setup: BaselineSetup):
-    """The SFT student every method is compared against (trained from --student, never from itself)."""
-    return replace(setup, start=None).train_student("sft", {}, causal_lm_loss)
+    """The SFT student every method is compared against (trained from --student, never from itself), at --sft-lr
+    (default --lr). Its key holds the lr it trained at, so an SFT baseline at lr x is one cache entry whether x came
+    from --lr or --sft-lr."""
+    lr = setup.model.sft_lr if setup.model.sft_lr is not None else setup.train.lr
+    return replace(setup, start=None, train=replace(setup.train, lr=lr)).train_student("sft", {}, causal_lm_loss)
 
 
 def get_kd_baseline(setup: BaselineSetup, divergence: str, kd: KDPath, teacher_source: str):

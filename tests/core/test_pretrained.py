@@ -622,6 +622,24 @@ def test_sft_from_the_sft_student_continues_sft(tmp_path):
     assert continued["eval"]["student"] != continued["eval"]["sft_student"]
 
 
+def test_sft_lr_trains_the_sft_start_only(tmp_path):
+    # --sft-lr is the SFT baseline's peak lr (and so the --student-start sft start's); the student's own steps keep
+    # --lr. The SFT entry is the one `--lr 0.004` alone makes (one cache entry per SFT lr, however it was asked
+    # for): the second run below trains no SFT step. Warmup 2 of 4 steps: the logged lr of step 3 is the peak.
+    cache = tmp_path / "cache"
+    common = [*TINY, "--steps", "4", "--warmup-steps", "2", "--variant", "sft", "--cache-dir", str(cache)]
+    vanilla_main([*common, "--lr", "0.004", "--out", str(tmp_path / "plain")])
+    vanilla_main([*common, "--lr", "0.001", "--sft-lr", "0.004", "--student-start", "sft",
+                  "--out", str(tmp_path / "cont")])  # fmt: skip
+    sft = [p for p in (cache / "models").iterdir() if p.name.startswith("sft-") and p.suffix != ".lock"]
+    assert len(sft) == 1  # the SFT at 0.004 was reused, not trained again under another key
+    sft_log = [json.loads(line) for line in (sft[0] / "log.jsonl").read_text().splitlines()]
+    own_log = [json.loads(line) for line in (tmp_path / "cont" / "log.jsonl").read_text().splitlines()]
+    assert sft_log[2]["lr"] == pytest.approx(0.004) and own_log[2]["lr"] == pytest.approx(0.001)
+    config = json.loads((tmp_path / "cont" / "config.json").read_text())
+    assert json.dumps(config).count('"sft_lr": 0.004') == 1  # recorded with the run
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Importance-ranked layer selection (issue 30): Block Influence and greedy perplexity
 
