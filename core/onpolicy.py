@@ -73,6 +73,13 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     return prompts
 
 
+def example_prompt(example: Example) -> list[int]:
+    """The prompt of one encoded example: its input_ids before the first target (all of them if it has none), as
+    `prompts_of` reads each row of a batch."""
+    first = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(example["labels"]))
+    return list(example["input_ids"][:first])
+
+
 def rows_of(batch: dict[str, torch.Tensor]) -> list[Example]:
     """A right-padded batch back into encoded examples (padding dropped)."""
     lengths = batch["attention_mask"].sum(-1).tolist()
@@ -246,17 +253,28 @@ class Resampler:
         mix_alpha: float = 0.0,
     ) -> list[Example]:
         """Completions of the batch's prompts sampled from `model` (or its mixture with `mix_model`), encoded."""
+        return self.sample(model, prompts_of(batch), (step, index), mix_model, mix_alpha)
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        seed_parts: Sequence[int],
+        mix_model: torch.nn.Module | None = None,
+        mix_alpha: float = 0.0,
+    ) -> list[Example]:
+        """Completions of `prompts`, seeded by (run seed, *seed_parts, process, purpose); timed and counted."""
         model = self.unwrap(model) if self.unwrap is not None else model
         with self.stats.timed("gen_s"):
             examples = sample_examples(
                 model,
-                prompts_of(batch),
+                prompts,
                 self.tokenizer,
                 self.max_length,
                 self.max_new_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
-                seed=derived_seed(self.seed, step, index, self.rank, self.purpose),
+                seed=derived_seed(self.seed, *seed_parts, self.rank, self.purpose),
                 mix_model=mix_model,
                 mix_alpha=mix_alpha,
             )

@@ -160,9 +160,15 @@ def minillm_loss_sum(
     reward_scaling: float = 0.5,
     reward_clip: float = 100.0,
     whiten_width: int | None = None,
+    old_logprobs: torch.Tensor | None = None,
 ) -> MiniLLMTerms:
-    """MiniLLM's loss on rollouts sampled from (1 - alpha) q + alpha p (alpha 0: from q alone) by the current
-    student, so q_old is the student's own value, detached (one update per rollout: the PPO ratio is then w alone).
+    """MiniLLM's loss on rollouts sampled from (1 - alpha) q_old + alpha p (alpha 0: from q_old alone).
+
+    `old_logprobs` (B, T): log q_old(y_t) of the student that sampled them, aligned as the per-token tensors here
+    (position t: the target labels[t + 1]), as the official sampler stores them for its PPO epochs; the reward
+    r_t = log p - log q_old and the weight w_t = q_old / p~ are read from it, and the ratio is w q_theta / q_old.
+    None: the rollouts were sampled by the current student (one update per rollout batch), so q_old is the
+    student's own value, detached, and the PPO ratio is w alone.
 
     single_step: add the exact token-level reverse KL (Eq. 3) and start the returns after the token (or at it with
     returns_from "current", the official code); without it, plain policy gradient on R_t. single_step_weighted
@@ -177,17 +183,18 @@ def minillm_loss_sum(
     mask, targets = shifted_targets(labels)  # (B, T)
     logprobs = token_logprobs(student_logits, targets, mask, temperature)  # (B, T), with gradient
     with torch.no_grad():
+        old = logprobs.detach() if old_logprobs is None else old_logprobs.float().masked_fill(~mask, 0.0)
         teacher_logprobs = token_logprobs(teacher_logits, targets, mask, temperature)  # (B, T), at T: the mixture
-        weights = importance_weights(logprobs, teacher_logprobs, alpha) if alpha > 0 else torch.ones_like(logprobs)
+        weights = importance_weights(old, teacher_logprobs, alpha) if alpha > 0 else torch.ones_like(logprobs)
         weights = weights.masked_fill(~mask, 0.0)
         teacher_raw = teacher_logprobs if temperature == 1.0 else token_logprobs(teacher_logits, targets, mask)
-        rewards = (teacher_raw - logprobs).masked_fill(~mask, 0.0)  # r_t = log p(y_t) (raw) - log q_T(y_t)
+        rewards = (teacher_raw - old).masked_fill(~mask, 0.0)  # r_t = log p(y_t) (raw) - log q_T,old(y_t)
         start = returns_from if single_step else "current"
         scaled = scaled_rewards(rewards, mask, reward_scaling, reward_clip)
         returns = long_term_returns(scaled, mask, gamma, length_norm, start)
         total = None if whiten_width is None else mask.shape[0] * whiten_width  # official: B x budget, padded
         advantages = whiten(returns, mask, total=total) if whiten_advantages else returns
-    policy, clipped = clipped_policy_loss(logprobs, logprobs.detach(), advantages, weights, mask, clip)
+    policy, clipped = clipped_policy_loss(logprobs, old, advantages, weights, mask, clip)
     total = policy.sum()
     logs = {}
     if single_step:
@@ -201,6 +208,8 @@ def minillm_loss_sum(
         "policy_loss": policy.sum().item() / n,
         "reward": rewards.sum().item() / n,  # per token: minus the sampled reverse KL
         "weight": weights.sum().item() / n,
+        # the PPO ratio w q_theta / q_old; equal to the weight where the rollouts came from this very student
+        "ratio": (torch.exp(logprobs.detach() - old) * weights).sum().item() / n,
         "clipped": clipped.sum().item() / n,
     }
     return MiniLLMTerms(total, tokens, logs)

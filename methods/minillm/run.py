@@ -44,6 +44,7 @@ from core.onpolicy import (
     collate_to,
     completion_features,
     derived_seed,
+    example_prompt,
     fit_prompt,
     prompts_of,
     record_generation_share,
@@ -64,6 +65,7 @@ from core.shell import parse_recipe, run_recipe
 from core.teacher import get_teacher, get_tokenizer
 from core.train import LossOutput, TrainConfig, count_label_tokens, train_indices
 from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
+from methods.minillm.store import RolloutStore
 
 
 @dataclass
@@ -114,6 +116,20 @@ class MiniLLMConfig(OnPolicyConfig):
     reward_clip: float = field(
         default=100.0, metadata={"help": "clip the scaled rewards to +-this (official --cliprange-reward 100); 0 off"}
     )
+    ppo_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "PPO epochs over each store of rollouts (official 4); 1 with no --num-rollouts: fresh rollouts "
+            "for every micro-batch, one update each (methods/minillm/README.md, Deviations)"
+        },
+    )
+    num_rollouts: int | None = field(
+        default=None,
+        metadata={
+            "help": "rollouts sampled per store, over all processes (official 256), a multiple of a micro-batch's "
+            "rows; default: one micro-batch's"
+        },
+    )
     lm_coef: float = field(
         default=1.0, metadata={"help": "weight of the LM loss on the training data batch (L_PT; official 1)"}
     )
@@ -147,6 +163,15 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(f"--reward-clip must be non-negative (0 turns the clip off), got {self.reward_clip}")
         if self.lm_coef < 0:
             raise ConfigError(f"--lm-coef must be non-negative, got {self.lm_coef}")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"--ppo-epochs must be at least 1, got {self.ppo_epochs}")
+        if self.num_rollouts is not None and self.num_rollouts < 1:
+            raise ConfigError(f"--num-rollouts must be at least 1, got {self.num_rollouts}")
+
+    @property
+    def stored(self) -> bool:
+        """Rollouts come from the official store (sampled once, served --ppo-epochs times), not one per batch."""
+        return self.ppo_epochs > 1 or self.num_rollouts is not None
 
 
 def label(cfg: MiniLLMConfig) -> str:
@@ -161,13 +186,28 @@ def label(cfg: MiniLLMConfig) -> str:
 def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
     ctx.kd.require_full_logits("MiniLLM")  # a full-logit loss: --fused/--chunk-size refused, not ignored
     resample = Resampler.of(ctx, cfg, "minillm-sample")
+    mix = {"mix_model": ctx.teacher if cfg.alpha > 0 else None, "mix_alpha": cfg.alpha}
+    store = None
+    if cfg.stored:  # the official store: N rollouts per iteration, --ppo-epochs epochs over them
+        processes = ctx.accelerator.num_processes
+        rows = ctx.train.batch_size // (processes * ctx.train.grad_accum)
+        size = cfg.num_rollouts if cfg.num_rollouts is not None else rows * processes
+        if size % (rows * processes):
+            raise ConfigError(
+                f"--num-rollouts must be a multiple of the rows of one micro-batch over all processes "
+                f"({rows * processes}: --batch-size / --grad-accum), got {size}"
+            )
+        prompts = [example_prompt(example) for example in ctx.features]
+        store = RolloutStore(prompts, size // processes, rows, cfg.ppo_epochs, ctx.train.grad_accum)
 
     def prepare_batch(model, batch, step: int, index: int):
-        # Rollouts of this micro-batch's prompts from the teacher-mixed policy; the data batch rides along for L_PT.
-        examples = resample.examples(
-            model, batch, step, index, mix_model=ctx.teacher if cfg.alpha > 0 else None, mix_alpha=cfg.alpha
-        )
-        return resample.collate(examples, batch) | {f"lm_{key}": value for key, value in batch.items()}
+        # Rollouts from the teacher-mixed policy (this micro-batch's prompts, or the store's); the data batch rides
+        # along for L_PT.
+        if store is not None:
+            rollouts = store.batch(step, index, model, resample, cfg.temperature, **mix)
+        else:
+            rollouts = resample.collate(resample.examples(model, batch, step, index, **mix), batch)
+        return rollouts | {f"lm_{key}": value for key, value in batch.items()}
 
     def loss_fn(model, batch) -> LossOutput:
         teacher_logits = teacher_forward(ctx.teacher, batch)  # (B, T, V)
@@ -188,6 +228,7 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
             reward_scaling=cfg.reward_scaling,
             reward_clip=cfg.reward_clip,
             whiten_width=resample.max_new_tokens if cfg.whiten_padding else None,
+            old_logprobs=batch.get("old_logprobs"),
         )
         total, logs = terms.loss_sum, dict(terms.logs)
         if cfg.lm_coef > 0:
@@ -202,7 +243,8 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
     def on_step_end(step: int, step_loss: float, logs: dict[str, float]) -> None:
         resample.stats.flush(logs, keys=("gen_s", "gen_tokens"))
 
-    return MethodLoss(loss_fn, prepare_batch=prepare_batch, on_step_end=on_step_end)
+    state = {"rollout_store": store} if store is not None else {}
+    return MethodLoss(loss_fn, state=state, prepare_batch=prepare_batch, on_step_end=on_step_end)
 
 
 def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:

@@ -171,6 +171,33 @@ def test_clipping_bounds_the_ratio():
     assert torch.allclose(plain, -advantages * weights)
 
 
+def test_stored_old_logprobs_by_hand():
+    # The official store (methods/minillm/store.py): rollouts sampled by q_old, trained on by q_theta. One target
+    # token y (labels [-100, 1]: position 0 predicts it), V = 2; q_theta(y) = 0.5 (logits 0, 0), p(y) = 0.8,
+    # q_old(y) = 0.25, alpha 0.2. w = q_old / (0.8 q_old + 0.2 p) = 0.25 / 0.36 = 0.69444;
+    # r = log p - log q_old = ln 0.8 - ln 0.25 = 1.16315; returns from the current token, length-normalized over 1
+    # token, rewards / 0.5: A = 2.32631 (no whitening); ratio = w q_theta / q_old = 0.69444 x 2 = 1.38889;
+    # clip 0: policy = -A ratio = -3.23099. The single-step term is off (it does not read q_old).
+    student = torch.zeros(1, 2, 2, dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[[0.0, ln(0.8 / 0.2)], [0.0, 0.0]]], dtype=torch.float64)  # p(1) = 0.8 at position 0
+    labels = torch.tensor([[-100, 1]])
+    old = torch.tensor([[ln(0.25), 0.0]], dtype=torch.float64)
+    kwargs = dict(alpha=0.2, single_step=False, returns_from="current", clip=0.0, whiten_advantages=False)
+    terms = minillm_loss_sum(student, teacher, labels, old_logprobs=old, **kwargs)
+    w = 0.25 / 0.36
+    assert terms.logs["weight"] == pytest.approx(w) and terms.logs["reward"] == pytest.approx(ln(0.8 / 0.25))
+    assert terms.loss_sum.item() == pytest.approx(-2 * ln(0.8 / 0.25) * w * 0.5 / 0.25)
+    # Where q_old is the current student's value (what one update per fresh batch means), the stored path is the
+    # default path: the same value and the same gradient.
+    current = torch.full((1, 2), ln(0.5), dtype=torch.float64)
+    for single in (False, True):
+        args = kwargs | dict(single_step=single, returns_from="next", clip=0.2, whiten_advantages=True)
+        a = minillm_loss_sum(student, teacher, labels, **args)
+        b = minillm_loss_sum(student, teacher, labels, old_logprobs=current, **args)
+        (ga,), (gb,) = torch.autograd.grad(a.loss_sum, student), torch.autograd.grad(b.loss_sum, student)
+        assert a.loss_sum.item() == pytest.approx(b.loss_sum.item()) and torch.allclose(ga, gb)
+
+
 def test_returns_by_hand():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[True, True, True, False]])  # the last position is padding
@@ -380,7 +407,8 @@ def test_kl_along_in_chunks_equals_all_at_once():
     "bad, match",
     [({"alpha": 1.0}, "--alpha"), ({"alpha": -0.1}, "--alpha"), ({"returns_from": "last"}, "--returns-from"),
      ({"gamma": 0.0}, "--gamma"), ({"clip": 1.0}, "--clip"), ({"lm_coef": -1.0}, "--lm-coef"),
-     ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown")],
+     ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown"), ({"ppo_epochs": 0}, "--ppo-epochs"),
+     ({"num_rollouts": 0}, "--num-rollouts")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -415,3 +443,27 @@ def test_end_to_end_run_from_the_sft_student(tmp_path):
     assert (out / "exposure_bias.png").exists() and (out / "student" / "model.safetensors").exists()
     # A rerun of the same command shows the complete run.
     assert main([*TINY, "--out", str(out)])["exposure_bias"] == saved["exposure_bias"]
+
+
+@pytest.mark.slow
+def test_rollout_store_ppo_epochs_and_exact_resume(tmp_path):
+    # --ppo-epochs 2 --num-rollouts 32 with micro-batches of 16: each store serves 2 epochs x 2 mini-batches, so the
+    # 8 steps are two iterations that sample at steps 1 and 5 only. After an iteration's first update the student
+    # is not q_old any more: the ratio leaves 1 and the clip acts on it, not on w alone. A run stopped inside an
+    # iteration (after step 2) and resumed trains on the checkpointed store: the same losses as the straight run.
+    flags = [*TINY, "--steps", "8", "--warmup-steps", "0", "--compare", "", "--no-seqkd", "--no-exposure",
+             "--ppo-epochs", "2", "--num-rollouts", "32"]  # fmt: skip (no warmup: step 1's lr is not 0)
+    main([*flags, "--out", str(tmp_path / "straight")])
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["gen_s"] > 0] == [1, 5]
+    assert all(0 < r["gen_tokens"] <= 32 * 6 for r in log if r["gen_s"] > 0)
+    assert all(r["gen_tokens"] == 0 for r in log if r["gen_s"] == 0)
+    fresh = [r["step"] in (1, 5) for r in log]  # the first update on a store: q_theta is still q_old
+    assert all((abs(r["ratio"] - r["weight"]) < 1e-5) == first for r, first in zip(log, fresh))
+    main([*flags, "--out", str(tmp_path / "split"), "--stop-after", "2"])
+    main([*flags, "--out", str(tmp_path / "split")])
+    split = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in log], abs=1e-6)
+    assert [r["gen_tokens"] for r in split] == [r["gen_tokens"] for r in log]
+    with pytest.raises(ConfigError, match="--num-rollouts must be a multiple"):
+        main([*flags, "--num-rollouts", "24", "--out", str(tmp_path / "bad")])

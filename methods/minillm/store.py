@@ -1,0 +1,110 @@
+"""The official trainer's rollout store: sample a set of rollouts once, then take several PPO epochs over it.
+
+The official MiniLLM trainer (microsoft/LMOps, minillm/minillm/trainer.py and sampler.py, scripts
+`--num-rollouts 256 --ppo-epochs 4`) fills a store of `num_rollouts` rollouts from the current student (teacher-mixed,
+with the student's log-probabilities of the sampled tokens and the rewards kept from sampling time), then runs
+`ppo_epochs` epochs of mini-batches over it, reshuffled each epoch, one optimizer step per mini-batch; then samples
+the next store. The PPO ratio q_theta / q_old moves away from 1 after the first update of an epoch, which the clip
+bounds.
+
+Here (`--ppo-epochs E --num-rollouts N`), per process:
+
+    micro-batch u = step x grad_accum + index;  iteration i, position j = divmod(u, E x N / rows)
+    j == 0: the store of iteration i is sampled: N training prompts drawn by a seeded generator (with replacement
+            only when the training set holds fewer than N), completed in chunks of `rows` (the micro-batch size)
+            by (1 - alpha) q + alpha p, and the student's log q_old of every sampled token stored beside them
+    epoch, k = divmod(j, N / rows): the k-th `rows` rollouts of the epoch's seeded permutation of the store
+
+The L_PT data batch is the loop's own micro-batch, as the official trainer draws its language-modelling batch
+apart from the prompts. Every draw is a pure function of (run seed, iteration, epoch or chunk, process), and the
+store is checkpointed with the run (`state_dict`), so a run resumed inside an iteration trains on the store an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CheckpointError, ConfigError
+from core.objectives import shifted_targets
+from core.onpolicy import Resampler, collate_to, derived_seed
+from methods.minillm.loss import token_logprobs
+
+Example = dict[str, list]
+
+
+class RolloutStore:
+    """N rollouts of this process, sampled at the start of each iteration and served `epochs` times."""
+
+    def __init__(self, prompts: list[list[int]], size: int, rows: int, epochs: int, grad_accum: int) -> None:
+        if size % rows:
+            raise ConfigError(
+                f"--num-rollouts must be a multiple of the rows of a micro-batch ({rows} per process), got {size}"
+            )
+        self.prompts, self.size, self.rows, self.epochs, self.grad_accum = prompts, size, rows, epochs, grad_accum
+        self.iteration = -1
+        self.items: list[Example] = []  # input_ids, labels, old_logprobs (position t: log q_old(labels[t + 1]))
+
+    @property
+    def per_epoch(self) -> int:
+        return self.size // self.rows
+
+    def position(self, step: int, index: int) -> tuple[int, int, int]:
+        """(iteration, epoch, mini-batch within the epoch) of a micro-batch."""
+        iteration, j = divmod(step * self.grad_accum + index, self.epochs * self.per_epoch)
+        return iteration, *divmod(j, self.per_epoch)
+
+    def fill(self, iteration: int, model, resample: Resampler, temperature: float, **mix: Any) -> None:
+        """Sample this iteration's N rollouts and the student's log q_old of each sampled token."""
+        rng = np.random.default_rng(derived_seed(resample.seed, iteration, resample.rank, "minillm-store-prompts"))
+        chosen = rng.choice(len(self.prompts), size=self.size, replace=len(self.prompts) < self.size)
+        items: list[Example] = []
+        student = resample.unwrap(model) if resample.unwrap is not None else model
+        for chunk in range(0, self.size, self.rows):
+            prompts = [self.prompts[i] for i in chosen[chunk : chunk + self.rows]]
+            examples = resample.sample(model, prompts, (iteration, chunk, "store"), **mix)
+            device = next(student.parameters()).device
+            batch = collate_to(examples, resample.tokenizer.pad_token_id, device)
+            with resample.stats.timed("gen_s"), torch.no_grad():  # the sampler's own forward (official sampler.py)
+                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                mask, targets = shifted_targets(batch["labels"])
+                old = token_logprobs(logits, targets, mask, temperature).cpu()
+            for row, example in enumerate(examples):
+                items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
+        self.iteration, self.items = iteration, items
+
+    def batch(self, step: int, index: int, model, resample: Resampler, temperature: float, **mix: Any) -> dict:
+        """The rollouts of this micro-batch as a right-padded batch with `old_logprobs` (B, T)."""
+        iteration, epoch, k = self.position(step, index)
+        if iteration != self.iteration:
+            if (epoch, k) != (0, 0):
+                raise CheckpointError(
+                    f"MiniLLM's rollout store of iteration {iteration} is missing at step {step + 1}: the checkpoint "
+                    "was written without it; rerun from a checkpoint of this version"
+                )
+            self.fill(iteration, model, resample, temperature, **mix)
+        order = np.random.default_rng(derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo"))
+        picked = [self.items[i] for i in order.permutation(self.size)[k * self.rows : (k + 1) * self.rows]]
+        device = next((resample.unwrap(model) if resample.unwrap is not None else model).parameters()).device
+        batch = collate_to([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in picked],
+                           resample.tokenizer.pad_token_id, device)  # fmt: skip
+        old = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for row, example in enumerate(picked):
+            old[row, : len(example["old_logprobs"])] = torch.tensor(example["old_logprobs"])
+        return batch | {"old_logprobs": old.to(device)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "rows": self.rows, "epochs": self.epochs, "iteration": self.iteration,
+                "items": self.items}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        setting = (int(state["size"]), int(state["rows"]), int(state["epochs"]))
+        if setting != (self.size, self.rows, self.epochs):
+            raise CheckpointError(
+                f"the checkpoint's rollout store holds {setting[0]} rollouts in rows of {setting[1]} for {setting[2]} "
+                f"epochs, this run {self.size}, {self.rows} and {self.epochs}"
+            )
+        self.iteration, self.items = int(state["iteration"]), list(state["items"])
