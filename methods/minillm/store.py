@@ -31,6 +31,7 @@ import torch
 from core.errors import CheckpointError, ConfigError
 from core.objectives import shifted_targets
 from core.onpolicy import Resampler, collate_to, derived_seed
+from core.precision import autocast
 from methods.minillm.loss import token_logprobs
 
 Example = dict[str, list]
@@ -68,10 +69,13 @@ class RolloutStore:
             examples = resample.sample(model, prompts, (iteration, chunk, "store"), **mix)
             device = next(student.parameters()).device
             batch = collate_to(examples, resample.tokenizer.pad_token_id, device)
-            with resample.stats.timed("gen_s"), torch.no_grad():  # the sampler's own forward (official sampler.py)
+            was_training = student.training
+            student.eval()  # as during sampling: no dropout in the values the ratio is taken against
+            with resample.stats.timed("gen_s"), torch.no_grad(), autocast(device):  # the sampler's own forward
                 logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 mask, targets = shifted_targets(batch["labels"])
                 old = token_logprobs(logits, targets, mask, temperature).cpu()
+            student.train(was_training)
             for row, example in enumerate(examples):
                 items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
         self.iteration, self.items = iteration, items
