@@ -117,17 +117,14 @@ class MiniLLMConfig(OnPolicyConfig):
         default=100.0, metadata={"help": "clip the scaled rewards to +-this (official --cliprange-reward 100); 0 off"}
     )
     ppo_epochs: int = field(
-        default=1,
-        metadata={
-            "help": "PPO epochs over each store of rollouts (official 4); 1 with no --num-rollouts: fresh rollouts "
-            "for every micro-batch, one update each (methods/minillm/README.md, Deviations)"
-        },
+        default=4, metadata={"help": "PPO epochs over each store of rollouts (official --ppo-epochs 4)"}
     )
-    num_rollouts: int | None = field(
-        default=None,
+    num_rollouts: int = field(
+        default=256,
         metadata={
-            "help": "rollouts sampled per store, over all processes (official 256), a multiple of a micro-batch's "
-            "rows; default: one micro-batch's"
+            "help": "rollouts per store, over all processes, a multiple of a micro-batch's rows (official "
+            "--num-rollouts 256); a run shorter than one store's epochs samples only what it trains on; 0: no store, "
+            "fresh rollouts of each micro-batch's own prompts and one update on them (needs --ppo-epochs 1)"
         },
     )
     lm_coef: float = field(
@@ -165,13 +162,13 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(f"--lm-coef must be non-negative, got {self.lm_coef}")
         if self.ppo_epochs < 1:
             raise ConfigError(f"--ppo-epochs must be at least 1, got {self.ppo_epochs}")
-        if self.num_rollouts is not None and self.num_rollouts < 1:
-            raise ConfigError(f"--num-rollouts must be at least 1, got {self.num_rollouts}")
-
-    @property
-    def stored(self) -> bool:
-        """Rollouts come from the official store (sampled once, served --ppo-epochs times), not one per batch."""
-        return self.ppo_epochs > 1 or self.num_rollouts is not None
+        if self.num_rollouts < 0:
+            raise ConfigError(f"--num-rollouts must be 0 (no store) or more, got {self.num_rollouts}")
+        if self.num_rollouts == 0 and self.ppo_epochs != 1:
+            raise ConfigError(
+                f"--num-rollouts 0 trains once on each fresh batch of rollouts: pass --ppo-epochs 1 with it, got "
+                f"--ppo-epochs {self.ppo_epochs}"
+            )
 
 
 def label(cfg: MiniLLMConfig) -> str:
@@ -188,17 +185,8 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
     resample = Resampler.of(ctx, cfg, "minillm-sample")
     mix = {"mix_model": ctx.teacher if cfg.alpha > 0 else None, "mix_alpha": cfg.alpha}
     store = None
-    if cfg.stored:  # the official store: N rollouts per iteration, --ppo-epochs epochs over them
-        processes = ctx.accelerator.num_processes
-        rows = ctx.train.batch_size // (processes * ctx.train.grad_accum)
-        size = cfg.num_rollouts if cfg.num_rollouts is not None else rows * processes
-        if size % (rows * processes):
-            raise ConfigError(
-                f"--num-rollouts must be a multiple of the rows of one micro-batch over all processes "
-                f"({rows * processes}: --batch-size / --grad-accum), got {size}"
-            )
-        prompts = [example_prompt(example) for example in ctx.features]
-        store = RolloutStore(prompts, size // processes, rows, cfg.ppo_epochs, ctx.train.grad_accum)
+    if cfg.num_rollouts:  # the official store: N rollouts per iteration, --ppo-epochs epochs over them
+        store = rollout_store(ctx, cfg)
 
     def prepare_batch(model, batch, step: int, index: int):
         # Rollouts from the teacher-mixed policy (this micro-batch's prompts, or the store's); the data batch rides
@@ -245,6 +233,29 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
 
     state = {"rollout_store": store} if store is not None else {}
     return MethodLoss(loss_fn, state=state, prepare_batch=prepare_batch, on_step_end=on_step_end)
+
+
+def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
+    """This process's store. A run too short for one store's --ppo-epochs epochs (micro-batches U < E x N / rows)
+    samples ceil(U / E) micro-batches of rollouts instead of N / rows: every rollout is then trained on E times (the
+    last epoch may be cut by the end of the run) and none is sampled only to be dropped."""
+    processes = ctx.accelerator.num_processes
+    rows = ctx.train.batch_size // (processes * ctx.train.grad_accum)
+    if cfg.num_rollouts % (rows * processes):
+        raise ConfigError(
+            f"--num-rollouts must be a multiple of the rows of one micro-batch over all processes "
+            f"({rows * processes}: --batch-size / --grad-accum), got {cfg.num_rollouts}"
+        )
+    micro_batches = ctx.train.steps * ctx.train.grad_accum  # per process, over the run
+    per_epoch = min(cfg.num_rollouts // (rows * processes), -(-micro_batches // cfg.ppo_epochs))
+    if per_epoch * rows * processes < cfg.num_rollouts:
+        print(
+            f"[minillm] rollout store: {per_epoch * rows * processes} rollouts, not --num-rollouts "
+            f"{cfg.num_rollouts}: the run's {ctx.train.steps} steps train on {cfg.ppo_epochs} epochs of no more",
+            file=sys.stderr,
+        )
+    prompts = [example_prompt(example) for example in ctx.features]
+    return RolloutStore(prompts, per_epoch * rows, rows, cfg.ppo_epochs, ctx.train.grad_accum)
 
 
 def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:

@@ -408,7 +408,7 @@ def test_kl_along_in_chunks_equals_all_at_once():
     [({"alpha": 1.0}, "--alpha"), ({"alpha": -0.1}, "--alpha"), ({"returns_from": "last"}, "--returns-from"),
      ({"gamma": 0.0}, "--gamma"), ({"clip": 1.0}, "--clip"), ({"lm_coef": -1.0}, "--lm-coef"),
      ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown"), ({"ppo_epochs": 0}, "--ppo-epochs"),
-     ({"num_rollouts": 0}, "--num-rollouts")],
+     ({"num_rollouts": -1}, "--num-rollouts"), ({"num_rollouts": 0}, "pass --ppo-epochs 1")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -431,8 +431,10 @@ def test_end_to_end_run_from_the_sft_student(tmp_path):
     assert set(saved["eval"]) == {"student", "teacher", "sft_student", "kd_fkl_student", "seqkd_student"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
-    # Every step sampled rollouts (at most 6 tokens per row) from the teacher-mixed policy and weighed them.
-    assert all(r["gen_s"] > 0 and 0 < r["gen_tokens"] <= 16 * 6 for r in log)
+    # The official store (--ppo-epochs 4 --num-rollouts 256): 20 steps of 16 rows are too short for one store of
+    # 256 over 4 epochs, so it holds ceil(20 / 4) = 5 micro-batches, 80 rollouts (at most 6 tokens each), sampled
+    # from the teacher-mixed policy at step 1 and trained on 4 times; every step weighed them.
+    assert [r["step"] for r in log if r["gen_s"] > 0] == [1] and 0 < log[0]["gen_tokens"] <= 80 * 6
     assert all(0 < r["weight"] and 0 <= r["clipped"] <= 1 for r in log)
     train = saved["train"]
     assert 0 < train["gen_fraction"] < 1 and train["gen_tokens_per_s"] > 0
@@ -467,3 +469,8 @@ def test_rollout_store_ppo_epochs_and_exact_resume(tmp_path):
     assert [r["gen_tokens"] for r in split] == [r["gen_tokens"] for r in log]
     with pytest.raises(ConfigError, match="--num-rollouts must be a multiple"):
         main([*flags, "--num-rollouts", "24", "--out", str(tmp_path / "bad")])
+    # --num-rollouts 0 --ppo-epochs 1: no store; every step samples its own batch's prompts afresh and takes one
+    # update on them, so the PPO ratio is the importance weight alone.
+    main([*flags, "--num-rollouts", "0", "--ppo-epochs", "1", "--out", str(tmp_path / "fresh")])
+    fresh = [json.loads(line) for line in (tmp_path / "fresh" / "log.jsonl").read_text().splitlines()]
+    assert all(r["gen_s"] > 0 and abs(r["ratio"] - r["weight"]) < 1e-5 for r in fresh)
