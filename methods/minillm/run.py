@@ -122,8 +122,8 @@ class MiniLLMConfig(OnPolicyConfig):
     num_rollouts: int = field(
         default=256,
         metadata={
-            "help": "rollouts per store, over all processes, a multiple of a micro-batch's rows (official "
-            "--num-rollouts 256); a run shorter than one store's epochs samples only what it trains on; 0: no store, "
+            "help": "rollouts per store, over all processes (official --num-rollouts 256), rounded down to whole "
+            "micro-batches; a run shorter than one store's epochs samples only what it trains on; 0: no store, "
             "fresh rollouts of each micro-batch's own prompts and one update on them (needs --ppo-epochs 1)"
         },
     )
@@ -236,24 +236,23 @@ def make_loss(ctx: Context, cfg: MiniLLMConfig) -> MethodLoss:
 
 
 def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
-    """This process's store. A run too short for one store's --ppo-epochs epochs (micro-batches U < E x N / rows)
-    samples ceil(U / E) micro-batches of rollouts instead of N / rows: every rollout is then trained on E times (the
-    last epoch may be cut by the end of the run) and none is sampled only to be dropped."""
+    """This process's store: --num-rollouts rounded down to whole micro-batches (at least one). A run too short for
+    one store's --ppo-epochs epochs (micro-batches U < E x N / rows) samples ceil(U / E) micro-batches of rollouts
+    instead: every rollout is then trained on E times (the last epoch may be cut by the end of the run) and none is
+    sampled only to be dropped. Both say so on stderr."""
     processes = ctx.accelerator.num_processes
     rows = ctx.train.batch_size // (processes * ctx.train.grad_accum)
-    if cfg.num_rollouts % (rows * processes):
-        raise ConfigError(
-            f"--num-rollouts must be a multiple of the rows of one micro-batch over all processes "
-            f"({rows * processes}: --batch-size / --grad-accum), got {cfg.num_rollouts}"
-        )
+    width = rows * processes  # rollouts of one micro-batch over all processes
     micro_batches = ctx.train.steps * ctx.train.grad_accum  # per process, over the run
-    per_epoch = min(cfg.num_rollouts // (rows * processes), -(-micro_batches // cfg.ppo_epochs))
-    if per_epoch * rows * processes < cfg.num_rollouts:
-        print(
-            f"[minillm] rollout store: {per_epoch * rows * processes} rollouts, not --num-rollouts "
-            f"{cfg.num_rollouts}: the run's {ctx.train.steps} steps train on {cfg.ppo_epochs} epochs of no more",
-            file=sys.stderr,
+    per_epoch = max(1, min(cfg.num_rollouts // width, -(-micro_batches // cfg.ppo_epochs)))
+    if per_epoch * width != cfg.num_rollouts:
+        why = (
+            f"the run's {ctx.train.steps} steps train on {cfg.ppo_epochs} epochs of no more"
+            if per_epoch < cfg.num_rollouts // width
+            else f"whole micro-batches of {width} (--batch-size / --grad-accum)"
         )
+        print(f"[minillm] rollout store: {per_epoch * width} rollouts, not --num-rollouts {cfg.num_rollouts}: {why}",
+              file=sys.stderr)  # fmt: skip
     prompts = [example_prompt(example) for example in ctx.features]
     return RolloutStore(prompts, per_epoch * rows, rows, cfg.ppo_epochs, ctx.train.grad_accum)
 
