@@ -3,16 +3,18 @@ SFT student, as in the paper (or on any task the common flags name).
 
     python -m methods.minillm.run                          # from the cached SFT student; alpha 0.2, all stabilizers
     python -m methods.minillm.run --alpha 0                # rollouts from the student alone (no teacher mixing)
+    python -m methods.minillm.run --num-rollouts 0 --ppo-epochs 1   # fresh rollouts every step (no rollout store)
     python -m methods.minillm.run --no-single-step         # plain policy gradient on the whole return R_t
     python -m methods.minillm.run --returns-from current --no-single-step-weighted --gamma 0.95   # the official code
     python -m methods.minillm.run --student FOLDER         # start every student from FOLDER instead
     python -m methods.minillm.run --task multi30k --data-dir ../shared/data/multi30k --vocab-size 8000
 
 Each micro-batch's completions are replaced by rollouts sampled from (1 - alpha) q_theta + alpha p (batched, both
-models' KV caches: core.onpolicy.Resampler, core.generate.sample_completions), on which the student takes one
-policy-gradient step on the reverse KL (methods/minillm/loss.py), plus the language-modelling loss on the data
-batch (--lm-coef). log.jsonl records per step the generation time (gen_s) and tokens, the policy loss, the
-single-step KL, the mean reward and importance weight and the share of clipped tokens; metrics.json adds the
+models' KV caches: core.onpolicy.Resampler, core.generate.sample_completions), drawn from the official rollout store
+(methods/minillm/store.py: --num-rollouts sampled at once, --ppo-epochs epochs over them), on which the student takes
+a clipped policy-gradient step on the reverse KL (methods/minillm/loss.py), plus the language-modelling loss on the
+data batch (--lm-coef). log.jsonl records per step the generation time (gen_s) and tokens, the policy loss, the
+single-step KL, the mean reward, importance weight and PPO ratio and the share of clipped tokens; metrics.json adds the
 generation share and speed, and the exposure bias (excess accumulated error) of every student; exposure_bias.png
 plots it.
 
