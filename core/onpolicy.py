@@ -63,19 +63,11 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     Rows are right-padded (core.data.Collator) and labels are IGNORE_INDEX on the prompt, so a row's prompt is
     its input_ids up to the first position whose label is a target. A row with no target (cut by max_length)
     keeps all its tokens."""
-    prompts = []
-    for ids, labels, mask in zip(
-        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()
-    ):
-        length = sum(mask)
-        first = next((t for t, label in enumerate(labels[:length]) if label != IGNORE_INDEX), length)
-        prompts.append(ids[:first])
-    return prompts
+    return [example_prompt(row) for row in rows_of(batch)]
 
 
 def example_prompt(example: Example) -> list[int]:
-    """The prompt of one encoded example: its input_ids before the first target (all of them if it has none), as
-    `prompts_of` reads each row of a batch."""
+    """The prompt of one encoded example: its input_ids before the first target (all of them if it has none)."""
     first = next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(example["labels"]))
     return list(example["input_ids"][:first])
 

@@ -245,6 +245,11 @@ def train_indices(step: int, features: Sequence[Any], cfg: TrainConfig) -> list[
     return example_indices(step, len(features), cfg.batch_size, cfg.seed, lengths, cfg.length_group or 0)
 
 
+def micro_batch_rows(cfg: TrainConfig, processes: int) -> int:
+    """Examples in one micro-batch of one process: --batch-size over processes x --grad-accum."""
+    return cfg.batch_size // (processes * cfg.grad_accum)
+
+
 def process_shard(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
     """This process's micro-batches of a global batch: a contiguous, disjoint 1/world slice, cut into micro-batches."""
     per_rank = len(indices) // world
@@ -311,7 +316,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
-        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        self.micro = micro_batch_rows(cfg, world)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

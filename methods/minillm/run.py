@@ -65,7 +65,7 @@ from core.pipeline import (
 from core.results import write_metrics
 from core.shell import parse_recipe, run_recipe
 from core.teacher import get_teacher, get_tokenizer
-from core.train import LossOutput, TrainConfig, count_label_tokens, train_indices
+from core.train import LossOutput, TrainConfig, count_label_tokens, micro_batch_rows, train_indices
 from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
 from methods.minillm.store import RolloutStore
 
@@ -243,7 +243,7 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
     instead: every rollout is then trained on E times (the last epoch may be cut by the end of the run) and none is
     sampled only to be dropped. Both say so on stderr."""
     processes = ctx.accelerator.num_processes
-    rows = ctx.train.batch_size // (processes * ctx.train.grad_accum)
+    rows = micro_batch_rows(ctx.train, processes)
     width = rows * processes  # rollouts of one micro-batch over all processes
     micro_batches = ctx.train.steps * ctx.train.grad_accum  # per process, over the run
     per_epoch = max(1, min(cfg.num_rollouts // width, -(-micro_batches // cfg.ppo_epochs)))
@@ -256,7 +256,7 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
         print(f"[minillm] rollout store: {per_epoch * width} rollouts, not --num-rollouts {cfg.num_rollouts}: {why}",
               file=sys.stderr)  # fmt: skip
     prompts = [example_prompt(example) for example in ctx.features]
-    return RolloutStore(prompts, per_epoch * rows, rows, cfg.ppo_epochs, ctx.train.grad_accum)
+    return RolloutStore(prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum)
 
 
 def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:

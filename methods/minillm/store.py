@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError
 from core.objectives import shifted_targets
 from core.onpolicy import Resampler, collate_to, derived_seed
 from core.precision import autocast
@@ -40,18 +40,18 @@ Example = dict[str, list]
 class RolloutStore:
     """N rollouts of this process, sampled at the start of each iteration and served `epochs` times."""
 
-    def __init__(self, prompts: list[list[int]], size: int, rows: int, epochs: int, grad_accum: int) -> None:
-        if size % rows:
-            raise ConfigError(
-                f"--num-rollouts must be a multiple of the rows of a micro-batch ({rows} per process), got {size}"
-            )
-        self.prompts, self.size, self.rows, self.epochs, self.grad_accum = prompts, size, rows, epochs, grad_accum
+    def __init__(self, prompts: list[list[int]], per_epoch: int, rows: int, epochs: int, grad_accum: int) -> None:
+        """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows."""
+        self.prompts, self.per_epoch, self.rows, self.epochs, self.grad_accum = (
+            prompts,
+            per_epoch,
+            rows,
+            epochs,
+            grad_accum,
+        )
+        self.size = per_epoch * rows
         self.iteration = -1
         self.items: list[Example] = []  # input_ids, labels, old_logprobs (position t: log q_old(labels[t + 1]))
-
-    @property
-    def per_epoch(self) -> int:
-        return self.size // self.rows
 
     def position(self, step: int, index: int) -> tuple[int, int, int]:
         """(iteration, epoch, mini-batch within the epoch) of a micro-batch."""
@@ -63,11 +63,11 @@ class RolloutStore:
         rng = np.random.default_rng(derived_seed(resample.seed, iteration, resample.rank, "minillm-store-prompts"))
         chosen = rng.choice(len(self.prompts), size=self.size, replace=len(self.prompts) < self.size)
         items: list[Example] = []
-        student = resample.unwrap(model) if resample.unwrap is not None else model
+        student = _bare(model, resample)
+        device = next(student.parameters()).device
         for chunk in range(0, self.size, self.rows):
             prompts = [self.prompts[i] for i in chosen[chunk : chunk + self.rows]]
             examples = resample.sample(model, prompts, (iteration, chunk, "store"), **mix)
-            device = next(student.parameters()).device
             batch = collate_to(examples, resample.tokenizer.pad_token_id, device)
             was_training = student.training
             student.eval()  # as during sampling: no dropout in the values the ratio is taken against
@@ -92,7 +92,7 @@ class RolloutStore:
             self.fill(iteration, model, resample, temperature, **mix)
         order = np.random.default_rng(derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo"))
         picked = [self.items[i] for i in order.permutation(self.size)[k * self.rows : (k + 1) * self.rows]]
-        device = next((resample.unwrap(model) if resample.unwrap is not None else model).parameters()).device
+        device = next(_bare(model, resample).parameters()).device
         batch = collate_to([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in picked],
                            resample.tokenizer.pad_token_id, device)  # fmt: skip
         old = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
@@ -112,3 +112,8 @@ class RolloutStore:
                 f"epochs, this run {self.size}, {self.rows} and {self.epochs}"
             )
         self.iteration, self.items = int(state["iteration"]), list(state["items"])
+
+
+def _bare(model, resample: Resampler):
+    """The model itself, not its DDP wrapper (as Resampler.sample samples from it)."""
+    return resample.unwrap(model) if resample.unwrap is not None else model
