@@ -129,6 +129,13 @@ class MiniLLMConfig(OnPolicyConfig):
             "fresh rollouts of each micro-batch's own prompts and one update on them (needs --ppo-epochs 1)"
         },
     )
+    rollout_chunk: int = field(
+        default=64,
+        metadata={
+            "help": "rollouts per decoding loop when a store is sampled (official --chunk-size, its scripts' batch "
+            "size 16; ours 64: a CPU samples a 64-row batch several times faster per token than a 4-row one)"
+        },
+    )
     lm_coef: float = field(
         default=1.0, metadata={"help": "weight of the LM loss on the training data batch (L_PT; official 1)"}
     )
@@ -166,6 +173,10 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(f"--ppo-epochs must be at least 1, got {self.ppo_epochs}")
         if self.num_rollouts < 0:
             raise ConfigError(f"--num-rollouts must be 0 (no store) or more, got {self.num_rollouts}")
+        if self.rollout_chunk < 1:
+            raise ConfigError(
+                f"--rollout-chunk must be at least 1 (rollouts per decoding loop), got {self.rollout_chunk}"
+            )
         if self.num_rollouts == 0 and self.ppo_epochs != 1:
             raise ConfigError(
                 f"--num-rollouts 0 trains once on each fresh batch of rollouts: pass --ppo-epochs 1 with it, got "
@@ -256,7 +267,7 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
         print(f"[minillm] rollout store: {per_epoch * width} rollouts, not --num-rollouts {cfg.num_rollouts}: {why}",
               file=sys.stderr)  # fmt: skip
     prompts = [example_prompt(example) for example in ctx.features]
-    return RolloutStore(prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum)
+    return RolloutStore(prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum, cfg.rollout_chunk)
 
 
 def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:

@@ -11,8 +11,9 @@ Here (`--ppo-epochs E --num-rollouts N`), per process:
 
     micro-batch u = step x grad_accum + index;  iteration i, position j = divmod(u, E x N / rows)
     j == 0: the store of iteration i is sampled: N training prompts drawn by a seeded generator (with replacement
-            only when the training set holds fewer than N), completed in chunks of `rows` (the micro-batch size)
-            by (1 - alpha) q + alpha p, and the student's log q_old of every sampled token stored beside them
+            only when the training set holds fewer than N), completed by (1 - alpha) q + alpha p in decoding loops
+            of `chunk` rollouts (--rollout-chunk; the official --chunk-size), and the student's log q_old of every
+            sampled token stored beside them (one forward per `rows` rollouts, the micro-batch's memory)
     epoch, k = divmod(j, N / rows): the k-th `rows` rollouts of the epoch's seeded permutation of the store
 
 The L_PT data batch is the loop's own micro-batch, as the official trainer draws its language-modelling batch
@@ -40,8 +41,10 @@ Example = dict[str, list]
 class RolloutStore:
     """N rollouts of this process, sampled at the start of each iteration and served `epochs` times."""
 
-    def __init__(self, prompts: list[list[int]], per_epoch: int, rows: int, epochs: int, grad_accum: int) -> None:
-        """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows."""
+    def __init__(
+        self, prompts: list[list[int]], per_epoch: int, rows: int, epochs: int, grad_accum: int, chunk: int
+    ) -> None:
+        """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows, sampled `chunk` at a time."""
         self.prompts, self.per_epoch, self.rows, self.epochs, self.grad_accum = (
             prompts,
             per_epoch,
@@ -50,6 +53,7 @@ class RolloutStore:
             grad_accum,
         )
         self.size = per_epoch * rows
+        self.chunk = min(chunk, self.size)
         self.iteration = -1
         self.items: list[Example] = []  # input_ids, labels, old_logprobs (position t: log q_old(labels[t + 1]))
 
@@ -65,19 +69,15 @@ class RolloutStore:
         items: list[Example] = []
         student = _bare(model, resample)
         device = next(student.parameters()).device
-        for chunk in range(0, self.size, self.rows):
-            prompts = [self.prompts[i] for i in chosen[chunk : chunk + self.rows]]
+        for chunk in range(0, self.size, self.chunk):
+            prompts = [self.prompts[i] for i in chosen[chunk : chunk + self.chunk]]
             examples = resample.sample(model, prompts, (iteration, chunk, "store"), **mix)
-            batch = collate_to(examples, resample.tokenizer.pad_token_id, device)
-            was_training = student.training
-            student.eval()  # as during sampling: no dropout in the values the ratio is taken against
-            with resample.stats.timed("gen_s"), torch.no_grad(), autocast(device):  # the sampler's own forward
-                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                mask, targets = shifted_targets(batch["labels"])
-                old = token_logprobs(logits, targets, mask, temperature).cpu()
-            student.train(was_training)
-            for row, example in enumerate(examples):
-                items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
+            for start in range(0, len(examples), self.rows):  # log q_old in micro-batches: their memory, not more
+                part = examples[start : start + self.rows]
+                old = _old_logprobs(student, collate_to(part, resample.tokenizer.pad_token_id, device), resample,
+                                    temperature)  # fmt: skip
+                for row, example in enumerate(part):
+                    items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
         self.iteration, self.items = iteration, items
 
     def batch(self, step: int, index: int, model, resample: Resampler, temperature: float, **mix: Any) -> dict:
@@ -112,6 +112,19 @@ class RolloutStore:
                 f"epochs, this run {self.size}, {self.rows} and {self.epochs}"
             )
         self.iteration, self.items = int(state["iteration"]), list(state["items"])
+
+
+def _old_logprobs(student, batch: dict, resample: Resampler, temperature: float) -> torch.Tensor:
+    """(B, T) log q_old of each sampled token (position t: of labels[t + 1]) by the student that sampled them."""
+    was_training = student.training
+    student.eval()  # as during sampling: no dropout in the values the ratio is taken against
+    try:
+        with resample.stats.timed("gen_s"), torch.no_grad(), autocast(next(student.parameters()).device):
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mask, targets = shifted_targets(batch["labels"])
+            return token_logprobs(logits, targets, mask, temperature).cpu()
+    finally:
+        student.train(was_training)
 
 
 def _bare(model, resample: Resampler):

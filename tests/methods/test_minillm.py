@@ -6,6 +6,7 @@ hand, bad settings, and a tiny end-to-end run of the script."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,51 @@ def test_stored_old_logprobs_by_hand():
         b = minillm_loss_sum(student, teacher, labels, old_logprobs=current, **args)
         (ga,), (gb,) = torch.autograd.grad(a.loss_sum, student), torch.autograd.grad(b.loss_sum, student)
         assert a.loss_sum.item() == pytest.approx(b.loss_sum.item()) and torch.allclose(ga, gb)
+
+
+def test_store_samples_in_chunks_and_stores_the_sampling_students_logprobs():
+    # --rollout-chunk C: the store's N prompts are completed C at a time (the official --chunk-size), each decoding
+    # loop seeded by (run seed, iteration, the chunk's first rollout, process, purpose), and every rollout's log q_old
+    # is that of the student that sampled it, as one forward over the rollout alone computes it (padding and the
+    # rows beside it change nothing but float rounding).
+    from core.data import DataConfig, encode_examples, load_ops
+    from core.models import build_model
+    from core.onpolicy import Resampler, derived_seed, example_prompt, sample_examples
+    from core.tokenizers import train_bpe
+    from methods.minillm.loss import token_logprobs
+    from methods.minillm.store import RolloutStore
+
+    task = load_ops(DataConfig(train_size=24, eval_size=4))
+    tokenizer = train_bpe([e.prompt + e.target for e in task.train], 320)
+    student, teacher = build_model("tiny", tokenizer, seed=0), build_model("tiny", tokenizer, seed=1)
+    prompts = [example_prompt(e) for e in encode_examples(tokenizer, task.train, 64)]
+    mix = {"mix_model": teacher, "mix_alpha": 0.2}
+    stores = {}
+    for chunk in (4, 6, 100):  # 12 rollouts in micro-batches of 4: loops of 4, of 6, and all 12 at once
+        resample = Resampler(tokenizer, 64, 5, 1.0, 1.0, seed=3, rank=0, purpose="minillm-sample")
+        store = RolloutStore(prompts, per_epoch=3, rows=4, epochs=2, grad_accum=1, chunk=chunk)
+        store.fill(0, student, resample, 1.0, **mix)
+        assert store.chunk == min(chunk, 12) and len(store.items) == 12
+        stores[chunk] = store.items
+    # Chunks of 6: the rollouts are the two decoding loops' samples, seeded by their first rollout (0 and 6).
+    chosen = np.random.default_rng(derived_seed(3, 0, 0, "minillm-store-prompts")).choice(24, 12, replace=False)
+    loops = [sample_examples(student, [prompts[i] for i in chosen[s : s + 6]], tokenizer, 64, 5,
+                             seed=derived_seed(3, 0, s, "store", 0, "minillm-sample"), **mix) for s in (0, 6)]  # fmt: skip
+    assert [{k: e[k] for k in ("input_ids", "labels")} for e in stores[6]] == loops[0] + loops[1]
+    # The prompts are the same in every chunking; the stored log q_old of each rollout is its own forward's.
+    for items in stores.values():
+        assert [e["input_ids"][: len(p)] for e, p in zip(items, [prompts[i] for i in chosen])] == [
+            prompts[i] for i in chosen
+        ]
+        for e in items:
+            ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+            with torch.no_grad():
+                logits = student(input_ids=ids).logits
+            mask = labels[:, 1:] != -100
+            alone = token_logprobs(logits[:, :-1], labels[:, 1:].clamp(min=0), mask, 1.0)[0]
+            stored = torch.tensor(e["old_logprobs"])[: alone.shape[0]]
+            assert torch.allclose(stored[mask[0]], alone[mask[0]], atol=1e-5)
+            assert mask[0].any()
 
 
 def test_returns_by_hand():
