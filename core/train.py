@@ -216,17 +216,27 @@ def grouped_permutation(
         raise ValueError(f"{len(lengths)} lengths for {n} examples")
     perm = _permutation(n, seed, epoch)
     head = min((-epoch * n) % batch_size, n)  # positions of this epoch that end a batch begun in the previous one
-    out = perm[:head]
-    window = group * batch_size
-    for start in range(head, n, window):
-        ordered = sorted(perm[start : start + window], key=lambda i: -lengths[i])  # stable: ties keep perm order
-        batches = [ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size)]
-        tail = batches.pop() if len(batches[-1]) < batch_size else []  # the epoch's last, unfinished batch
-        random.Random(f"length-group-{seed}-{epoch}-{start}").shuffle(batches)
-        out += [i for batch in batches for i in batch] + tail
+    out = perm[:head] + length_grouped(perm[head:], lengths, batch_size, group, f"length-group-{seed}-{epoch}", head)
     if len(_GROUPED_CACHE) > 4:
         _GROUPED_CACHE.clear()
     _GROUPED_CACHE[key] = out
+    return out
+
+
+def length_grouped(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int, salt: str, offset: int = 0
+) -> list[int]:
+    """`order` (indices into `lengths`) cut into windows of `group` batches, each window sorted by length (longest
+    first, ties in `order`), cut into batches, and the batches of the window shuffled, seeded by `salt` and the
+    window's start (counted from `offset`); a window's unfinished last batch stays last."""
+    out: list[int] = []
+    window = group * batch_size
+    for start in range(0, len(order), window):
+        ordered = sorted(order[start : start + window], key=lambda i: -lengths[i])  # stable: ties keep the order
+        batches = [ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size)]
+        tail = batches.pop() if len(batches[-1]) < batch_size else []  # the epoch's last, unfinished batch
+        random.Random(f"{salt}-{offset + start}").shuffle(batches)
+        out += [i for batch in batches for i in batch] + tail
     return out
 
 

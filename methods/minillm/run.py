@@ -267,7 +267,9 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
         print(f"[minillm] rollout store: {per_epoch * width} rollouts, not --num-rollouts {cfg.num_rollouts}: {why}",
               file=sys.stderr)  # fmt: skip
     prompts = [example_prompt(example) for example in ctx.features]
-    return RolloutStore(prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum, cfg.rollout_chunk)
+    return RolloutStore(
+        prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum, cfg.rollout_chunk, ctx.train.length_group or 0
+    )
 
 
 def seqkd_baseline(cfg: MiniLLMConfig) -> list[Baseline]:

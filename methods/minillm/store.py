@@ -14,7 +14,8 @@ Here (`--ppo-epochs E --num-rollouts N`), per process:
             only when the training set holds fewer than N), completed by (1 - alpha) q + alpha p in decoding loops
             of `chunk` rollouts (--rollout-chunk; the official --chunk-size), and the student's log q_old of every
             sampled token stored beside them (one forward per `rows` rollouts, the micro-batch's memory)
-    epoch, k = divmod(j, N / rows): the k-th `rows` rollouts of the epoch's seeded permutation of the store
+    epoch, k = divmod(j, N / rows): the k-th `rows` rollouts of the epoch's seeded permutation of the store,
+            length-grouped as the run's data batches when --length-group is on (real text: HF's group_by_length)
 
 The L_PT data batch is the loop's own micro-batch, as the official trainer draws its language-modelling batch
 apart from the prompts. Every draw is a pure function of (run seed, iteration, epoch or chunk, process), and the
@@ -33,6 +34,7 @@ from core.errors import CheckpointError
 from core.objectives import shifted_targets
 from core.onpolicy import Resampler, collate_to, derived_seed
 from core.precision import autocast
+from core.train import length_grouped
 from methods.minillm.loss import token_logprobs
 
 Example = dict[str, list]
@@ -42,9 +44,18 @@ class RolloutStore:
     """N rollouts of this process, sampled at the start of each iteration and served `epochs` times."""
 
     def __init__(
-        self, prompts: list[list[int]], per_epoch: int, rows: int, epochs: int, grad_accum: int, chunk: int
+        self,
+        prompts: list[list[int]],
+        per_epoch: int,
+        rows: int,
+        epochs: int,
+        grad_accum: int,
+        chunk: int,
+        length_group: int = 0,
     ) -> None:
-        """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows, sampled `chunk` at a time."""
+        """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows, sampled `chunk` at a time; with
+        `length_group` > 1 each epoch's mini-batches are length-grouped (core.train.length_grouped), as the run's
+        data batches are by --length-group."""
         self.prompts, self.per_epoch, self.rows, self.epochs, self.grad_accum = (
             prompts,
             per_epoch,
@@ -54,6 +65,7 @@ class RolloutStore:
         )
         self.size = per_epoch * rows
         self.chunk = min(chunk, self.size)
+        self.length_group = length_group
         self.iteration = -1
         self.items: list[Example] = []  # input_ids, labels, old_logprobs (position t: log q_old(labels[t + 1]))
 
@@ -90,8 +102,12 @@ class RolloutStore:
                     "was written without it; rerun from a checkpoint of this version"
                 )
             self.fill(iteration, model, resample, temperature, **mix)
-        order = np.random.default_rng(derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo"))
-        picked = [self.items[i] for i in order.permutation(self.size)[k * self.rows : (k + 1) * self.rows]]
+        seed = derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo")
+        order = np.random.default_rng(seed).permutation(self.size).tolist()
+        if self.length_group > 1:  # mini-batches of similar lengths: little padding, every rollout once an epoch
+            lengths = [len(item["input_ids"]) for item in self.items]
+            order = length_grouped(order, lengths, self.rows, self.length_group, f"minillm-ppo-{seed}")
+        picked = [self.items[i] for i in order[k * self.rows : (k + 1) * self.rows]]
         device = next(_bare(model, resample).parameters()).device
         batch = collate_to([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in picked],
                            resample.tokenizer.pad_token_id, device)  # fmt: skip

@@ -244,6 +244,40 @@ def test_store_samples_in_chunks_and_stores_the_sampling_students_logprobs():
             assert mask[0].any()
 
 
+def test_store_mini_batches_length_grouped_as_the_data_batches():
+    # With the run's --length-group G > 1 (real text: 50), each PPO epoch's seeded permutation of the store is
+    # length-grouped as core.train groups data batches: every rollout once an epoch, mini-batches of similar
+    # lengths (here one window: the 16 rollouts sorted, 4 mini-batches of 4 consecutive lengths, shuffled). G 0
+    # keeps the official uniform mini-batches (the plain permutation).
+    from types import SimpleNamespace
+
+    from methods.minillm.store import RolloutStore
+
+    resample = SimpleNamespace(seed=0, rank=0, unwrap=None, tokenizer=SimpleNamespace(pad_token_id=0))
+    model = torch.nn.Linear(1, 1)
+    lengths = [3, 17, 8, 12, 5, 20, 9, 14, 4, 11, 16, 7, 19, 6, 13, 10]
+    stores = {}
+    for group in (0, 50):
+        store = RolloutStore([[1]] * 16, per_epoch=4, rows=4, epochs=2, grad_accum=1, chunk=16, length_group=group)
+        store.iteration = 0
+        store.items = [{"input_ids": [1] * n, "labels": [-100] + [1] * (n - 1), "old_logprobs": [0.0] * n}
+                       for n in lengths]  # fmt: skip
+        stores[group] = [
+            [int(row.sum()) for row in store.batch(step, 0, model, resample, 1.0)["attention_mask"]]
+            for step in range(8)
+        ]
+    for batches in stores.values():
+        for epoch in (batches[:4], batches[4:]):
+            assert sorted(n for b in epoch for n in b) == sorted(lengths)  # each rollout once per epoch
+    ordered = sorted(lengths, reverse=True)
+    quartets = sorted(sorted(ordered[j : j + 4]) for j in range(0, 16, 4))  # (3-6), (7-10), (11-14), (16-20)
+    for epoch in (stores[50][:4], stores[50][4:]):
+        assert sorted(sorted(b) for b in epoch) == quartets
+    padding = {g: sum(len(b) * max(b) - sum(b) for b in batches) for g, batches in stores.items()}
+    assert padding[50] < padding[0]
+    assert stores[0][0] != sorted(stores[0][0], reverse=True) or stores[0][1] != sorted(stores[0][1], reverse=True)
+
+
 def test_returns_by_hand():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[True, True, True, False]])  # the last position is padding
