@@ -776,6 +776,8 @@ def run_case(case: dict) -> dict:
         return real_case(**case)
     if kind == "generation":
         return generation_case(**case)
+    if kind == "store_generation":
+        return store_generation_case(**case)
     raise ValueError(kind)
 
 
@@ -1105,6 +1107,58 @@ def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
     }
 
 
+STORE_LOOPS = (("reference", 32), ("lean", 32), ("lean", 64), ("lean", 256))  # (loop, rollouts per decoding loop)
+
+
+def store_generation_case(shape: str, repeats: int, rollouts: int = 256) -> dict:
+    """MiniLLM's store on the embedded models: `rollouts` teacher-mixed completions (alpha 0.2) of the same prompts,
+    sampled in decoding loops of 32 (a micro-batch: MiniLLM's rollouts before issue 31, by the reference loop and by
+    the lean one) or of 64 and 256 (--rollout-chunk). Each loop is seeded by its first rollout, as the store seeds
+    it, so the two loops of 32 sample the same tokens (compared) and larger loops other draws of the same mixture."""
+    import torch
+
+    import core.generate as G
+
+    teacher, student, vocab = _gen_models(shape)
+    spec = GEN_SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = spec["prompt"]
+    lengths = torch.randint(lo, hi + 1, (rollouts,), generator=gen).tolist()
+    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
+
+    def sample(loop: str, chunk: int, seed: int):
+        G.FAST_DECODING = loop == "lean"
+        start, cpu = time.perf_counter(), time.process_time()
+        out = []
+        for first in range(0, rollouts, chunk):
+            out += G.sample_completions(student, prompts[first : first + chunk], -1, 0, spec["new"],
+                                        seed=seed * 100_003 + first, mix_model=teacher, mix_alpha=0.2)  # fmt: skip
+        return time.perf_counter() - start, time.process_time() - cpu, out
+
+    for loop, chunk in STORE_LOOPS:
+        sample(loop, chunk, 0)  # warm-up
+    runs: dict[tuple, list] = {key: [] for key in STORE_LOOPS}
+    for r in range(repeats):
+        for key in STORE_LOOPS:
+            runs[key].append(sample(*key, r + 1))
+    same = all(a[2] == b[2] for a, b in zip(runs[("reference", 32)], runs[("lean", 32)]))
+    return {
+        "rollouts": rollouts,
+        "new": spec["new"],
+        "same_tokens_32": same,
+        "rows": [
+            {
+                "loop": loop,
+                "chunk": chunk,
+                "tokens": sum(len(c) for c in runs[(loop, chunk)][0][2]),
+                "s": statistics.median(x[0] for x in runs[(loop, chunk)]),
+                "cpu_s": statistics.median(x[1] for x in runs[(loop, chunk)]),
+            }
+            for loop, chunk in STORE_LOOPS
+        ],  # fmt: skip
+    }
+
+
 def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smollm: bool = False) -> list[str]:
     shapes = ["smoke"] if smoke else ["embedded"] + (["smollm2"] if smollm else [])
     lines = [
@@ -1138,6 +1192,31 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
                 f"{r['ref_s'] / r['lean_s']:.2f} | {r['ref_cpu_s']:.2f} / {r['lean_cpu_s']:.2f} | "
                 f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} |"
             )
+    if smoke:
+        return lines
+    log("generation: MiniLLM's store, decoding loops of 32 / 64 / 256")
+    r = child({"kind": "store_generation", "shape": "embedded", "repeats": repeats})
+    lines += [
+        "",
+        "MiniLLM's rollout store on the embedded models: 256 teacher-mixed completions (alpha 0.2, 12 new tokens, EOS",
+        "off) of the same prompts, in decoding loops of 32 (a micro-batch: MiniLLM's rollouts before issue 31), or of",
+        "64 and 256 (`--rollout-chunk`; default 64). Each loop is seeded by its first rollout as the store seeds it: the",
+        "two loops of 32 sample the same tokens, larger loops other draws of the same mixture. Median of the repeats.",
+        "",
+        "| loop | rollouts per loop | sampled tokens | s | tokens/s | x reference loops of 32 | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if "error" in r:
+        return lines + [f"| {r['error']} | | | | | | |"]
+    base = r["rows"][0]["tokens"] / r["rows"][0]["s"]
+    for row in r["rows"]:
+        rate = row["tokens"] / row["s"]
+        lines.append(
+            f"| {row['loop']} | {row['chunk']} | {row['tokens']} | {row['s']:.3f} | {rate:.0f} | {rate / base:.2f} | "
+            f"{row['cpu_s']:.3f} |"
+        )
+    lines.append("")
+    lines.append(f"Loops of 32, reference and lean: same tokens: {'yes' if r['same_tokens_32'] else 'NO'}.")
     return lines
 
 

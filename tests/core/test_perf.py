@@ -55,3 +55,17 @@ def test_a_kd_step_case_trains_on_the_path_its_flags_select():
     assert perf.step_case("kd", vocab=64, steps=1, warmup=1, flags="--chunk-size 3", shape="smoke")["kd_path"] == {
         "path": "chunked"
     }
+
+
+def test_the_store_generation_case_samples_the_same_tokens_in_both_loops_of_32():
+    # 40 rollouts: loops of 32 + 8 (reference and lean, the same seeds: the same tokens), and one loop of 40 for the
+    # chunks of 64 and 256; 4 new tokens each with EOS off, so every row samples 160 tokens.
+    result = _perf().store_generation_case("smoke", repeats=1, rollouts=40)
+    assert result["same_tokens_32"] is True
+    assert [(r["loop"], r["chunk"]) for r in result["rows"]] == [
+        ("reference", 32),
+        ("lean", 32),
+        ("lean", 64),
+        ("lean", 256),
+    ]
+    assert all(r["tokens"] == 40 * 4 and r["s"] > 0 for r in result["rows"])
