@@ -69,6 +69,8 @@ from core.train import LossOutput, TrainConfig, count_label_tokens, micro_batch_
 from methods.minillm.loss import RETURNS, excess_accumulated_error, minillm_loss_sum
 from methods.minillm.store import RolloutStore
 
+ROLLOUT_CHUNK = 64  # rollouts per decoding loop of the store (--rollout-chunk)
+
 
 @dataclass
 class MiniLLMConfig(OnPolicyConfig):
@@ -129,11 +131,12 @@ class MiniLLMConfig(OnPolicyConfig):
             "fresh rollouts of each micro-batch's own prompts and one update on them (needs --ppo-epochs 1)"
         },
     )
-    rollout_chunk: int = field(
-        default=64,
+    rollout_chunk: int | None = field(
+        default=None,
         metadata={
-            "help": "rollouts per decoding loop when a store is sampled (official --chunk-size, its scripts' batch "
-            "size 16; ours 64: a CPU samples a 64-row batch several times faster per token than a 4-row one)"
+            "help": f"rollouts per decoding loop when a store is sampled (default {ROLLOUT_CHUNK}; official "
+            "--chunk-size, its scripts' batch size 16: a CPU samples a 64-row batch several times faster per token "
+            "than a 4-row one)"
         },
     )
     lm_coef: float = field(
@@ -173,9 +176,14 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(f"--ppo-epochs must be at least 1, got {self.ppo_epochs}")
         if self.num_rollouts < 0:
             raise ConfigError(f"--num-rollouts must be 0 (no store) or more, got {self.num_rollouts}")
-        if self.rollout_chunk < 1:
+        if self.rollout_chunk is not None and self.rollout_chunk < 1:
             raise ConfigError(
                 f"--rollout-chunk must be at least 1 (rollouts per decoding loop), got {self.rollout_chunk}"
+            )
+        if self.rollout_chunk is not None and self.num_rollouts == 0:
+            raise ConfigError(
+                "--rollout-chunk sizes the decoding loops of the rollout store, and --num-rollouts 0 has none (each "
+                "micro-batch samples its own prompts in one loop): drop --rollout-chunk"
             )
         if self.num_rollouts == 0 and self.ppo_epochs != 1:
             raise ConfigError(
@@ -268,7 +276,13 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
               file=sys.stderr)  # fmt: skip
     prompts = [example_prompt(example) for example in ctx.features]
     return RolloutStore(
-        prompts, per_epoch, rows, cfg.ppo_epochs, ctx.train.grad_accum, cfg.rollout_chunk, ctx.train.length_group or 0
+        prompts,
+        per_epoch,
+        rows,
+        cfg.ppo_epochs,
+        ctx.train.grad_accum,
+        cfg.rollout_chunk or ROLLOUT_CHUNK,
+        ctx.train.length_group or 0,
     )
 
 
