@@ -139,6 +139,13 @@ class MiniLLMConfig(OnPolicyConfig):
             "than a 4-row one)"
         },
     )
+    group_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "length-group the store's PPO mini-batches as --length-group groups the data batches (ours: "
+            "less padding on real text); off: the official uniform mini-batches"
+        },
+    )
     lm_coef: float = field(
         default=1.0, metadata={"help": "weight of the LM loss on the training data batch (L_PT; official 1)"}
     )
@@ -180,10 +187,10 @@ class MiniLLMConfig(OnPolicyConfig):
             raise ConfigError(
                 f"--rollout-chunk must be at least 1 (rollouts per decoding loop), got {self.rollout_chunk}"
             )
-        if self.rollout_chunk is not None and self.num_rollouts == 0:
+        if (self.rollout_chunk is not None or self.group_rollouts) and self.num_rollouts == 0:
             raise ConfigError(
-                "--rollout-chunk sizes the decoding loops of the rollout store, and --num-rollouts 0 has none (each "
-                "micro-batch samples its own prompts in one loop): drop --rollout-chunk"
+                "--rollout-chunk and --group-rollouts shape the rollout store, and --num-rollouts 0 has none (each "
+                "micro-batch samples its own prompts in one loop): drop them"
             )
         if self.num_rollouts == 0 and self.ppo_epochs != 1:
             raise ConfigError(
@@ -282,7 +289,7 @@ def rollout_store(ctx: Context, cfg: MiniLLMConfig) -> RolloutStore:
         cfg.ppo_epochs,
         ctx.train.grad_accum,
         cfg.rollout_chunk or ROLLOUT_CHUNK,
-        ctx.train.length_group or 0,
+        (ctx.train.length_group or 0) if cfg.group_rollouts else 0,
     )
 
 

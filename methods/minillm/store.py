@@ -15,7 +15,7 @@ Here (`--ppo-epochs E --num-rollouts N`), per process:
             of `chunk` rollouts (--rollout-chunk; the official --chunk-size), and the student's log q_old of every
             sampled token stored beside them (one forward per `rows` rollouts, the micro-batch's memory)
     epoch, k = divmod(j, N / rows): the k-th `rows` rollouts of the epoch's seeded permutation of the store,
-            length-grouped as the run's data batches when --length-group is on (real text: HF's group_by_length)
+            with --group-rollouts length-grouped as the run's data batches (--length-group; real text: 50)
 
 The L_PT data batch is the loop's own micro-batch, as the official trainer draws its language-modelling batch
 apart from the prompts. Every draw is a pure function of (run seed, iteration, epoch or chunk, process), and the

@@ -490,7 +490,8 @@ def test_kl_along_in_chunks_equals_all_at_once():
      ({"temperature": 0.0}, "--temperature"), ({"compare": "kl"}, "unknown"), ({"ppo_epochs": 0}, "--ppo-epochs"),
      ({"num_rollouts": -1}, "--num-rollouts"), ({"num_rollouts": 0}, "pass --ppo-epochs 1"),
      ({"rollout_chunk": 0}, "--rollout-chunk must be at least 1"),
-     ({"num_rollouts": 0, "ppo_epochs": 1, "rollout_chunk": 8}, "drop --rollout-chunk")],
+     ({"num_rollouts": 0, "ppo_epochs": 1, "rollout_chunk": 8}, "drop them"),
+     ({"num_rollouts": 0, "ppo_epochs": 1, "group_rollouts": True}, "drop them")],
 )  # fmt: skip
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
