@@ -1018,6 +1018,16 @@ def _gen_models(shape: str):
     return _llama(vocab, dims[0], 0).eval(), _llama(vocab, dims[1], 1).eval(), vocab
 
 
+def _gen_prompts(spec: dict, vocab: int, n: int) -> list[list[int]]:
+    """n random prompts of the shape's lengths (seeded: the same prompts in every case), each starting with token 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = spec["prompt"]
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [[1] + torch.randint(3, vocab, (k - 1,), generator=gen).tolist() for k in lengths]
+
+
 def _forward_floor(model, ids, mask, repeats: int) -> tuple[float, float]:
     """Median seconds of one batch x 1 token step after the prompt `ids`: the model's forward with HF's
     DynamicCache (cropped back to the prompt after each step) and core.generate's lean step."""
@@ -1059,16 +1069,12 @@ def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
     loop for the mixture) and the lean loop alternately in this process, same prompts and seeds (the tokens are
     compared); and the forward rate: one batch x 1 token forward with the KV cache, through the model's forward
     (HF DynamicCache) and through the lean step. EOS is -1, so every row runs the full length (fixed work)."""
-    import torch
 
     import core.generate as G
 
     teacher, student, vocab = _gen_models(shape)
     spec = GEN_SHAPES[shape]
-    gen = torch.Generator().manual_seed(0)
-    lo, hi = spec["prompt"]
-    lengths = torch.randint(lo, hi + 1, (spec["batch"],), generator=gen).tolist()
-    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
+    prompts = _gen_prompts(spec, vocab, spec["batch"])
     mix = {"mix_model": teacher, "mix_alpha": 0.2} if mixed else {}
 
     def sample(fast: bool, seed: int):
@@ -1115,16 +1121,12 @@ def store_generation_case(shape: str, repeats: int, rollouts: int = 256) -> dict
     sampled in decoding loops of 32 (a micro-batch: MiniLLM's rollouts before issue 31, by the reference loop and by
     the lean one) or of 64 and 256 (--rollout-chunk). Each loop is seeded by its first rollout, as the store seeds
     it, so the two loops of 32 sample the same tokens (compared) and larger loops other draws of the same mixture."""
-    import torch
 
     import core.generate as G
 
     teacher, student, vocab = _gen_models(shape)
     spec = GEN_SHAPES[shape]
-    gen = torch.Generator().manual_seed(0)
-    lo, hi = spec["prompt"]
-    lengths = torch.randint(lo, hi + 1, (rollouts,), generator=gen).tolist()
-    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
+    prompts = _gen_prompts(spec, vocab, rollouts)
 
     def sample(loop: str, chunk: int, seed: int):
         G.FAST_DECODING = loop == "lean"

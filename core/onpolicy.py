@@ -247,6 +247,10 @@ class Resampler:
         """Completions of the batch's prompts sampled from `model` (or its mixture with `mix_model`), encoded."""
         return self.sample(model, prompts_of(batch), (step, index), mix_model, mix_alpha)
 
+    def bare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model itself, not its DDP wrapper: what sampling and any forward outside the loop run on."""
+        return self.unwrap(model) if self.unwrap is not None else model
+
     def sample(
         self,
         model: torch.nn.Module,
@@ -256,7 +260,7 @@ class Resampler:
         mix_alpha: float = 0.0,
     ) -> list[Example]:
         """Completions of `prompts`, seeded by (run seed, *seed_parts, process, purpose); timed and counted."""
-        model = self.unwrap(model) if self.unwrap is not None else model
+        model = self.bare(model)
         with self.stats.timed("gen_s"):
             examples = sample_examples(
                 model,

@@ -79,15 +79,15 @@ class RolloutStore:
         rng = np.random.default_rng(derived_seed(resample.seed, iteration, resample.rank, "minillm-store-prompts"))
         chosen = rng.choice(len(self.prompts), size=self.size, replace=len(self.prompts) < self.size)
         items: list[Example] = []
-        student = _bare(model, resample)
+        student = resample.bare(model)
         device = next(student.parameters()).device
         for chunk in range(0, self.size, self.chunk):
             prompts = [self.prompts[i] for i in chosen[chunk : chunk + self.chunk]]
             examples = resample.sample(model, prompts, (iteration, chunk, "store"), **mix)
             for start in range(0, len(examples), self.rows):  # log q_old in micro-batches: their memory, not more
                 part = examples[start : start + self.rows]
-                old = _old_logprobs(student, collate_to(part, resample.tokenizer.pad_token_id, device), resample,
-                                    temperature)  # fmt: skip
+                batch = collate_to(part, resample.tokenizer.pad_token_id, device)
+                old = _old_logprobs(student, batch, device, resample, temperature)
                 for row, example in enumerate(part):
                     items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
         self.iteration, self.items = iteration, items
@@ -108,7 +108,7 @@ class RolloutStore:
             lengths = [len(item["input_ids"]) for item in self.items]
             order = length_grouped(order, lengths, self.rows, self.length_group, f"minillm-ppo-{seed}")
         picked = [self.items[i] for i in order[k * self.rows : (k + 1) * self.rows]]
-        device = next(_bare(model, resample).parameters()).device
+        device = next(resample.bare(model).parameters()).device
         batch = collate_to([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in picked],
                            resample.tokenizer.pad_token_id, device)  # fmt: skip
         old = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
@@ -130,19 +130,14 @@ class RolloutStore:
         self.iteration, self.items = int(state["iteration"]), list(state["items"])
 
 
-def _old_logprobs(student, batch: dict, resample: Resampler, temperature: float) -> torch.Tensor:
+def _old_logprobs(student, batch: dict, device, resample: Resampler, temperature: float) -> torch.Tensor:
     """(B, T) log q_old of each sampled token (position t: of labels[t + 1]) by the student that sampled them."""
     was_training = student.training
     student.eval()  # as during sampling: no dropout in the values the ratio is taken against
     try:
-        with resample.stats.timed("gen_s"), torch.no_grad(), autocast(next(student.parameters()).device):
+        with resample.stats.timed("gen_s"), torch.no_grad(), autocast(device):
             logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             mask, targets = shifted_targets(batch["labels"])
             return token_logprobs(logits, targets, mask, temperature).cpu()
     finally:
         student.train(was_training)
-
-
-def _bare(model, resample: Resampler):
-    """The model itself, not its DDP wrapper (as Resampler.sample samples from it)."""
-    return resample.unwrap(model) if resample.unwrap is not None else model

@@ -253,7 +253,7 @@ def test_store_mini_batches_length_grouped_as_the_data_batches():
 
     from methods.minillm.store import RolloutStore
 
-    resample = SimpleNamespace(seed=0, rank=0, unwrap=None, tokenizer=SimpleNamespace(pad_token_id=0))
+    resample = SimpleNamespace(seed=0, rank=0, bare=lambda m: m, tokenizer=SimpleNamespace(pad_token_id=0))
     model = torch.nn.Linear(1, 1)
     lengths = [3, 17, 8, 12, 5, 20, 9, 14, 4, 11, 16, 7, 19, 6, 13, 10]
     stores = {}
