@@ -294,7 +294,12 @@ class _LeanDecoder:
     width x head dim), filled by the prompt's forward (`prefill`, the model's own forward) and then one column per
     new token (`step`). A step runs exactly the operations of LlamaModel.forward for one query position (the same
     submodules, the same HF attention function with the mask that create_causal_mask gives it), reading the cache
-    through a view instead of a concatenated copy."""
+    through a view instead of a concatenated copy.
+
+    Under bfloat16 autocast (--precision bf16) the linear layers' weights are cast to bfloat16 once, when the
+    decoder is made, and each linear's input once per step (q, k and v share one cast, as gate and up do): the
+    very roundings autocast applies at every call, which otherwise recasts every weight of a model whose weights
+    need no gradient (autocast caches the casts of trainable leaves only) at every new token."""
 
     def __init__(self, model: torch.nn.Module, width: int) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -307,6 +312,15 @@ class _LeanDecoder:
             model.config._attn_implementation, eager_attention_forward
         )
         self.rotary = apply_rotary_pos_emb
+        device_type = model.lm_head.weight.device.type
+        self.cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        linears = [model.lm_head]
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        self.weights = {
+            id(lin): lin.weight if self.cast is None else lin.weight.to(self.cast) for lin in linears
+        }  # fmt: skip
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -322,8 +336,9 @@ class _LeanDecoder:
         length = input_ids.shape[1]
         for layer in cache.layers[: len(self.layers)]:
             batch, heads, _, dim = layer.keys.shape
-            keys = layer.keys.new_empty((batch, heads, self.width, dim))
-            values = layer.values.new_empty((batch, heads, self.width, dim))
+            dtype = self.cast or layer.keys.dtype  # under autocast, attention reads the cache cast: cast it once
+            keys = layer.keys.new_empty((batch, heads, self.width, dim), dtype=dtype)
+            values = layer.values.new_empty((batch, heads, self.width, dim), dtype=dtype)
             keys[:, :, :length], values[:, :, :length] = layer.keys, layer.values
             self.keys.append(keys)
             self.values.append(values)
@@ -345,13 +360,13 @@ class _LeanDecoder:
                 )
         batch = tokens.shape[0]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             residual = hidden
-            hidden = layer.input_layernorm(hidden)
+            hidden = self._input(layer.input_layernorm(hidden))
             shape = (batch, 1, -1, attn.head_dim)
-            query = attn.q_proj(hidden).view(shape).transpose(1, 2)
-            key = attn.k_proj(hidden).view(shape).transpose(1, 2)
-            value = attn.v_proj(hidden).view(shape).transpose(1, 2)
+            query = self._linear(attn.q_proj, hidden).view(shape).transpose(1, 2)
+            key = self._linear(attn.k_proj, hidden).view(shape).transpose(1, 2)
+            value = self._linear(attn.v_proj, hidden).view(shape).transpose(1, 2)
             query, key = self.rotary(query, key, cos, sin)
             self.keys[i][:, :, column] = key[:, :, 0]
             self.values[i][:, :, column] = value[:, :, 0]
@@ -359,11 +374,20 @@ class _LeanDecoder:
                 attn, query, self.keys[i][:, :, : column + 1], self.values[i][:, :, : column + 1], mask,
                 dropout=0.0, scaling=attn.scaling,
             )  # fmt: skip
-            hidden = residual + attn.o_proj(out.reshape(batch, 1, -1).contiguous())
+            hidden = residual + self._linear(attn.o_proj, self._input(out.reshape(batch, 1, -1).contiguous()))
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = base.norm(hidden)
-        return self.model.lm_head(hidden)[:, -1].float()
+            hidden = self._input(layer.post_attention_layernorm(hidden))  # LlamaMLP: down(act(gate(x)) * up(x))
+            hidden = mlp.act_fn(self._linear(mlp.gate_proj, hidden)) * self._linear(mlp.up_proj, hidden)
+            hidden = residual + self._linear(mlp.down_proj, self._input(hidden))
+        return self._linear(self.model.lm_head, self._input(base.norm(hidden)))[:, -1].float()
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the next linear layers take it: cast once to autocast's dtype, as autocast casts it at each call."""
+        return x if self.cast is None else x.to(self.cast)
+
+    def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """module(x) with the decoder's copy of its weight (the weight itself in float32, else cast once)."""
+        return torch.nn.functional.linear(x, self.weights[id(module)], module.bias)
 
 
 def _warpers(temperature: float, top_k: int, top_p: float) -> list:

@@ -10,6 +10,7 @@ import torch
 import core.generate as G
 from core.data import DataConfig, encode_prompt, load_ops
 from core.models import build_model
+from core.precision import autocast
 from core.tokenizers import train_bpe
 
 
@@ -61,6 +62,50 @@ def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings):
     assert lean == reference  # bit-identical tokens, seed for seed
     ends = [len(c) for run in lean for c in run]
     assert min(ends) < 8 and max(ends) == 8 or settings.get("do_sample") is False  # rows end at different steps
+
+
+@pytest.mark.parametrize("settings", [{}, {"mix": 0.5}, {"mix": 0.3, "temperature": 1.3, "top_p": 0.8}], ids=str)
+def test_lean_loop_samples_the_reference_tokens_under_bf16(setup, monkeypatch, settings):
+    # Under --precision bf16 the lean loop casts each weight once and each linear's input once per step; autocast
+    # casts both at every call. The roundings are the same, so are the tokens. The teacher's weights are frozen here,
+    # as a run freezes them: autocast re-casts those at every call (it caches trainable leaves only).
+    student, teacher, prompts, eos, pad = setup
+    settings = dict(settings)
+    mix = settings.pop("mix", 0.0)
+    if mix:
+        settings |= {"mix_model": teacher, "mix_alpha": mix}
+    teacher.requires_grad_(False)
+    try:
+
+        def draw():
+            return [
+                G.sample_completions(student, prompts, eos, pad, 8, seed=s, precision="bf16", **settings)
+                for s in range(4)
+            ]  # fmt: skip
+
+        reference, lean = _both(monkeypatch, draw)
+    finally:
+        teacher.requires_grad_(True)
+    assert lean == reference  # bit-identical tokens, seed for seed
+
+
+def test_lean_step_under_bf16_computes_in_bf16(setup):
+    # The bf16 step is not float32 in disguise: its weights are bfloat16 copies and its logits move off float32's
+    # by bf16 rounding (8 significant bits: a relative error of order 2^-8 on logits of order 1, well above float32's).
+    _, teacher, prompts, _, pad = setup
+    ids, mask = G.left_padded(prompts, pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for precision in ("fp32", "bf16"):
+        with autocast("cpu", precision), torch.inference_mode():
+            decoder = G._LeanDecoder(teacher, ids.shape[1] + 1)
+            decoder.prefill(ids, mask, positions)
+            full = torch.cat([mask, torch.ones_like(mask[:, :1])], 1).bool()
+            logits[precision] = decoder.step(ids[:, -1], positions[:, -1] + 1, full, ids.shape[1])
+            dtypes = {w.dtype for w in decoder.weights.values()}
+        assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    gap = (logits["bf16"] - logits["fp32"]).abs().max().item()
+    assert 1e-4 < gap < 0.5 * logits["fp32"].abs().max().item()
 
 
 def test_lean_loop_runs_the_full_forward_once_per_model(setup, monkeypatch):
