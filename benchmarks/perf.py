@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -748,11 +749,32 @@ def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Cases that measure time only (sampling) run without the two settings above that serve the memory measurement and
+# CPU-time accounting: the mmap threshold returns every freed tensor over 64 KiB to the OS (so decoding, which frees
+# many small tensors a token, pays a page fault per allocation), and passive waiting puts the second OpenMP thread
+# to sleep after every operation. Measured on the embedded teacher-mixed loop (2 threads, git 33ccee1): each alone
+# cut the tokens/s by a third to a half against the process defaults a run has.
+TIMING_ONLY = {"generation", "store_generation"}
+MEMORY_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "OMP_WAIT_POLICY")
+
+
+def child_env(kind: str) -> dict[str, str]:
+    """The environment of a case's subprocess: CHILD_ENV over this process's, less MEMORY_SETTINGS for a timing-only
+    case (unless this process set them itself)."""
+    env = {**os.environ, **CHILD_ENV}
+    if kind in TIMING_ONLY:
+        for name in MEMORY_SETTINGS:
+            env.pop(name)
+            if name in os.environ:
+                env[name] = os.environ[name]
+    env.setdefault("DISTILLAB_CACHE", str(Path(tempfile.gettempdir()) / "distillab-perf-cache"))
+    return env
+
+
 def child(case: dict) -> dict:
     if IN_PROCESS:
         return run_case(dict(case))
-    env = {**os.environ, **CHILD_ENV}
-    env.setdefault("DISTILLAB_CACHE", str(Path(tempfile.gettempdir()) / "distillab-perf-cache"))
+    env = child_env(case["kind"])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
     for line in proc.stdout.splitlines():
@@ -1064,15 +1086,19 @@ def _forward_floor(model, ids, mask, repeats: int) -> tuple[float, float]:
     return result[0], result[1]
 
 
-def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
+def generation_case(shape: str, mixed: bool, repeats: int, precision: str = "fp32") -> dict:
     """Sampled tokens/s of core.generate.sample_completions, the reference loop (HF generate alone; the two-model
     loop for the mixture) and the lean loop alternately in this process, same prompts and seeds (the tokens are
     compared); and the forward rate: one batch x 1 token forward with the KV cache, through the model's forward
-    (HF DynamicCache) and through the lean step. EOS is -1, so every row runs the full length (fixed work)."""
+    (HF DynamicCache) and through the lean step. EOS is -1, so every row runs the full length (fixed work).
+    `precision` bf16: everything under bfloat16 autocast, as --precision bf16 runs it. The teacher is frozen, as a
+    run freezes it."""
 
     import core.generate as G
+    from core.precision import autocast
 
     teacher, student, vocab = _gen_models(shape)
+    teacher.requires_grad_(False)
     spec = GEN_SHAPES[shape]
     prompts = _gen_prompts(spec, vocab, spec["batch"])
     mix = {"mix_model": teacher, "mix_alpha": 0.2} if mixed else {}
@@ -1080,7 +1106,7 @@ def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
     def sample(fast: bool, seed: int):
         G.FAST_DECODING = fast
         start, cpu = time.perf_counter(), time.process_time()
-        out = G.sample_completions(student, prompts, -1, 0, spec["new"], seed=seed, **mix)
+        out = G.sample_completions(student, prompts, -1, 0, spec["new"], seed=seed, precision=precision, **mix)
         return time.perf_counter() - start, time.process_time() - cpu, out
 
     sample(False, 0), sample(True, 0)  # warm-up
@@ -1097,7 +1123,8 @@ def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
     ids, mask = G.left_padded(prompts, 0)
     forward = {}
     for name, model in [("student", student), ("teacher", teacher)] if mixed else [("student", student)]:
-        forward[f"{name}_hf_s"], forward[f"{name}_lean_s"] = _forward_floor(model, ids, mask, repeats)
+        with autocast("cpu", precision):
+            forward[f"{name}_hf_s"], forward[f"{name}_lean_s"] = _forward_floor(model, ids, mask, repeats)
     ref_s = statistics.median(r[0] for r in runs[False])
     lean_s = statistics.median(r[0] for r in runs[True])
     return {
@@ -1113,51 +1140,60 @@ def generation_case(shape: str, mixed: bool, repeats: int) -> dict:
     }
 
 
-STORE_LOOPS = (("reference", 32), ("lean", 32), ("lean", 64), ("lean", 256))  # (loop, rollouts per decoding loop)
+# (loop, rollouts per decoding loop, precision)
+STORE_LOOPS = (
+    ("reference", 32, "fp32"), ("lean", 32, "fp32"), ("lean", 64, "fp32"), ("lean", 256, "fp32"),
+    ("lean", 64, "bf16"), ("lean", 256, "bf16"),
+)  # fmt: skip
 
 
 def store_generation_case(shape: str, repeats: int, rollouts: int = 256) -> dict:
     """MiniLLM's store on the embedded models: `rollouts` teacher-mixed completions (alpha 0.2) of the same prompts,
     sampled in decoding loops of 32 (a micro-batch: MiniLLM's rollouts before issue 31, by the reference loop and by
-    the lean one) or of 64 and 256 (--rollout-chunk). Each loop is seeded by its first rollout, as the store seeds
-    it, so the two loops of 32 sample the same tokens (compared) and larger loops other draws of the same mixture."""
+    the lean one) or of 64 and 256 (--rollout-chunk), in float32 and under --precision bf16. Each loop is seeded
+    by its first rollout, as the store seeds it, so the two loops of 32 sample the same tokens (compared) and larger
+    loops other draws of the same mixture. The teacher is frozen, as a run freezes it."""
 
     import core.generate as G
 
     teacher, student, vocab = _gen_models(shape)
+    teacher.requires_grad_(False)
     spec = GEN_SHAPES[shape]
     prompts = _gen_prompts(spec, vocab, rollouts)
 
-    def sample(loop: str, chunk: int, seed: int):
+    def sample(loop: str, chunk: int, precision: str, seed: int):
         G.FAST_DECODING = loop == "lean"
         start, cpu = time.perf_counter(), time.process_time()
         out = []
         for first in range(0, rollouts, chunk):
-            out += G.sample_completions(student, prompts[first : first + chunk], -1, 0, spec["new"],
-                                        seed=seed * 100_003 + first, mix_model=teacher, mix_alpha=0.2)  # fmt: skip
+            out += G.sample_completions(
+                student, prompts[first : first + chunk], -1, 0, spec["new"], seed=seed * 100_003 + first,
+                mix_model=teacher, mix_alpha=0.2, precision=precision,
+            )  # fmt: skip
         return time.perf_counter() - start, time.process_time() - cpu, out
 
-    for loop, chunk in STORE_LOOPS:
-        sample(loop, chunk, 0)  # warm-up
+    for key in STORE_LOOPS:
+        sample(*key, 0)  # warm-up
     runs: dict[tuple, list] = {key: [] for key in STORE_LOOPS}
     for r in range(repeats):
         for key in STORE_LOOPS:
             runs[key].append(sample(*key, r + 1))
-    same = all(a[2] == b[2] for a, b in zip(runs[("reference", 32)], runs[("lean", 32)]))
+    same = all(a[2] == b[2] for a, b in zip(runs[STORE_LOOPS[0]], runs[STORE_LOOPS[1]]))
     return {
         "rollouts": rollouts,
         "new": spec["new"],
         "same_tokens_32": same,
         "rows": [
             {
-                "loop": loop,
-                "chunk": chunk,
-                "tokens": sum(len(c) for c in runs[(loop, chunk)][0][2]),
-                "s": statistics.median(x[0] for x in runs[(loop, chunk)]),
-                "cpu_s": statistics.median(x[1] for x in runs[(loop, chunk)]),
+                "loop": key[0],
+                "chunk": key[1],
+                "precision": key[2],
+                "tokens": sum(len(c) for c in runs[key][0][2]),
+                "s": statistics.median(x[0] for x in runs[key]),
+                "cpu_s": statistics.median(x[1] for x in runs[key]),
             }
-            for loop, chunk in STORE_LOOPS
-        ],  # fmt: skip
+            for key in STORE_LOOPS
+        ],
     }
 
 
@@ -1171,29 +1207,30 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
         "process on the same prompts and seeds; `same tokens` compares every sampled token. EOS never fires, so every",
         "row samples the full length. Forward floor = tokens/s if each new token cost only the model forwards of one",
         "batch x 1 token step with a warm KV cache (HF forward with its DynamicCache / the lean step), summed over the",
-        "loop's models: what sampling cannot beat without cheaper forwards. Median of the repeats.",
+        "loop's models: what sampling cannot beat without cheaper forwards. Median of the repeats. bf16: both loops",
+        "and the floor under `--precision bf16` (bfloat16 autocast). The teacher is frozen, as in a run.",
         "",
-        "| models | sampling | batch x new | reference tok/s | lean tok/s | lean / reference | CPU s ref / lean "
-        "| same tokens | forward floor tok/s (HF / lean step) | lean / lean floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| models | sampling | precision | batch x new | reference tok/s | lean tok/s | lean / reference "
+        "| CPU s ref / lean | same tokens | forward floor tok/s (HF / lean step) | lean / lean floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape in shapes:
-        for mixed in (False, True):
-            log(f"generation {shape} {'mixed' if mixed else 'plain'}")
-            r = child({"kind": "generation", "shape": shape, "mixed": mixed, "repeats": repeats})
-            label = "teacher-mixed" if mixed else "plain (student)"
-            if "error" in r:
-                lines.append(f"| {shape} | {label} | | {r['error']} | | | | | | |")
-                continue
-            models = ["student", "teacher"] if mixed else ["student"]
-            floor_hf = r["batch"] / sum(r[f"{m}_hf_s"] for m in models)
-            floor_lean = r["batch"] / sum(r[f"{m}_lean_s"] for m in models)
-            ref_rate, lean_rate = r["tokens"] / r["ref_s"], r["tokens"] / r["lean_s"]
-            lines.append(
-                f"| {shape} | {label} | {r['batch']} x {r['steps']} | {ref_rate:.0f} | {lean_rate:.0f} | "
-                f"{r['ref_s'] / r['lean_s']:.2f} | {r['ref_cpu_s']:.2f} / {r['lean_cpu_s']:.2f} | "
-                f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} |"
-            )
+    for shape, mixed, precision in itertools.product(shapes, (False, True), ("fp32", "bf16")):
+        log(f"generation {shape} {'mixed' if mixed else 'plain'} {precision}")
+        case = {"kind": "generation", "shape": shape, "mixed": mixed, "repeats": repeats, "precision": precision}
+        r = child(case)
+        label = "teacher-mixed" if mixed else "plain (student)"
+        if "error" in r:
+            lines.append(f"| {shape} | {label} | {precision} | | {r['error']} | | | | | | |")
+            continue
+        models = ["student", "teacher"] if mixed else ["student"]
+        floor_hf = r["batch"] / sum(r[f"{m}_hf_s"] for m in models)
+        floor_lean = r["batch"] / sum(r[f"{m}_lean_s"] for m in models)
+        ref_rate, lean_rate = r["tokens"] / r["ref_s"], r["tokens"] / r["lean_s"]
+        lines.append(
+            f"| {shape} | {label} | {precision} | {r['batch']} x {r['steps']} | {ref_rate:.0f} | {lean_rate:.0f} | "
+            f"{r['ref_s'] / r['lean_s']:.2f} | {r['ref_cpu_s']:.2f} / {r['lean_cpu_s']:.2f} | "
+            f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} |"
+        )
     if smoke:
         return lines
     log("generation: MiniLLM's store, decoding loops of 32 / 64 / 256")
@@ -1202,20 +1239,22 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
         "",
         "MiniLLM's rollout store on the embedded models: 256 teacher-mixed completions (alpha 0.2, 12 new tokens, EOS",
         "off) of the same prompts, in decoding loops of 32 (a micro-batch: MiniLLM's rollouts before issue 31), or of",
-        "64 and 256 (`--rollout-chunk`; default 64). Each loop is seeded by its first rollout as the store seeds it: the",
-        "two loops of 32 sample the same tokens, larger loops other draws of the same mixture. Median of the repeats.",
+        "64 and 256 (`--rollout-chunk`; default 64), in float32 and under `--precision bf16` (bfloat16 matrix products:",
+        "other roundings, so other draws). Each loop is seeded by its first rollout as the store seeds it: the two loops",
+        "of 32 sample the same tokens, the other rows other draws of the same mixture. The teacher is frozen, as in a",
+        "run. Median of the repeats.",
         "",
-        "| loop | rollouts per loop | sampled tokens | s | tokens/s | x reference loops of 32 | CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| loop | rollouts per loop | precision | sampled tokens | s | tokens/s | x reference loops of 32 | CPU s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     if "error" in r:
-        return lines + [f"| {r['error']} | | | | | | |"]
+        return lines + [f"| {r['error']} | | | | | | | |"]
     base = r["rows"][0]["tokens"] / r["rows"][0]["s"]
     for row in r["rows"]:
         rate = row["tokens"] / row["s"]
         lines.append(
-            f"| {row['loop']} | {row['chunk']} | {row['tokens']} | {row['s']:.3f} | {rate:.0f} | {rate / base:.2f} | "
-            f"{row['cpu_s']:.3f} |"
+            f"| {row['loop']} | {row['chunk']} | {row['precision']} | {row['tokens']} | {row['s']:.3f} | {rate:.0f} | "
+            f"{rate / base:.2f} | {row['cpu_s']:.3f} |"
         )
     lines.append("")
     lines.append(f"Loops of 32, reference and lean: same tokens: {'yes' if r['same_tokens_32'] else 'NO'}.")

@@ -62,10 +62,26 @@ def test_the_store_generation_case_samples_the_same_tokens_in_both_loops_of_32()
     # chunks of 64 and 256; 4 new tokens each with EOS off, so every row samples 160 tokens.
     result = _perf().store_generation_case("smoke", repeats=1, rollouts=40)
     assert result["same_tokens_32"] is True
-    assert [(r["loop"], r["chunk"]) for r in result["rows"]] == [
-        ("reference", 32),
-        ("lean", 32),
-        ("lean", 64),
-        ("lean", 256),
+    assert [(r["loop"], r["chunk"], r["precision"]) for r in result["rows"]] == [
+        ("reference", 32, "fp32"),
+        ("lean", 32, "fp32"),
+        ("lean", 64, "fp32"),
+        ("lean", 256, "fp32"),
+        ("lean", 64, "bf16"),
+        ("lean", 256, "bf16"),
     ]
     assert all(r["tokens"] == 40 * 4 and r["s"] > 0 for r in result["rows"])
+
+
+def test_timing_only_cases_run_with_the_allocator_and_threads_a_run_has(monkeypatch):
+    # The mmap threshold and passive OpenMP waiting serve the memory and CPU-time cases; the sampling cases measure
+    # wall time only and run without them, unless the caller set them itself.
+    perf = _perf()
+    for name in perf.MEMORY_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert all(perf.child_env("step")[name] == perf.CHILD_ENV[name] for name in perf.MEMORY_SETTINGS)
+    for kind in ("generation", "store_generation"):
+        env = perf.child_env(kind)
+        assert not set(perf.MEMORY_SETTINGS) & set(env) and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert perf.child_env("generation")["OMP_WAIT_POLICY"] == "ACTIVE"
