@@ -478,12 +478,12 @@ REAL = dict(
 )
 
 
-def matmul_rate(seconds: float = 1.5, n: int = 1024) -> dict:
-    """The machine's float32 matrix-multiply rate in this process (torch.matmul of n x n, 2 n^3 FLOPs each), per
+def matmul_rate(seconds: float = 1.5, n: int = 1024, dtype: str = "float32") -> dict:
+    """The machine's matrix-multiply rate in this process (torch.matmul of n x n in `dtype`, 2 n^3 FLOPs each), per
     second of wall time and per second of process CPU time (the contention-robust one on a shared machine)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     torch.matmul(a, b)  # page in
     count, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds or count < 3:
@@ -568,6 +568,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
 
     torch.set_num_threads(2)
     rate = matmul_rate(0.2 if smoke else 1.5)
+    rate_bf16 = matmul_rate(0.2 if smoke else 1.5, dtype="bfloat16")
     teacher, initial, pad, features, teacher_id = _real_setup(smoke)
     batch_size = 2 if smoke else REAL["batch"]
     n_steps = warmup + steps
@@ -579,22 +580,23 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
     collate = Collator(pad)
     student_flops, teacher_flops = _flops_per_token(initial), _flops_per_token(teacher)
 
-    def plain(kind: str, order):
+    def plain(kind: str, order, bf16: bool = False):
         def run(student, stamps):
             optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
             for indices in order:
                 batch = collate([features[i] for i in indices])
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                logits = student(**inputs).logits[:, :-1]
-                valid = batch["labels"][:, 1:] != -100
-                if kind == "sft":
-                    loss = F.cross_entropy(logits[valid].float(), batch["labels"][:, 1:][valid]) * 1.0
-                else:
-                    with torch.no_grad():
-                        teacher_logits = teacher(**inputs).logits[:, :-1]
-                    log_q = F.log_softmax(logits[valid].float(), dim=-1)
-                    log_p = F.log_softmax(teacher_logits[valid].float(), dim=-1)
-                    loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / valid.sum()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the AMP recipe: forwards only
+                    logits = student(**inputs).logits[:, :-1]
+                    valid = batch["labels"][:, 1:] != -100
+                    if kind == "sft":
+                        loss = F.cross_entropy(logits[valid].float(), batch["labels"][:, 1:][valid]) * 1.0
+                    else:
+                        with torch.no_grad():
+                            teacher_logits = teacher(**inputs).logits[:, :-1]
+                        log_q = F.log_softmax(logits[valid].float(), dim=-1)
+                        log_p = F.log_softmax(teacher_logits[valid].float(), dim=-1)
+                        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / valid.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -603,7 +605,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
 
         return run, order
 
-    def ours(loss_fn):
+    def ours(loss_fn, precision: str = "fp32"):
         def run(student, stamps):
             from accelerate import Accelerator
 
@@ -613,6 +615,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
                 trainer = Trainer(
                     student, loss_fn, features, collate, cfg, Path(tmp) / "run", Accelerator(cpu=True),
                     on_step_end=lambda step, loss, logs: stamps.append((time.perf_counter(), time.process_time())),
+                    precision=precision,
                 )  # fmt: skip
                 trainer.train()
 
@@ -623,6 +626,8 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
     rows: dict[str, dict] = {}
 
     def kd(flags: str):
+        precision = "bf16" if flags.endswith("--precision bf16") else "fp32"
+        flags = flags.removesuffix("--precision bf16").strip()
         (path_cfg,) = parse((KDPathConfig,), flags.split())
         path = KDPath(path_cfg, teacher, cache_root, "bench-real", pad, pretrained_teacher=True, student=initial)
         fkl = get_divergence("fkl")
@@ -635,7 +640,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
             path.release_teacher()
         else:
             loss_fn = path.loss(fkl, features=features)
-        return ours(loss_fn), path, build
+        return ours(loss_fn, precision), path, build
 
     loops = {
         "plain SFT (seeded order)": (plain("sft", seeded), None, None),
@@ -645,6 +650,12 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
         "plain KD": (plain("kd", grouped), None, None),
         "kd --teacher-cache false": None,  # fused, live teacher
         "kd": None,  # the default on a pretrained teacher: forward KL from the cache, fused
+        # --precision bf16 (bfloat16 autocast around the forwards), beside the plain loops under the same autocast
+        "plain SFT bf16": (plain("sft", grouped, bf16=True), None, None),
+        "sft --precision bf16": (ours(causal_lm_loss, "bf16"), None, None),
+        "plain KD bf16": (plain("kd", grouped, bf16=True), None, None),
+        "kd --teacher-cache false --precision bf16": None,
+        "kd --precision bf16": None,
     }
     for name, loop in loops.items():
         if loop is None:
@@ -663,7 +674,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         positions = sum(b["attention_mask"].numel() for b in batches)
         flops = tokens * (3 * student_flops + (teacher_flops if "KD" in name or name.startswith("kd") else 0))
-        if name == "kd":
+        if name in ("kd", "kd --precision bf16"):
             flops = tokens * 3 * student_flops  # the teacher ran when the cache was built (the build row)
         rows[name] = {
             "wall_s": wall, "cpu_s": cpu, "steps": len(timed), "tokens": tokens, "positions": positions,
@@ -677,6 +688,7 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
         rows.update(hook(teacher=teacher, student=initial, features=features, smoke=smoke))
     return {
         "matmul": rate,
+        "matmul_bf16": rate_bf16,
         "student_params": sum(p.numel() for p in initial.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_flops_per_token": student_flops,
@@ -711,7 +723,10 @@ def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64)
         f"= model FLOPs (6 x parameters per token trained, 2 x the teacher's per token it reads live; attention "
         "scores left out) per CPU-second over the torch.matmul rate measured in the same process "
         f"({rate['gflops_cpu']:.1f} GFLOP/s per CPU-second, {rate['gflops_wall']:.1f} per wall-second, float32 "
-        "1024 x 1024).",
+        f"1024 x 1024; the bf16 rows' over bfloat16's, {result['matmul_bf16']['gflops_cpu']:.1f} per CPU-second). "
+        "The bf16 rows (`--precision bf16`: the forwards under bfloat16 autocast, weights, optimizer and losses in "
+        "float32) are compared with the float32 plain loops in the x columns; `plain ... bf16` is the plain loop "
+        "under the same autocast.",
         "",
         "| row | padding | tokens/s (wall) | tokens/s (CPU) | x plain SFT (CPU) | x plain KD (CPU) | "
         "x same plain loop, seeded order (CPU) | matmul share (CPU) | KD path |",
@@ -721,7 +736,8 @@ def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64)
         if "tokens_per_cpu_s" not in row:
             continue
         base = rows["plain KD (seeded order)" if "KD" in name or name.startswith("kd") else "plain SFT (seeded order)"]
-        share = row["flops"] / row["cpu_s"] / (rate["gflops_cpu"] * 1e9)
+        row_rate = result["matmul_bf16"] if "bf16" in name else rate
+        share = row["flops"] / row["cpu_s"] / (row_rate["gflops_cpu"] * 1e9)
         lines.append(
             f"| {name} | {1 - row['tokens'] / row['positions']:.1%} | {row['tokens_per_s']:.0f} | "
             f"{row['tokens_per_cpu_s']:.0f} | {row['tokens_per_cpu_s'] / rows['plain SFT']['tokens_per_cpu_s']:.2f} | "
