@@ -298,8 +298,9 @@ class _LeanDecoder:
 
     Under bfloat16 autocast (--precision bf16) the linear layers' weights are cast to bfloat16 once, when the
     decoder is made, and each linear's input once per step (q, k and v share one cast, as gate and up do): the
-    very roundings autocast applies at every call, which otherwise recasts every weight of a model whose weights
-    need no gradient (autocast caches the casts of trainable leaves only) at every new token."""
+    very roundings autocast applies at every call. Autocast itself would cast every weight again at every new
+    token: it caches its casts only for trainable leaves and only outside inference mode, and decoding runs under
+    inference mode."""
 
     def __init__(self, model: torch.nn.Module, width: int) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -67,8 +67,8 @@ def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings):
 @pytest.mark.parametrize("settings", [{}, {"mix": 0.5}, {"mix": 0.3, "temperature": 1.3, "top_p": 0.8}], ids=str)
 def test_lean_loop_samples_the_reference_tokens_under_bf16(setup, monkeypatch, settings):
     # Under --precision bf16 the lean loop casts each weight once and each linear's input once per step; autocast
-    # casts both at every call. The roundings are the same, so are the tokens. The teacher's weights are frozen here,
-    # as a run freezes them: autocast re-casts those at every call (it caches trainable leaves only).
+    # casts both at every call (under inference mode it caches no cast). The roundings are the same, so are the
+    # tokens. The teacher's weights are frozen here, as a run freezes them.
     student, teacher, prompts, eos, pad = setup
     settings = dict(settings)
     mix = settings.pop("mix", 0.0)
