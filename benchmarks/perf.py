@@ -684,8 +684,6 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
         }  # fmt: skip
         del student
     shutil.rmtree(cache_root, ignore_errors=True)
-    for hook in REAL_GENERATION_HOOKS:  # generation rows (issue 31, item 3): added by core.generate's benchmark
-        rows.update(hook(teacher=teacher, student=initial, features=features, smoke=smoke))
     return {
         "matmul": rate,
         "matmul_bf16": rate_bf16,
@@ -696,11 +694,6 @@ def real_case(steps: int, warmup: int, k: int = 64, smoke: bool = False) -> dict
         "n_examples": len(features),
         "rows": rows,
     }
-
-
-# Callables (teacher=, student=, features=, smoke=) -> {row name: row dict with wall_s, cpu_s, tokens, flops, ...}:
-# the generation rows of the real-LLM section (sampled tokens/s of core.generate) plug in here.
-REAL_GENERATION_HOOKS: list = []
 
 
 def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64) -> list[str]:
@@ -1143,7 +1136,13 @@ def generation_case(shape: str, mixed: bool, repeats: int, precision: str = "fp3
             forward[f"{name}_hf_s"], forward[f"{name}_lean_s"] = _forward_floor(model, ids, mask, repeats)
     ref_s = statistics.median(r[0] for r in runs[False])
     lean_s = statistics.median(r[0] for r in runs[True])
+    # Matrix products of one call: every model's forward over the prompt (batch x width) and the new tokens' steps.
+    models = [student, teacher] if mixed else [student]
+    positions = spec["batch"] * (ids.shape[1] + spec["new"] - 1)
+    rate = matmul_rate(0.2 if shape == "smoke" else 1.0, dtype="bfloat16" if precision == "bf16" else "float32")
     return {
+        "flops": positions * sum(_flops_per_token(m) for m in models),
+        "matmul_gflops_wall": rate["gflops_wall"],
         "tokens": tokens,
         "batch": spec["batch"],
         "steps": spec["new"],
@@ -1224,11 +1223,14 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
         "row samples the full length. Forward floor = tokens/s if each new token cost only the model forwards of one",
         "batch x 1 token step with a warm KV cache (HF forward with its DynamicCache / the lean step), summed over the",
         "loop's models: what sampling cannot beat without cheaper forwards. Median of the repeats. bf16: both loops",
-        "and the floor under `--precision bf16` (bfloat16 autocast). The teacher is frozen, as in a run.",
+        "and the floor under `--precision bf16` (bfloat16 autocast). The teacher is frozen, as in a run. Matmul",
+        "share: the lean loop's model FLOPs (2 x the parameters that multiply a token, per model, over the prompt's",
+        "and the new tokens' positions; attention scores left out) per wall-second over the torch.matmul rate of",
+        "1024 x 1024 in the row's precision, measured in the same process.",
         "",
         "| models | sampling | precision | batch x new | reference tok/s | lean tok/s | lean / reference "
-        "| CPU s ref / lean | same tokens | forward floor tok/s (HF / lean step) | lean / lean floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU s ref / lean | same tokens | forward floor tok/s (HF / lean step) | lean / lean floor | matmul share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, mixed, precision in itertools.product(shapes, (False, True), ("fp32", "bf16")):
         log(f"generation {shape} {'mixed' if mixed else 'plain'} {precision}")
@@ -1236,7 +1238,7 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
         r = child(case)
         label = "teacher-mixed" if mixed else "plain (student)"
         if "error" in r:
-            lines.append(f"| {shape} | {label} | {precision} | | {r['error']} | | | | | | |")
+            lines.append(f"| {shape} | {label} | {precision} | | {r['error']} | | | | | | | |")
             continue
         models = ["student", "teacher"] if mixed else ["student"]
         floor_hf = r["batch"] / sum(r[f"{m}_hf_s"] for m in models)
@@ -1245,7 +1247,8 @@ def section_generation(quick: bool, repeats: int, log, smoke: bool = False, smol
         lines.append(
             f"| {shape} | {label} | {precision} | {r['batch']} x {r['steps']} | {ref_rate:.0f} | {lean_rate:.0f} | "
             f"{r['ref_s'] / r['lean_s']:.2f} | {r['ref_cpu_s']:.2f} / {r['lean_cpu_s']:.2f} | "
-            f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} |"
+            f"{'yes' if r['identical'] else 'NO'} | {floor_hf:.0f} / {floor_lean:.0f} | {lean_rate / floor_lean:.2f} | "
+            f"{r['flops'] / r['lean_s'] / (r['matmul_gflops_wall'] * 1e9):.1%} |"
         )
     if smoke:
         return lines
