@@ -17,6 +17,7 @@ generation config that would add logits processors, takes the old paths.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -130,7 +131,8 @@ def sample_completions(
         else {"do_sample": False}
     )
     context = seeded(seed, device) if seed is not None else contextlib.nullcontext()
-    fast = FAST_DECODING and all(_lean_decodable(m) for m in models) and (mixing or _neutral_generation_config(model))
+    fast = FAST_DECODING and all(_lean_decodable(m, width + max_new_tokens) for m in models)
+    fast = fast and (mixing or _neutral_generation_config(model))
     try:
         with context, autocast(device, precision), torch.inference_mode():
             if fast:
@@ -275,15 +277,29 @@ def _neutral_generation_config(model: torch.nn.Module) -> bool:
     return all(getattr(config, name, None) in neutral for name, neutral in _NEUTRAL.items())
 
 
-def _lean_decodable(model: torch.nn.Module) -> bool:
-    """A Llama-family causal LM (LlamaForCausalLM: the presets, SmolLM2, pruned students) in eval mode, with SDPA or
-    eager attention and no hooks that a lean step would skip."""
-    from transformers import LlamaForCausalLM
+# Causal LMs whose decoder layers are Llama's, operation for operation (norm, q/k/v/o projections with rotary
+# embedding, the attention interface, norm, gate/up/down MLP): Qwen2 adds biases to q/k/v and Mistral and Qwen2 pass
+# a sliding window to attention, which the lean step takes only where there is none.
+LEAN_FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
-    if type(model) is not LlamaForCausalLM or model.training:
+
+def _lean_decodable(model: torch.nn.Module, width: int | None = None) -> bool:
+    """A causal LM of LEAN_FAMILIES (the presets, SmolLM2 and pruned students are Llama; Qwen1.5/2/2.5 are Qwen2) in
+    eval mode, with SDPA or eager attention, no hooks that a lean step would skip, and no sliding window that masks
+    anything in sequences of `width` (prompt + completion) tokens: a window of at least `width` masks nothing."""
+    if type(model).__name__ not in LEAN_FAMILIES or type(model).__module__.split(".")[:2] != ["transformers", "models"]:
         return False
     config = model.config
-    if config._attn_implementation not in ("sdpa", "eager") or getattr(config, "pretraining_tp", 1) != 1:
+    if (
+        model.training
+        or config._attn_implementation not in ("sdpa", "eager")
+        or getattr(config, "pretraining_tp", 1) != 1
+    ):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if type(model).__name__ == "Qwen2ForCausalLM" and "sliding_attention" not in (config.layer_types or []):
+        window = None  # Qwen2's window applies only to the layers layer_types marks sliding
+    if window is not None and (width is None or width > window):
         return False
     modules = [model, model.model, *model.model.layers]
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
@@ -304,15 +320,22 @@ class _LeanDecoder:
 
     def __init__(self, model: torch.nn.Module, width: int) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+        family = sys.modules[type(model).__module__]  # the model's own modeling file: its rotary and eager attention
         self.model, self.width = model, width
         self.layers = list(model.model.layers[: model.config.num_hidden_layers])
         self.eager = model.config._attn_implementation == "eager"
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            model.config._attn_implementation, eager_attention_forward
+            model.config._attn_implementation, family.eager_attention_forward
         )
-        self.rotary = apply_rotary_pos_emb
+        self.rotary = family.apply_rotary_pos_emb
+        # Qwen2 and Mistral pass their sliding window to attention (Qwen2 only on its sliding layers); Llama passes
+        # none. On the width decoded it masks nothing (_lean_decodable), as in the model's own forward.
+        llama, window = type(model).__name__ == "LlamaForCausalLM", getattr(model.config, "sliding_window", None)
+        self.window = [
+            {} if llama else {"sliding_window": getattr(layer.self_attn, "sliding_window", window)}
+            for layer in self.layers
+        ]  # fmt: skip
         device_type = model.lm_head.weight.device.type
         self.cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         linears = [model.lm_head]
@@ -373,7 +396,7 @@ class _LeanDecoder:
             self.values[i][:, :, column] = value[:, :, 0]
             out, _ = self.attention(
                 attn, query, self.keys[i][:, :, : column + 1], self.values[i][:, :, : column + 1], mask,
-                dropout=0.0, scaling=attn.scaling,
+                dropout=0.0, scaling=attn.scaling, **self.window[i],
             )  # fmt: skip
             hidden = residual + self._linear(attn.o_proj, self._input(out.reshape(batch, 1, -1).contiguous()))
             residual = hidden

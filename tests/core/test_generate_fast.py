@@ -158,3 +158,63 @@ def test_other_models_and_processors_take_the_reference_path(setup, monkeypatch)
     assert not G._neutral_generation_config(student)
     reference, lean = _both(monkeypatch, lambda: G.sample_completions(student, prompts, eos, pad, 6, seed=2))
     assert lean == reference
+
+
+def _family(name: str, vocab: int, seed: int, **extra) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM of one of core.generate.LEAN_FAMILIES (2 layers, grouped-query)."""
+    import transformers
+
+    config_class = getattr(transformers, name.replace("ForCausalLM", "Config"))
+    config = config_class(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, name)(config).eval()
+    if name == "Qwen2ForCausalLM":  # its q/k/v biases start at zero: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["Qwen2ForCausalLM", "MistralForCausalLM"])
+def test_lean_loop_samples_the_reference_tokens_of_qwen2_and_mistral(setup, monkeypatch, family, precision):
+    # Qwen2 (q/k/v biases) and Mistral without a sliding window run Llama's layer, so the lean loop decodes them
+    # too: the same tokens as HF generate alone, and as _sample_mixture with a teacher of the same family.
+    _, _, prompts, eos, pad = setup
+    vocab = max(max(p) for p in prompts) + 8
+    student, teacher = _family(family, vocab, 0), _family(family, vocab, 1)
+    assert G._lean_decodable(student, 64)  # Mistral's default window (4,096) masks nothing in 64 tokens
+    teacher.requires_grad_(False)
+
+    def draw():
+        return [
+            G.sample_completions(student, prompts, eos, pad, 8, seed=s, precision=precision, **mix)
+            for s in range(3)
+            for mix in ({}, {"mix_model": teacher, "mix_alpha": 0.4}, {"do_sample": False})
+        ]  # fmt: skip
+
+    reference, lean = _both(monkeypatch, draw)
+    assert lean == reference
+
+
+def test_sliding_windows_that_mask_take_the_reference_path(setup, monkeypatch):
+    # A sliding window shorter than prompt + completion changes the mask the lean step would need: such calls are
+    # decoded by HF generate (the same tokens either way, so the choice is checked on _lean_decodable itself).
+    mistral = _family("MistralForCausalLM", 64, 0, sliding_window=16)
+    assert G._lean_decodable(mistral, 16) and not G._lean_decodable(mistral, 17) and not G._lean_decodable(mistral)
+    qwen = _family("Qwen2ForCausalLM", 64, 0, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert "sliding_attention" in qwen.config.layer_types and not G._lean_decodable(qwen, 17)
+    # Qwen2 configs carry a sliding_window even where no layer uses it (use_sliding_window false): lean at any width.
+    plain = _family("Qwen2ForCausalLM", 64, 0, sliding_window=16)
+    assert set(plain.config.layer_types) == {"full_attention"} and G._lean_decodable(plain, 1000)
+    # Through sample_completions: prompts of 3 + 20 new tokens against a window of 16 take HF generate.
+    calls, lean = [], G._decode
+    monkeypatch.setattr(G, "_decode", lambda *a, **k: (calls.append(1), lean(*a, **k))[1])
+    assert len(G.sample_completions(mistral, [[1, 5, 7]], -1, 0, 20, seed=0)[0]) == 20
+    assert calls == []
+    assert len(G.sample_completions(mistral, [[1, 5, 7]], -1, 0, 10, seed=0)[0]) == 10  # 3 + 10 <= 16: lean
+    assert calls == [1]
