@@ -47,8 +47,12 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "plain")
-def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings):
+def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings, precision):
+    # Under --precision bf16 the lean loop casts each weight once and each linear's input once per step; autocast
+    # casts both at every call (under inference mode it caches no cast). The roundings are the same, so are the
+    # tokens. The teacher's weights are frozen, as a run freezes them.
     student, teacher, prompts, eos, pad = setup
     settings = dict(settings)
     mix = settings.pop("mix", 0.0)
@@ -56,37 +60,19 @@ def test_lean_loop_samples_the_reference_tokens(setup, monkeypatch, settings):
         settings |= {"mix_model": teacher, "mix_alpha": mix}
 
     def draw():
-        return [G.sample_completions(student, prompts, eos, pad, 8, seed=s, **settings) for s in range(4)]
+        return [
+            G.sample_completions(student, prompts, eos, pad, 8, seed=s, precision=precision, **settings)
+            for s in range(4)
+        ]  # fmt: skip
 
-    reference, lean = _both(monkeypatch, draw)
-    assert lean == reference  # bit-identical tokens, seed for seed
-    ends = [len(c) for run in lean for c in run]
-    assert min(ends) < 8 and max(ends) == 8 or settings.get("do_sample") is False  # rows end at different steps
-
-
-@pytest.mark.parametrize("settings", [{}, {"mix": 0.5}, {"mix": 0.3, "temperature": 1.3, "top_p": 0.8}], ids=str)
-def test_lean_loop_samples_the_reference_tokens_under_bf16(setup, monkeypatch, settings):
-    # Under --precision bf16 the lean loop casts each weight once and each linear's input once per step; autocast
-    # casts both at every call (under inference mode it caches no cast). The roundings are the same, so are the
-    # tokens. The teacher's weights are frozen here, as a run freezes them.
-    student, teacher, prompts, eos, pad = setup
-    settings = dict(settings)
-    mix = settings.pop("mix", 0.0)
-    if mix:
-        settings |= {"mix_model": teacher, "mix_alpha": mix}
     teacher.requires_grad_(False)
     try:
-
-        def draw():
-            return [
-                G.sample_completions(student, prompts, eos, pad, 8, seed=s, precision="bf16", **settings)
-                for s in range(4)
-            ]  # fmt: skip
-
         reference, lean = _both(monkeypatch, draw)
     finally:
         teacher.requires_grad_(True)
     assert lean == reference  # bit-identical tokens, seed for seed
+    ends = [len(c) for run in lean for c in run]
+    assert min(ends) < 8 and max(ends) == 8 or settings.get("do_sample") is False  # rows end at different steps
 
 
 def test_lean_step_under_bf16_computes_in_bf16(setup):
