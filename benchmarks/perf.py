@@ -762,7 +762,7 @@ def section_real(steps: int, warmup: int, log, smoke: bool = False, k: int = 64)
 # CPU-time accounting: the mmap threshold returns every freed tensor over 64 KiB to the OS (so decoding, which frees
 # many small tensors a token, pays a page fault per allocation), and passive waiting puts the second OpenMP thread
 # to sleep after every operation. Measured on the embedded teacher-mixed loop (2 threads, git 33ccee1): each alone
-# cut the tokens/s by a third to a half against the process defaults a run has.
+# cut the tokens/s by a quarter to a half against the process defaults a run has.
 TIMING_ONLY = {"generation", "store_generation"}
 MEMORY_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "OMP_WAIT_POLICY")
 

@@ -308,9 +308,9 @@ def _lean_decodable(model: torch.nn.Module, width: int | None = None) -> bool:
 class _LeanDecoder:
     """One model's decoding state: a KV cache preallocated for prompt + completion (per layer, batch x kv heads x
     width x head dim), filled by the prompt's forward (`prefill`, the model's own forward) and then one column per
-    new token (`step`). A step runs exactly the operations of LlamaModel.forward for one query position (the same
-    submodules, the same HF attention function with the mask that create_causal_mask gives it), reading the cache
-    through a view instead of a concatenated copy.
+    new token (`step`). A step runs exactly the operations of LlamaModel.forward (Qwen2's and Mistral's are the
+    same) for one query position (the same submodules, the same HF attention function with the mask that
+    create_causal_mask gives it), reading the cache through a view instead of a concatenated copy.
 
     Under bfloat16 autocast (--precision bf16) the linear layers' weights are cast to bfloat16 once, when the
     decoder is made, and each linear's input once per step (q, k and v share one cast, as gate and up do): the
