@@ -316,7 +316,8 @@ class _LeanDecoder:
     decoder is made, and each linear's input once per step (q, k and v share one cast, as gate and up do): the
     very roundings autocast applies at every call. Autocast itself would cast every weight again at every new
     token: it caches its casts only for trainable leaves and only outside inference mode, and decoding runs under
-    inference mode."""
+    inference mode. The price is a bfloat16 copy of each model's linear weights (half their float32 size) held for
+    the decoding loop; the KV cache, in bfloat16, takes half the float32 cache's memory."""
 
     def __init__(self, model: torch.nn.Module, width: int) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
