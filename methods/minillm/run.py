@@ -135,8 +135,8 @@ class MiniLLMConfig(OnPolicyConfig):
         default=None,
         metadata={
             "help": f"rollouts per decoding loop when a store is sampled (default {ROLLOUT_CHUNK}; official "
-            "--chunk-size, its scripts' batch size 16: a CPU samples a 64-row batch several times faster per token "
-            "than a 4-row one)"
+            "--chunk-size, its scripts' batch size 16; on the CPU larger loops sample faster per token: the SmolLM2 "
+            "suite's 32 rollouts took 55 s in one loop against 132 s in loops of 4)"
         },
     )
     group_rollouts: bool = field(

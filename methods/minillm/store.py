@@ -56,18 +56,14 @@ class RolloutStore:
         """`per_epoch` micro-batches of `rows` rollouts: N = per_epoch x rows, sampled `chunk` at a time; with
         `length_group` > 1 each epoch's mini-batches are length-grouped (core.train.length_grouped), as the run's
         data batches are by --length-group."""
-        self.prompts, self.per_epoch, self.rows, self.epochs, self.grad_accum = (
-            prompts,
-            per_epoch,
-            rows,
-            epochs,
-            grad_accum,
-        )
+        self.prompts, self.per_epoch, self.rows, self.epochs = prompts, per_epoch, rows, epochs
+        self.grad_accum = grad_accum
         self.size = per_epoch * rows
         self.chunk = min(chunk, self.size)
         self.length_group = length_group
         self.iteration = -1
         self.items: list[Example] = []  # input_ids, labels, old_logprobs (position t: log q_old(labels[t + 1]))
+        self._order: tuple[tuple[int, int], list[int]] | None = None  # ((iteration, epoch), that epoch's order)
 
     def position(self, step: int, index: int) -> tuple[int, int, int]:
         """(iteration, epoch, mini-batch within the epoch) of a micro-batch."""
@@ -90,7 +86,7 @@ class RolloutStore:
                 old = _old_logprobs(student, batch, device, resample, temperature)
                 for row, example in enumerate(part):
                     items.append(example | {"old_logprobs": old[row, : len(example["input_ids"])].tolist()})
-        self.iteration, self.items = iteration, items
+        self.iteration, self.items, self._order = iteration, items, None
 
     def batch(self, step: int, index: int, model, resample: Resampler, temperature: float, **mix: Any) -> dict:
         """The rollouts of this micro-batch as a right-padded batch with `old_logprobs` (B, T)."""
@@ -102,11 +98,7 @@ class RolloutStore:
                     "was written without it; rerun from a checkpoint of this version"
                 )
             self.fill(iteration, model, resample, temperature, **mix)
-        seed = derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo")
-        order = np.random.default_rng(seed).permutation(self.size).tolist()
-        if self.length_group > 1:  # mini-batches of similar lengths: little padding, every rollout once an epoch
-            lengths = [len(item["input_ids"]) for item in self.items]
-            order = length_grouped(order, lengths, self.rows, self.length_group, f"minillm-ppo-{seed}")
+        order = self.epoch_order(iteration, epoch, resample)
         picked = [self.items[i] for i in order[k * self.rows : (k + 1) * self.rows]]
         device = next(resample.bare(model).parameters()).device
         batch = collate_to([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in picked],
@@ -115,6 +107,18 @@ class RolloutStore:
         for row, example in enumerate(picked):
             old[row, : len(example["old_logprobs"])] = torch.tensor(example["old_logprobs"])
         return batch | {"old_logprobs": old.to(device)}
+
+    def epoch_order(self, iteration: int, epoch: int, resample: Resampler) -> list[int]:
+        """The store's items in the order the epoch serves them: a seeded permutation, length-grouped with
+        --group-rollouts. Made once per epoch, not once per micro-batch."""
+        if self._order is None or self._order[0] != (iteration, epoch):
+            seed = derived_seed(resample.seed, iteration, epoch, resample.rank, "minillm-ppo")
+            order = np.random.default_rng(seed).permutation(self.size).tolist()
+            if self.length_group > 1:  # mini-batches of similar lengths: little padding, every rollout once an epoch
+                lengths = [len(item["input_ids"]) for item in self.items]
+                order = length_grouped(order, lengths, self.rows, self.length_group, f"minillm-ppo-{seed}")
+            self._order = ((iteration, epoch), order)
+        return self._order[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"size": self.size, "rows": self.rows, "epochs": self.epochs, "iteration": self.iteration,
@@ -127,7 +131,7 @@ class RolloutStore:
                 f"the checkpoint's rollout store holds {setting[0]} rollouts in rows of {setting[1]} for {setting[2]} "
                 f"epochs, this run {self.size}, {self.rows} and {self.epochs}"
             )
-        self.iteration, self.items = int(state["iteration"]), list(state["items"])
+        self.iteration, self.items, self._order = int(state["iteration"]), list(state["items"]), None
 
 
 def _old_logprobs(student, batch: dict, device, resample: Resampler, temperature: float) -> torch.Tensor:
